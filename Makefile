@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (the main job on the built-in corpus) and `make test` (the test suite).
+# Each installs what it needs into a local virtual environment first, once.
+#
+# TORCH_SPEC pins the CPU build of torch that installs from local disk on the reference machine.
+# On a GPU box install your CUDA torch instead:  make demo TORCH_SPEC="torch==2.5.1"  (or any spec pip accepts).
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.growlength-installed
+# DeepSpeed JIT-builds a small CPU communication op on first use; keep its cache with the venv.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+
+.PHONY: demo test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m launcher.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+bench: $(STAMP)
+	@echo "see README: Benchmarks"
+
+clean:
+	rm -rf $(VENV) runs .cache

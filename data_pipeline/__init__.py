@@ -1,0 +1,1 @@
+"""Data pipeline: sentencepiece tokenizer, Megatron MMIDIDX v1 datasets, GrowLength stage samples."""

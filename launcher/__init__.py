@@ -1,0 +1,1 @@
+"""GrowLength pretraining launcher on DeepSpeed."""

@@ -1,0 +1,1 @@
+"""Pythia-architecture (GPT-NeoX) RoPE decoder, single-device code."""

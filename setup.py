@@ -1,0 +1,37 @@
+"""growlength: GrowLength pretraining (progressively growing sequence length) on DeepSpeed."""
+from setuptools import find_packages, setup
+
+setup(
+    name="growlength",
+    version="0.1.0",
+    description="Pretrain LLMs on DeepSpeed with progressively growing sequence length (GrowLength).",
+    python_requires=">=3.10",
+    packages=find_packages(include=["launcher", "launcher.*", "model", "model.*",
+                                    "data_pipeline", "data_pipeline.*"]),
+    package_data={"launcher": ["configs/*.yaml"]},
+    # torch is not pinned here: `make` installs the CPU build pinned in the Makefile (TORCH_SPEC) first,
+    # and a GPU user installs their own CUDA build before this package.
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.19,<0.20",
+        "sentencepiece>=0.2",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "tensorboard>=2.14",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5"],
+        "mpi": ["mpi4py>=3.1"],
+        "dev": ["pytest>=8", "hypothesis>=6", "megatron-core==0.16.1", "transformers>=4.45", "mpi4py>=3.1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "growlength-train-tokenizer=data_pipeline.train_tokenizer:main",
+            "growlength-preprocess=data_pipeline.preprocess:main",
+            "growlength-merge=data_pipeline.merge:main",
+            "growlength-inspect=data_pipeline.inspect:main",
+        ],
+    },
+)

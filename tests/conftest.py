@@ -1,0 +1,1 @@
+"""Shared fixtures: a tiny corpus and a sentencepiece model trained on it (once per session)."""
