@@ -1,0 +1,147 @@
+"""Checkpoint bookkeeping around DeepSpeed's own save/load: tags, completeness, resume, RNG, retention.
+
+Layout: ``RUN_DIR/checkpoints/step_00000120/`` holds DeepSpeed's files, one ``rng_rank{R}.pt`` per rank and,
+written last by rank 0 after every rank has finished, ``growlength_state.json``. That file is the completeness
+marker: a directory without it (a save killed half-way) is never resumed from and is cleared before a new
+save reuses its name (DESIGN.md decision 7).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "growlength_state.json"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says what differs and how to proceed."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _TAG.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """The checkpoint directory to resume from: ``auto`` = newest complete one (or None), ``none``, or a path
+    to a checkpoint directory (or a run directory / checkpoints directory holding some)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(checkpoint_root(run_dir))
+        return found[-1] if found else None
+    p = Path(resume)
+    if (p / STATE_FILE).is_file():
+        return p
+    for root in (p, checkpoint_root(p)):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    if p.is_dir() and _TAG.match(p.name):
+        raise CheckpointError(f"--resume {resume}: this checkpoint is incomplete (no {STATE_FILE}; its save was "
+                              f"interrupted); resume from an earlier one in {p.parent}")
+    raise CheckpointError(f"--resume {resume}: not a checkpoint (no {STATE_FILE}) and no complete checkpoint "
+                          f"below it; give a RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/step_NNNNNNNN")
+
+
+def prepare_dir(root: Path, tag: str, rank: int) -> None:
+    """Rank 0 clears a leftover incomplete directory of the same name (call a barrier after)."""
+    path = root / tag
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not (path / STATE_FILE).is_file():
+            shutil.rmtree(path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_rng(path: Path, rank: int) -> None:
+    tmp = path / f".rng_rank{rank}.pt.tmp"
+    torch.save(rng_state(), tmp)
+    os.replace(tmp, path / f"rng_rank{rank}.pt")
+
+
+def load_rng(path: Path, rank: int) -> None:
+    f = path / f"rng_rank{rank}.pt"
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no RNG state for rank {rank} ({f.name}); was it saved with fewer ranks?")
+    set_rng_state(torch.load(f, weights_only=False))
+
+
+def write_state(path: Path, state: dict) -> None:
+    """Write the completeness marker atomically (the last file of a checkpoint)."""
+    tmp = path / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, path / STATE_FILE)
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def check_compatible(saved: dict, current: dict, path: Path, force: bool) -> list[str]:
+    """Differences between a checkpoint's plan/data and this run's; raises unless ``force``.
+
+    Returns the list of differences (empty when compatible) so a forced resume can log them.
+    """
+    diffs = []
+    if saved["world_size"] != current["world_size"]:
+        diffs.append(f"world size: checkpoint {saved['world_size']} ranks, this run {current['world_size']} "
+                     f"(ZeRO shards optimizer state per rank: resume with the same number of ranks)")
+    if saved["plan_fingerprint"] != current["plan_fingerprint"]:
+        old = [(s["seq_len"], s["steps"]) for s in saved["plan"]]
+        new = [(s["seq_len"], s["steps"]) for s in current["plan"]]
+        what = f"stages (seq_len, steps) {old} -> {new}" if old != new else \
+            f"tokens_per_step {saved['tokens_per_step']} -> {current['tokens_per_step']} or micro-batches"
+        diffs.append(f"stage plan: {what}")
+    if saved["data_fingerprint"] != current["data_fingerprint"]:
+        diffs.append(f"data: checkpoint was trained on {saved.get('data_prefix')} "
+                     f"({saved['data_fingerprint']}), this run uses {current.get('data_prefix')} "
+                     f"({current['data_fingerprint']})")
+    if saved.get("seed") != current.get("seed"):
+        diffs.append(f"seed: {saved.get('seed')} -> {current.get('seed')} (changes the data order)")
+    if diffs and not force:
+        raise CheckpointError(f"cannot resume from {path}: it differs from this run in\n  " + "\n  ".join(diffs)
+                              + "\nstart a new run_dir, restore the old settings, or pass "
+                                "--resume-force (checkpointing.resume_force=true) to continue anyway")
+    return diffs
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (rank 0 only)."""
+    for old in complete_checkpoints(root)[:-keep_last]:
+        (old / STATE_FILE).unlink()  # first: an interrupted deletion leaves an incomplete dir, never a bad one
+        shutil.rmtree(old)

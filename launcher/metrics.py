@@ -1,0 +1,113 @@
+"""metrics.jsonl, TensorBoard and the step line (rank 0 writes; DESIGN.md "metrics.jsonl").
+
+Throughput is counted at the real length (decision 8): tokens/s from the tokens the step really used, TFLOP/s
+from the model's ``flops_per_token(seq_len)`` at the stage's length, MFU against a known peak.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger("growlength")
+
+METRICS_FILE = "metrics.jsonl"
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name substring; the first match wins.
+GPU_PEAK_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+                   ("L40", 181.0), ("A6000", 155.0), ("A10G", 125.0), ("A10", 125.0), ("L4", 121.0),
+                   ("4090", 165.0), ("3090", 71.0), ("V100", 125.0), ("T4", 65.0)]
+
+
+def peak_tflops(configured: float | None, device_name: str | None) -> float | None:
+    if configured:
+        return configured
+    if device_name:
+        for key, value in GPU_PEAK_TFLOPS:
+            if key in device_name:
+                return value
+    return None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(run_dir: str | Path, step: int) -> int:
+    """Drop records past ``step`` (written after the checkpoint we resume from), so every step appears once.
+
+    Returns how many records were dropped. Rewrites the file atomically.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    records = read_metrics(run_dir)
+    keep = [r for r in records if r.get("step", 0) <= step]
+    if len(keep) != len(records):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)
+    return len(records) - len(keep)
+
+
+class MetricsWriter:
+    """Appends JSON records to RUN_DIR/metrics.jsonl and scalars to TensorBoard. A no-op off rank 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self._file = open(Path(run_dir) / METRICS_FILE, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key in ("step", "kind") or not isinstance(value, (int, float)) or value is None:
+                    continue
+                self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def fmt_count(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def step_line(r: dict, eta_s: float) -> str:
+    """``step 1200 | stage 2 L=512 mb=8 | loss 3.412 | lr 2.9e-04 | gnorm 0.91 | tok/s 41.2k | mfu 38% | eta 3m10s``"""
+    gnorm = "n/a" if r["grad_norm"] is None else f"{r['grad_norm']:.2f}"
+    mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.0%}"
+    return (f"step {r['step']} | stage {r['stage']} L={r['seq_len']} mb={r['micro_batch_size']} | "
+            f"loss {r['loss']:.3f} | lr {r['lr']:.1e} | gnorm {gnorm} | tok/s {fmt_count(r['tokens_per_s'])} | "
+            f"tflops {r['tflops']:.3g} | mfu {mfu} | eta {fmt_duration(eta_s)}")
