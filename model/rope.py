@@ -1,0 +1,63 @@
+"""Rotary position embeddings (RoPE) with tables grown on demand: there is no fixed block size.
+
+GPT-NeoX applies RoPE to the first `rotary_dim` dims of each head and uses the "rotate half" pairing: dim i is
+rotated with dim i + rotary_dim/2 by angle pos * base^(-2i/rotary_dim).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def inv_frequencies(rotary_dim: int, base: float, scaling: str = "none", factor: float = 1.0) -> torch.Tensor:
+    """Rotation frequencies, fp32, shape (rotary_dim/2,).
+
+    NTK-aware scaling (bloc97, 2023) raises the base to base * factor^(r/(r-2)) so the lowest frequency is
+    interpolated by `factor` while the highest ones are left nearly untouched.
+    """
+    if scaling == "ntk":
+        base = base * factor ** (rotary_dim / (rotary_dim - 2))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+    return 1.0 / (base ** exponents)
+
+
+class RotaryCache:
+    """fp32 cos/sin tables for positions 0..n-1, recomputed (larger) only when a longer sequence arrives.
+
+    Kept as plain attributes, not buffers, so `model.to(torch.bfloat16)` cannot round them and they are not
+    saved in checkpoints. Row p depends only on p, so a table for 128 positions equals the first 128 rows of a
+    table for 512 (tested).
+    """
+
+    def __init__(self, rotary_dim: int, base: float, scaling: str = "none", factor: float = 1.0):
+        self.rotary_dim = rotary_dim
+        # Linear position interpolation (Chen et al. 2023): position p is treated as p / factor.
+        self.position_scale = 1.0 / factor if scaling == "linear" else 1.0
+        self.inv_freq = inv_frequencies(rotary_dim, base, scaling, factor)
+        self.cos: torch.Tensor | None = None  # (n, rotary_dim/2) fp32
+        self.sin: torch.Tensor | None = None
+
+    def _build(self, n: int, device: torch.device) -> None:
+        positions = torch.arange(n, dtype=torch.float32, device=device) * self.position_scale
+        angles = torch.outer(positions, self.inv_freq.to(device))  # (n, rotary_dim/2)
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def get(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions 0..seq_len-1, each (seq_len, rotary_dim/2) fp32 on `device`."""
+        if self.cos is None or self.cos.shape[0] < seq_len or self.cos.device != torch.device(device):
+            self._build(seq_len if self.cos is None else max(seq_len, self.cos.shape[0]), device)
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] dims of x; the rest pass through.
+
+    x: (B, T, nh, hd) any float dtype; cos, sin: (T, r/2) fp32. The rotation is computed in fp32 (it touches
+    only the rotary slice, a quarter of the head for Pythia) and cast back to x's dtype.
+    """
+    half = cos.shape[-1]
+    cos = cos[:, None, :]  # (T, 1, r/2) broadcasts over heads
+    sin = sin[:, None, :]
+    x1 = x[..., :half].float()
+    x2 = x[..., half:2 * half].float()
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)  # (B, T, nh, r)
+    return torch.cat([rotated, x[..., 2 * half:]], dim=-1)  # (B, T, nh, hd)
