@@ -83,11 +83,10 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (e.g. a signal seen by one process)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device())
+def all_reduce_max(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return t.tolist()
 
 
 def broadcast_object(obj, src: int = 0):

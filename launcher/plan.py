@@ -217,3 +217,33 @@ def steps_from_time_shares(shares: list[float], step_seconds: list[float], total
     # time t_k = share_k * T; steps_k = t_k / step_seconds_k and sum(steps_k) = total_steps fixes T.
     per_unit = [s / t for s, t in zip(shares, step_seconds)]
     return steps_from_shares([p / sum(per_unit) for p in per_unit], total_steps)
+
+
+def plan_from_config(g, world_size: int, step_seconds=None, saved_steps: list[int] | None = None) -> StagePlan:
+    """Resolve a ``GrowLengthConfig`` into a :class:`StagePlan`.
+
+    Budgets: ``tokens`` (absolute, whole steps), ``share`` (of ``total_tokens``) or ``time_share`` (of the
+    wall-clock, resolved with ``step_seconds(seq_lens) -> [seconds per optimizer step]``, a measured probe).
+    ``saved_steps`` (from a checkpoint) replaces the time-share resolution so a resumed run repeats the
+    switch steps it actually took.
+    """
+    seq_lens = [int(s["seq_len"]) for s in g.stages]
+    kind = g.budget_kind()
+    if kind == "tokens":
+        steps = steps_from_tokens([int(s["tokens"]) for s in g.stages], g.tokens_per_step)
+    else:
+        total_steps, rem = divmod(int(g.total_tokens), g.tokens_per_step)
+        if rem:
+            raise PlanError(f"growlength.total_tokens {g.total_tokens} is not a whole number of steps of "
+                            f"tokens_per_step {g.tokens_per_step}; use {total_steps * g.tokens_per_step} or "
+                            f"{(total_steps + 1) * g.tokens_per_step}")
+        shares = [float(s[kind]) for s in g.stages]
+        if saved_steps is not None:
+            steps = list(saved_steps)
+        elif kind == "share":
+            steps = steps_from_shares(shares, total_steps)
+        else:
+            if step_seconds is None:
+                raise PlanError("growlength.stages give time_share but no step-time probe is available")
+            steps = steps_from_time_shares(shares, step_seconds(seq_lens), total_steps=total_steps)
+    return build_plan(seq_lens, steps, g.tokens_per_step, world_size, g.grad_accum, g.max_tokens_per_micro_batch)

@@ -1,0 +1,119 @@
+"""Run config and ds_config: defaults, overrides, every refusal names the key and the fix."""
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher.config import ConfigError, describe_fields, load_config, parse_overrides
+from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, warmup_steps
+from launcher.plan import build_plan
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("run_dir: runs/x\ngrowlength:\n  tokens_per_step: 8192\n  total_tokens: 81920\n"
+                 "model:\n  preset: pythia-160m\n")
+    cfg = load_config(str(f), ["growlength.tokens_per_step=16384", "logging.eval_lengths=[512, 1024]",
+                               "model.overrides={num_layers: 2}"])
+    assert cfg.run_dir == "runs/x"
+    assert cfg.growlength.tokens_per_step == 16384
+    assert cfg.growlength.total_tokens == 81920  # from the file, untouched by the override of a sibling
+    assert cfg.model.preset == "pythia-160m" and cfg.model.overrides == {"num_layers": 2}
+    assert cfg.logging.eval_lengths == [512, 1024]
+    assert cfg.checkpointing.resume == "auto"
+
+
+def test_unknown_keys_listed_together(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("bogus: 1\ngrowlength:\n  tokens_per_stepp: 1\nlogging:\n  verbose: true\n")
+    with pytest.raises(ConfigError, match=r"unknown config keys \['bogus', 'growlength.tokens_per_stepp', "
+                                          r"'logging.verbose'\]; see the valid ones with: python -m launcher.config"):
+        load_config(str(f))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.valid_fraction=1.5", r"data.valid_fraction must be in \[0, 1\), got 1.5"),
+    ("data.epochs=forever", "data.epochs must be 'repeat' or 'error', got 'forever'"),
+    ("data.prefix=/x", "data.prefix and data.tokenizer go together"),
+    ("growlength.stages=[]", "growlength.stages must be a non-empty list"),
+    ("growlength.stages=[{seq_len: 64}]", r"stages\[0\] must give exactly one budget"),
+    ("growlength.stages=[{seq_len: 64, tokens: 8, share: 1}]", r"exactly one budget .* got \['tokens', 'share'\]"),
+    ("growlength.stages=[{seq_len: 64, tokens: 8}, {seq_len: 128, share: 1}]", "mix budget kinds"),
+    ("growlength.stages=[{seq_len: 64, share: 1, foo: 2}]", r"stages\[0\] has unknown keys \['foo'\]"),
+    ("growlength.total_tokens=null", "give share but growlength.total_tokens is not set"),
+    ("growlength.grad_accum=0", "growlength.grad_accum must be >= 1 or null"),
+    ("checkpointing.keep_last=0", "checkpointing.keep_last must be >= 1"),
+    ("checkpointing.interval_steps=-1", "checkpointing.interval_steps must be >= 0"),
+    ("logging.log_interval=0", "logging.log_interval must be >= 1"),
+    ("optimisation.warmup_fraction=1", r"optimisation.warmup_fraction must be in \[0, 1\)"),
+    ("growlength", "is not key=value"),
+])
+def test_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="--config nope.yaml: no such file; presets are in"):
+        load_config("nope.yaml")
+    f = tmp_path / "bad.yaml"
+    f.write_text("growlength: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(f))
+    f.write_text("growlength: 3\n")
+    with pytest.raises(ConfigError, match="section growlength must be a mapping"):
+        load_config(str(f))
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["a.b=3", "a.c=null", "d=[1, 2]", "e=text"]) == {"a": {"b": 3, "c": None}, "d": [1, 2],
+                                                                           "e": "text"}
+
+
+def test_describe_fields_lists_every_section():
+    text = describe_fields()
+    for section in ("data:", "model:", "growlength:", "optimisation:", "checkpointing:", "logging:"):
+        assert section in text
+    assert "tokens_per_step: 4096  # global tokens per optimizer step" in text
+
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAN = build_plan([64, 128], [6, 4], tokens_per_step=1024, world_size=2, grad_accum=2)
+
+
+def test_ds_config_filled_from_plan():
+    src = json.load(open(ROOT / "ds_configs/zero2.json"))
+    out = fill_ds_config(src, PLAN, warmup=warmup_steps(PLAN.total_steps, None, 0.1))
+    assert out["train_micro_batch_size_per_gpu"] == 4 and out["gradient_accumulation_steps"] == 2
+    assert out["train_batch_size"] == 16
+    assert out["scheduler"]["params"]["total_num_steps"] == 10
+    assert out["scheduler"]["params"]["warmup_num_steps"] == 1
+    assert "train_batch_size" not in src  # the user's dict is not modified
+
+
+def test_ds_config_contradictions_named():
+    src = {"train_batch_size": 32, "gradient_accumulation_steps": "auto",
+           "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 99}}}
+    with pytest.raises(DSConfigError) as e:
+        fill_ds_config(src, PLAN, warmup=1, source="my.json")
+    msg = str(e.value)
+    assert "my.json: train_batch_size is 32 but the GrowLength plan needs 16" in msg
+    assert "my.json: scheduler.params.total_num_steps is 99 but the GrowLength plan needs 10" in msg
+    assert "gradient_accumulation_steps" not in msg  # "auto" is fine
+    with pytest.raises(DSConfigError, match="fp16.enabled and bf16.enabled are both true"):
+        fill_ds_config({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, PLAN, warmup=1)
+
+
+def test_ds_config_files(tmp_path):
+    with pytest.raises(DSConfigError, match="--ds_config nope.json: no such file"):
+        load_ds_config("nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"bf16\": }")
+    with pytest.raises(DSConfigError, match="is not valid JSON"):
+        load_ds_config(str(bad))
+    bad.write_text("[1]")
+    with pytest.raises(DSConfigError, match="must hold a JSON object"):
+        load_ds_config(str(bad))
+    for name in ("zero1", "zero2", "zero2_offload"):
+        cfg = load_ds_config(str(ROOT / f"ds_configs/{name}.json"))
+        assert cfg["optimizer"]["params"]["torch_adam"] is True
