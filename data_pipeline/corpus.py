@@ -1,0 +1,89 @@
+"""Reading raw corpora: `.jsonl`/`.json` (one JSON object per line, text under a key) or `.txt` (one document
+per line); any of them optionally `.gz`. Bad lines raise `DatasetError` naming file and line number, or are
+counted and skipped when the caller asks for it."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from data_pipeline.errors import DatasetError
+
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+
+
+@dataclass
+class ReadStats:
+    """Counts of what was read (shared across files)."""
+    lines: int = 0
+    bad_lines: int = 0
+    bytes: int = 0
+    first_bad: list = field(default_factory=list)  # up to 5 "file:line: reason" strings
+
+
+def check_inputs(paths: list[str]) -> list[str]:
+    """Every input exists and has a supported suffix; returns the list unchanged."""
+    if not paths:
+        raise DatasetError("--input: no input files given; pass one or more .jsonl/.json/.txt files")
+    for p in paths:
+        if not os.path.isfile(p):
+            raise DatasetError(f"--input {p}: file not found")
+        if not p.endswith(JSON_SUFFIXES + TEXT_SUFFIXES):
+            raise DatasetError(f"--input {p}: unsupported file type; use .jsonl/.json (one JSON object per "
+                               f"line) or .txt (one document per line), optionally .gz")
+    return paths
+
+
+def _open(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb", buffering=1 << 20)
+
+
+def _parse(path: str, lineno: int, raw: bytes, json_key: str | None) -> str:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}:{lineno}: undecodable bytes at column {e.start + 1} ({e.reason}); the "
+                           f"input must be UTF-8 (fix the line or pass --skip-bad-lines)") from None
+    if json_key is None:
+        return line.rstrip("\r\n")
+    if not line.strip():
+        return ""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the line or "
+                           f"pass --skip-bad-lines") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; fix the line "
+                           f"or pass --skip-bad-lines")
+    if json_key not in obj:
+        raise DatasetError(f"{path}:{lineno}: key {json_key!r} missing (keys: {sorted(obj)[:10]}); choose the "
+                           f"key with --json-keys, or pass --skip-bad-lines")
+    text = obj[json_key]
+    if not isinstance(text, str):
+        raise DatasetError(f"{path}:{lineno}: key {json_key!r} holds {type(text).__name__}, expected a string; "
+                           f"fix the line or pass --skip-bad-lines")
+    return text
+
+
+def iter_documents(paths: list[str], json_key: str = "text", skip_bad_lines: bool = False,
+                   stats: ReadStats | None = None) -> Iterator[str]:
+    """Yield the text of every line (document) of every file, in order. Empty documents are yielded as ''."""
+    stats = stats if stats is not None else ReadStats()
+    for path in paths:
+        key = None if path.endswith(TEXT_SUFFIXES) else json_key
+        with _open(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                stats.lines += 1
+                stats.bytes += len(raw)
+                try:
+                    yield _parse(path, lineno, raw, key)
+                except DatasetError as e:
+                    if not skip_bad_lines:
+                        raise
+                    stats.bad_lines += 1
+                    if len(stats.first_bad) < 5:
+                        stats.first_bad.append(str(e).split("; ")[0])

@@ -1,0 +1,234 @@
+"""Tokenize corpora into a Megatron MMIDIDX v1 dataset: PREFIX.bin + PREFIX.idx (exactly those names).
+
+    python -m data_pipeline.preprocess --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-model tok.model --workers 2
+
+One document per JSON line (text under --json-keys, default "text"; .txt inputs: one document per line), EOD
+appended to each document. Flags follow Megatron-LM's tools/preprocess_data.py where they mean the same thing.
+Output is written under temporary names and renamed when complete, so an interrupted run leaves no PREFIX.bin/.idx.
+
+Speed: reading and JSON parsing run in one thread, sentencepiece's batch encoder (which releases the GIL) in
+`--workers` native threads, and writing in a third thread, so start-up, I/O and parsing hide beside the encoding.
+Output bytes do not depend on --workers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
+from data_pipeline.errors import DatasetError
+from data_pipeline.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
+from data_pipeline.tokenizer import Tokenizer
+
+BATCH_BYTES = 1 << 20   # text per encode call: large enough to keep the encoder threads busy
+BATCH_DOCS = 4096
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+
+
+@dataclass
+class Summary:
+    """What a preprocess run did (printed at the end, returned by `preprocess`)."""
+    output_prefix: str
+    documents: int = 0
+    empty_documents: int = 0
+    bad_lines: int = 0
+    tokens: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        mb = self.input_bytes / 1e6
+        s = max(self.seconds, 1e-9)
+        return (f"preprocess: {self.output_prefix}.bin/.idx: {self.documents:,} documents, {self.tokens:,} tokens "
+                f"from {mb:,.1f} MB in {self.seconds:.1f} s ({mb / s:.2f} MB/s, {self.tokens / s / 1e6:.2f}M tok/s); "
+                f"skipped {self.empty_documents:,} empty documents and {self.bad_lines:,} bad lines")
+
+
+_DONE = object()
+
+
+def _producer(docs, out: queue.Queue, stop: threading.Event, stats: ReadStats) -> None:
+    """Reader thread: group documents into batches of ~BATCH_BYTES of text."""
+    try:
+        batch, size = [], 0
+        for text in docs:
+            if stop.is_set():
+                return
+            batch.append(text)
+            size += len(text)
+            if size >= BATCH_BYTES or len(batch) >= BATCH_DOCS:
+                out.put((batch, stats.bytes))
+                batch, size = [], 0
+        if batch:
+            out.put((batch, stats.bytes))
+        out.put(_DONE)
+    except BaseException as e:  # handed to the main thread, which re-raises it
+        out.put(e)
+
+
+def _to_tokens(ids: list[np.ndarray], eod: int | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-document ids (+ EOD after each): (tokens, lengths)."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.concatenate(ids).astype(dtype, copy=False) if ids else np.zeros(0, dtype)
+    if eod is not None:
+        flat = np.insert(flat, np.cumsum(lengths), np.asarray(eod, dtype=dtype))
+        lengths = lengths + 1
+    return flat, lengths
+
+
+def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, workers: int = 1,
+               json_key: str = "text", append_eod: bool = True, skip_bad_lines: bool = False,
+               progress: bool = True, quiet: bool = False) -> Summary:
+    """Tokenize `inputs` into `output_prefix`.bin/.idx; returns the Summary (also printed unless quiet)."""
+    if workers < 1:
+        raise DatasetError(f"--workers {workers}: must be at least 1")
+    check_inputs(list(inputs))
+    tok = Tokenizer(tokenizer_model)
+    dtype = optimal_dtype(tok.vocab_size)
+    t0 = time.time()
+    stats = ReadStats()
+    summary = Summary(output_prefix)
+    batches: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+    docs = iter_documents(list(inputs), json_key, skip_bad_lines, stats)
+    reader = threading.Thread(target=_producer, args=(docs, batches, stop, stats), daemon=True)
+    total = None if any(p.endswith(".gz") for p in inputs) else sum(os.path.getsize(p) for p in inputs)
+    bar = None
+    if progress and not quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, smoothing=0.1)
+    writer_pool = _Writer(IndexedDatasetBuilder(output_prefix, dtype))
+    reader.start()
+    try:
+        read_bytes = 0
+        while (item := batches.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            texts, bytes_so_far = item
+            kept = [t for t in texts if t.strip()]
+            summary.empty_documents += len(texts) - len(kept)
+            ids = tok.encode_batch_numpy(kept, num_threads=workers)  # releases the GIL
+            writer_pool.submit(ids, tok.eod_id if append_eod else None, dtype)
+            summary.documents += len(kept)
+            if bar is not None:
+                bar.update(bytes_so_far - read_bytes)
+                bar.set_postfix_str(f"{summary.documents / max(time.time() - t0, 1e-9):,.0f} docs/s", refresh=False)
+            read_bytes = bytes_so_far
+        summary.tokens = writer_pool.close()
+        summary.bad_lines, summary.input_bytes = stats.bad_lines, stats.bytes
+        summary.seconds = time.time() - t0
+    except BaseException:
+        stop.set()
+        writer_pool.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        print(summary.line(), file=sys.stderr)
+        for example in stats.first_bad:
+            print(f"  skipped: {example}", file=sys.stderr)
+    return summary
+
+
+class _Writer:
+    """Writer thread: converts encoded batches to one array and appends them to the builder, in order."""
+
+    def __init__(self, builder: IndexedDatasetBuilder):
+        self.builder = builder
+        self.jobs: queue.Queue = queue.Queue(maxsize=4)
+        self.tokens = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                flat, lengths = _to_tokens(*job)
+                self.builder.add_documents(flat, lengths)
+                self.tokens += flat.size
+            except BaseException as e:
+                self.error = e
+
+    def submit(self, ids, eod, dtype) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put((ids, eod, dtype))
+
+    def close(self) -> int:
+        self.jobs.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self.builder.finalize()
+        return self.tokens
+
+    def abort(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        self.builder.abort()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.preprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input/output (Megatron-LM names)")
+    g.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz)")
+    g.add_argument("--output-prefix", required=True, help="writes exactly OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON key holding the text (default text)")
+    g.add_argument("--tokenizer-model", required=True, help="sentencepiece .model (data_pipeline.train_tokenizer)")
+    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                   help=f"accepted for compatibility; must be one of {', '.join(SENTENCEPIECE_TYPES)}")
+    g.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                   help="append the EOD id (eos=2) to every document (default on; --no-append-eod to disable)")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding threads (default: all cores)")
+    g.add_argument("--log-interval", type=int, default=None, help="accepted for compatibility (a progress bar "
+                   "replaces the log lines)")
+    g.add_argument("--split-sentences", action="store_true", help="not supported (documents are not split)")
+    g.add_argument("--partitions", type=int, default=1, help="only 1; shard the input and use data_pipeline.merge")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip invalid JSON / missing key / non-UTF-8 lines and count them, instead of failing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.tokenizer_type not in SENTENCEPIECE_TYPES:
+            raise DatasetError(f"--tokenizer-type {args.tokenizer_type}: only sentencepiece models are supported "
+                               f"({', '.join(SENTENCEPIECE_TYPES)}); train one with data_pipeline.train_tokenizer")
+        if len(args.json_keys) != 1:
+            raise DatasetError(f"--json-keys {args.json_keys}: give exactly one key (the output is a single "
+                               f"PREFIX.bin/.idx); run once per key with different --output-prefix")
+        if args.split_sentences:
+            raise DatasetError("--split-sentences: not supported; documents are kept whole (GrowLength cuts "
+                               "fixed-length windows from the document stream)")
+        if args.partitions != 1:
+            raise DatasetError(f"--partitions {args.partitions}: not supported; shard the input yourself, "
+                               f"preprocess each shard, and combine with `python -m data_pipeline.merge`")
+        preprocess(args.input, args.output_prefix, args.tokenizer_model, args.workers, args.json_keys[0],
+                   args.append_eod, args.skip_bad_lines, progress=not args.no_progress, quiet=args.quiet)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: no {args.output_prefix}.bin/.idx written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Fixed-length samples for GrowLength stages, cut from one token stream so no token is skipped or repeated.
+
+The stream: the training documents (each already ends with EOD) in a per-epoch seeded order; epoch e is ordered
+by a permutation seeded by (seed, e), and the stream is epoch 0, epoch 1, ... back to back.
+
+A stage plan [(seq_len_0, tokens_0), (seq_len_1, tokens_1), ...] gives stage k the next tokens_k tokens:
+with p_0 = 0 and p_{k+1} = p_k + tokens_k, the k-th stage's sample i (before shuffling) is
+
+    stream[p_k + i * L_k : p_k + (i + 1) * L_k + 1]        (L_k + 1 tokens: inputs and shifted labels)
+
+Consecutive windows overlap by one token, so every stream token after position 0 is a label exactly once, across
+all stage switches. Samples are shuffled within a stage by a permutation seeded by (seed, k).
+
+Train/validation split: a fraction of documents (seeded by split_seed, independent of the training seed so runs
+with different seeds share a validation set) is held out; `valid_samples(L, n)` serves unshuffled windows of the
+validation documents' stream (original order), never truncated.
+
+The index (epoch orders, stream offsets, per-stage shuffles) is vectorised numpy, deterministic, and cached on disk
+under a key of everything it depends on. Distributed use: rank 0 calls `build()`, the caller runs a barrier, then
+every rank calls `load()` (memory-maps the same files).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from data_pipeline.errors import DatasetError, SamplePlanError
+from data_pipeline.indexed_dataset import IndexedDataset
+
+INDEX_VERSION = 1  # tick when the sample logic changes: old caches then stop matching
+_EPOCH_TAG, _STAGE_TAG, _SPLIT_TAG = 1, 2, 3  # keep the seed streams of different uses apart
+_MB = 1 << 20
+
+
+def data_fingerprint(prefix: str) -> str:
+    """Cheap identity of PREFIX.bin/.idx: sizes, a hash of the whole .idx, and of the first/last MB of .bin."""
+    ds_idx, ds_bin = f"{prefix}.idx", f"{prefix}.bin"
+    for path in (ds_idx, ds_bin):
+        if not os.path.isfile(path):
+            raise DatasetError(f"{path}: file not found; create it with `python -m data_pipeline.preprocess`")
+    h = hashlib.sha256()
+    h.update(f"{os.path.getsize(ds_idx)}:{os.path.getsize(ds_bin)}".encode())
+    with open(ds_idx, "rb") as f:
+        while chunk := f.read(16 * _MB):
+            h.update(chunk)
+    with open(ds_bin, "rb") as f:
+        h.update(f.read(_MB))
+        f.seek(max(0, os.path.getsize(ds_bin) - _MB))
+        h.update(f.read(_MB))
+    return h.hexdigest()[:20]
+
+
+def check_stages(stages) -> list[tuple[int, int]]:
+    """Validate a stage plan [(seq_len, tokens), ...]; tokens must be a positive multiple of seq_len."""
+    plan = [tuple(s) for s in stages]
+    if not plan:
+        raise SamplePlanError("stages: empty stage plan; give at least one (seq_len, tokens) pair")
+    for k, stage in enumerate(plan):
+        if len(stage) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in stage):
+            raise SamplePlanError(f"stage {k}: {stage!r} is not a (seq_len, tokens) pair of integers")
+        seq_len, tokens = stage
+        if seq_len < 1 or tokens < 1:
+            raise SamplePlanError(f"stage {k}: seq_len {seq_len} and tokens {tokens} must both be positive")
+        if tokens % seq_len:
+            q, r = divmod(tokens, seq_len)
+            raise SamplePlanError(f"stage {k}: tokens {tokens} is not a multiple of seq_len {seq_len}: "
+                                  f"{tokens} = {q} * {seq_len} + {r}; use tokens {q * seq_len} or "
+                                  f"{(q + 1) * seq_len}")
+    return [(int(a), int(b)) for a, b in plan]
+
+
+def split_documents(num_documents: int, valid_fraction: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) document ids, each sorted; round(valid_fraction * D) held out (at least 1 if > 0)."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise SamplePlanError(f"valid_fraction {valid_fraction}: must be in [0, 1)")
+    n_valid = int(round(valid_fraction * num_documents))
+    if valid_fraction > 0:
+        n_valid = max(n_valid, 1)
+    if n_valid >= num_documents:
+        raise SamplePlanError(f"valid_fraction {valid_fraction}: holds out {n_valid} of {num_documents} documents, "
+                              f"leaving none to train on; lower valid_fraction or add documents")
+    rng = np.random.default_rng([split_seed, _SPLIT_TAG])
+    is_valid = np.zeros(num_documents, dtype=bool)
+    is_valid[rng.permutation(num_documents)[:n_valid]] = True
+    return np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
+
+
+def _gather(tokens: np.ndarray, doc_starts: np.ndarray, stream_docs: np.ndarray, stream_cum: np.ndarray,
+            positions: np.ndarray) -> np.ndarray:
+    """Tokens at stream positions (any shape) -> int64 array of the same shape.
+
+    stream_cum[j] is where the j-th document of the stream starts; stream_docs[j] is its document id.
+    """
+    flat = positions.reshape(-1)
+    seg = np.searchsorted(stream_cum, flat, side="right") - 1   # stream document holding each position
+    bin_pos = doc_starts[stream_docs[seg]] + (flat - stream_cum[seg])
+    return tokens[bin_pos].astype(np.int64).reshape(positions.shape)
+
+
+class GrowLengthSamples:
+    """Stage-wise fixed-length samples over one token stream (see the module docstring for the exact rule).
+
+    Args:
+        dataset_or_prefix: an IndexedDataset or the PREFIX of PREFIX.bin/.idx.
+        stages: [(seq_len_k, tokens_k), ...]; tokens_k a multiple of seq_len_k.
+        seed: orders documents per epoch and shuffles samples per stage.
+        valid_fraction: fraction of documents held out for validation (0 = none).
+        epochs: "repeat" continues into the next epoch's order when the plan needs more tokens than one epoch
+            holds; "error" refuses such a plan.
+        cache_dir: where the index is cached (None: build in memory, never written).
+        split_seed: seeds the train/validation split (independent of `seed`).
+    """
+
+    def __init__(self, dataset_or_prefix, stages, seed: int, valid_fraction: float = 0.0, epochs: str = "repeat",
+                 cache_dir: str | None = None, split_seed: int = 0):
+        self.dataset = (dataset_or_prefix if isinstance(dataset_or_prefix, IndexedDataset)
+                        else IndexedDataset(dataset_or_prefix))
+        ds = self.dataset
+        self.stages = check_stages(stages)
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise SamplePlanError(f"seed {seed!r}: must be a non-negative integer")
+        if epochs not in ("repeat", "error"):
+            raise SamplePlanError(f"epochs {epochs!r}: must be 'repeat' or 'error'")
+        if not np.issubdtype(ds.dtype, np.integer):
+            raise DatasetError(f"{ds.idx_path}: token dtype {ds.dtype.name} is not an integer type; "
+                               f"re-create it with `python -m data_pipeline.preprocess`")
+        if ds.num_documents == 0:
+            raise DatasetError(f"{ds.idx_path}: the dataset has no documents; preprocess a non-empty corpus")
+        self.seed, self.valid_fraction, self.epochs = int(seed), float(valid_fraction), epochs
+        self.split_seed, self.cache_dir = int(split_seed), cache_dir
+        self.doc_starts, self.doc_lengths = ds.document_token_bounds()
+        doc_lengths = self.doc_lengths
+        self.train_docs, self.valid_docs = split_documents(ds.num_documents, self.valid_fraction, self.split_seed)
+        self.tokens_per_epoch = int(doc_lengths[self.train_docs].sum())
+        self.valid_tokens = int(doc_lengths[self.valid_docs].sum())
+        if self.tokens_per_epoch < 2:
+            raise DatasetError(f"{ds.prefix}: only {self.tokens_per_epoch} training tokens; add data")
+        self.stage_offsets = np.concatenate([[0], np.cumsum([t for _, t in self.stages])]).astype(np.int64)
+        # the last sample's last label is one token past the plan
+        self.tokens_needed = int(self.stage_offsets[-1]) + 1
+        self.num_epochs = -(-self.tokens_needed // self.tokens_per_epoch)
+        if epochs == "error" and self.num_epochs > 1:
+            raise SamplePlanError(
+                f"stage plan needs {self.tokens_needed:,} tokens (sum of stage tokens {int(self.stage_offsets[-1]):,}"
+                f" + 1 for the last label), but {ds.prefix} has {self.tokens_per_epoch:,} training tokens per epoch "
+                f"(valid_fraction {self.valid_fraction} holds out {self.valid_tokens:,}): {self.num_epochs} epochs. "
+                f"Add data, lower the stage token budgets, or allow repeats with epochs='repeat'")
+        self.data_fingerprint = data_fingerprint(ds.prefix)
+        self.fingerprint = f"{self.data_fingerprint}:valid_fraction={self.valid_fraction}:split_seed={self.split_seed}"
+        key = json.dumps({"version": INDEX_VERSION, "data": self.fingerprint, "seed": self.seed,
+                          "stages": self.stages}, sort_keys=True)
+        self.cache_key = hashlib.sha256(key.encode()).hexdigest()[:24]
+        valid_cum = np.concatenate([[0], np.cumsum(doc_lengths[self.valid_docs])]).astype(np.int64)
+        self._valid = (self.valid_docs, valid_cum)
+        self._index: dict[str, np.ndarray] | None = None
+
+    # --- the index -----------------------------------------------------------------------------------------
+    def _compute(self) -> dict[str, np.ndarray]:
+        """Epoch orders and per-stage shuffles (vectorised; one small RNG per epoch/stage)."""
+        doc_lengths = self.doc_lengths
+        id_dtype = np.int32 if self.dataset.num_documents < 2**31 else np.int64
+        orders = []
+        for e in range(self.num_epochs):
+            rng = np.random.default_rng([self.seed, _EPOCH_TAG, e])
+            orders.append(self.train_docs[rng.permutation(len(self.train_docs))].astype(id_dtype))
+        stream_docs = np.concatenate(orders)   # (epochs * train docs,) document ids in stream order
+        stream_cum = np.zeros(len(stream_docs) + 1, dtype=np.int64)
+        np.cumsum(doc_lengths[stream_docs], out=stream_cum[1:])
+        index = {"stream_docs": stream_docs, "stream_cum": stream_cum}
+        for k, (seq_len, tokens) in enumerate(self.stages):
+            n = tokens // seq_len
+            order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+            np.random.default_rng([self.seed, _STAGE_TAG, k]).shuffle(order)
+            index[f"order_{k}"] = order
+        return index
+
+    @property
+    def cache_path(self) -> str | None:
+        if self.cache_dir is None:
+            return None
+        return os.path.join(self.cache_dir, f"growlength-samples-v{INDEX_VERSION}-{self.cache_key}")
+
+    def _names(self) -> list[str]:
+        return ["stream_docs", "stream_cum"] + [f"order_{k}" for k in range(len(self.stages))]
+
+    def build(self) -> "GrowLengthSamples":
+        """Compute the index and, with a cache_dir, write it (temp dir, then rename) unless already there.
+
+        Call on one rank (rank 0); after a barrier the others call `load()`."""
+        if self.cache_path is not None and os.path.isdir(self.cache_path):
+            return self.load()
+        index = self._compute()
+        if self.cache_path is not None:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir)
+            try:
+                for name in self._names():
+                    np.save(os.path.join(tmp, f"{name}.npy"), index[name])
+                meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
+                        "stages": self.stages, "prefix": os.path.abspath(self.dataset.prefix)}
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f, indent=1)
+                os.rename(tmp, self.cache_path)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not os.path.isdir(self.cache_path):  # not just a lost race with another builder
+                    raise
+        self._index = index
+        return self
+
+    def load(self) -> "GrowLengthSamples":
+        """Memory-map an index that `build()` wrote (on this or another rank)."""
+        if self.cache_path is None:
+            raise SamplePlanError("load(): no cache_dir was given; pass cache_dir=... or call build()")
+        if not os.path.isdir(self.cache_path):
+            raise DatasetError(f"{self.cache_path}: sample index not built; call build() on rank 0 (then a "
+                               f"barrier) before load() on the other ranks")
+        index = {}
+        for name in self._names():
+            path = os.path.join(self.cache_path, f"{name}.npy")
+            try:
+                index[name] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DatasetError(f"{path}: unreadable cached sample index ({e}); delete {self.cache_path} "
+                                   f"and rebuild") from None
+        self._index = index
+        return self
+
+    @property
+    def index(self) -> dict[str, np.ndarray]:
+        if self._index is None:
+            self.build()
+        return self._index
+
+    # --- serving -------------------------------------------------------------------------------------------
+    def num_samples(self, stage: int) -> int:
+        seq_len, tokens = self.stages[self._check_stage(stage)]
+        return tokens // seq_len
+
+    def seq_len(self, stage: int) -> int:
+        return self.stages[self._check_stage(stage)][0]
+
+    def _check_stage(self, stage: int) -> int:
+        if not 0 <= stage < len(self.stages):
+            raise IndexError(f"stage {stage} out of range: the plan has {len(self.stages)} stages")
+        return stage
+
+    def stream_positions(self, stage: int, indices) -> np.ndarray:
+        """Stream offset of the first token of each (shuffled) sample: (n,) int64."""
+        n = self.num_samples(stage)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = idx[(idx < 0) | (idx >= n)][0]
+            raise IndexError(f"sample {bad} out of range for stage {stage} ({n} samples)")
+        unshuffled = np.asarray(self.index[f"order_{stage}"][idx], dtype=np.int64)
+        return self.stage_offsets[stage] + unshuffled * self.stages[stage][0]
+
+    def samples(self, stage: int, indices) -> np.ndarray:
+        """Samples `indices` (in the stage's shuffled order) -> (n, seq_len + 1) int64."""
+        seq_len = self.seq_len(stage)
+        starts = self.stream_positions(stage, indices)
+        positions = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]  # (n, L+1)
+        return self._stream_tokens(positions)
+
+    def sample(self, stage: int, i: int) -> np.ndarray:
+        """One sample: (seq_len + 1,) int64."""
+        return self.samples(stage, [i])[0]
+
+    def _stream_tokens(self, positions: np.ndarray) -> np.ndarray:
+        # epochs are back to back: the whole-stream offsets already include earlier epochs
+        return _gather(self.dataset.tokens, self.doc_starts, self.index["stream_docs"], self.index["stream_cum"],
+                       positions)
+
+    def stream(self, start: int, stop: int) -> np.ndarray:
+        """The training stream's tokens [start, stop) (for inspection and tests)."""
+        if not 0 <= start <= stop <= self.num_epochs * self.tokens_per_epoch:
+            raise IndexError(f"stream range [{start}, {stop}) outside the indexed "
+                             f"{self.num_epochs * self.tokens_per_epoch} tokens")
+        return self._stream_tokens(np.arange(start, stop, dtype=np.int64))
+
+    def valid_samples(self, seq_len: int, max_samples: int | None = None) -> np.ndarray:
+        """Unshuffled windows of the validation stream: (n, seq_len + 1) int64, window i starting at i * seq_len.
+
+        n = min(max_samples, (validation tokens - 1) // seq_len); raises if not even one full window fits."""
+        if seq_len < 1:
+            raise SamplePlanError(f"seq_len {seq_len}: must be positive")
+        docs, cum = self._valid
+        n = (self.valid_tokens - 1) // seq_len if self.valid_tokens else 0
+        if max_samples is not None:
+            n = min(n, int(max_samples))
+        if n <= 0:
+            raise DatasetError(f"{self.dataset.prefix}: the validation split has {self.valid_tokens:,} tokens "
+                               f"(valid_fraction {self.valid_fraction}), fewer than one window of seq_len "
+                               f"{seq_len} + 1; raise valid_fraction or evaluate shorter lengths")
+        positions = (np.arange(n, dtype=np.int64) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
+        return _gather(self.dataset.tokens, self.doc_starts, docs, cum, positions)
+
+    def __repr__(self) -> str:
+        plan = ", ".join(f"{L}x{self.num_samples(k)}" for k, (L, _) in enumerate(self.stages))
+        return (f"GrowLengthSamples({self.dataset.prefix!r}, stages [{plan}], seed {self.seed}, "
+                f"{self.tokens_per_epoch:,} train tokens/epoch, {self.num_epochs} epoch(s))")

@@ -1,0 +1,118 @@
+"""Train the project's sentencepiece tokenizer from `.jsonl`/`.json`/`.txt` corpora.
+
+    python -m data_pipeline.train_tokenizer --input corpus.jsonl --model-prefix tok --vocab-size 32000
+
+BPE by default, byte fallback on (no id is ever unknown), unk=0 bos=1 eos=2 pad=3, EOD = eos. Normalisation is
+the identity and whitespace is kept, so decode(encode(text)) == text. Large inputs are sampled: sentencepiece
+keeps a random `--input-sentence-size` lines (seeded by `--seed`). Writes PREFIX.model (atomically) and
+PREFIX.vocab.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+
+import sentencepiece as spm
+
+from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
+from data_pipeline.errors import DatasetError
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+MAX_SENTENCE_BYTES = 4192  # sentencepiece's own default; longer lines are split into pieces of this size
+
+
+def _sentences(inputs: list[str], json_key: str, stats: ReadStats):
+    """Training 'sentences' are the non-empty lines of each document (newlines are byte-fallback tokens)."""
+    for text in iter_documents(inputs, json_key, skip_bad_lines=True, stats=stats):
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            while len(line) > MAX_SENTENCE_BYTES // 4:  # keep every piece under the byte limit (utf-8 <= 4 B/char)
+                yield line[:MAX_SENTENCE_BYTES // 4]
+                line = line[MAX_SENTENCE_BYTES // 4:]
+            yield line
+
+
+def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 32000, model_type: str = "bpe",
+                    json_key: str = "text", input_sentence_size: int = 1_000_000, num_threads: int | None = None,
+                    seed: int = 0, character_coverage: float = 0.9995, quiet: bool = False) -> str:
+    """Train and write `model_prefix.model` (+ `.vocab`); returns the model path."""
+    check_inputs(list(inputs))
+    if vocab_size < 260:
+        raise DatasetError(f"--vocab-size {vocab_size}: too small; byte fallback alone needs 256 + 4 special "
+                           f"ids, use at least 260 (typically 8192-65536)")
+    stats = ReadStats()
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    t0 = time.time()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(list(inputs), json_key, stats), model_writer=model,
+            vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, split_digits=True, character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            max_sentence_length=MAX_SENTENCE_BYTES, num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2 if quiet else 1)
+    except RuntimeError as e:
+        msg = str(e)
+        if "Vocabulary size" in msg or "vocab_size" in msg:
+            raise DatasetError(f"--vocab-size {vocab_size}: too large for this corpus ({msg.strip()}); lower "
+                               f"--vocab-size or add text") from None
+        raise DatasetError(f"sentencepiece training failed on {list(inputs)}: {msg.strip()}") from None
+    if stats.bad_lines and not quiet:
+        print(f"train_tokenizer: skipped {stats.bad_lines} unreadable lines, e.g. {stats.first_bad[0]}",
+              file=sys.stderr)
+    path = f"{model_prefix}.model"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    with open(f"{model_prefix}.vocab", "w", encoding="utf-8") as f:
+        for i in range(sp.get_piece_size()):
+            f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n")
+    if not quiet:
+        print(f"train_tokenizer: {path}: {model_type} vocab {vocab_size} from {stats.lines} lines "
+              f"({stats.bytes / 1e6:.1f} MB) in {time.time() - t0:.1f} s", file=sys.stderr)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.train_tokenizer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz)")
+    p.add_argument("--model-prefix", required=True, help="writes MODEL_PREFIX.model and MODEL_PREFIX.vocab")
+    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size (default 32000)")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="default bpe")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON key(s) holding the text (default text)")
+    p.add_argument("--input-sentence-size", type=int, default=1_000_000,
+                   help="sample this many lines of large inputs for training (default 1,000,000; 0 = all)")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="training threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of the line sampling")
+    p.add_argument("--quiet", action="store_true", help="only errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if len(args.json_keys) > 1:
+            raise DatasetError(f"--json-keys {args.json_keys}: give one key (run once per field, or merge the "
+                               f"fields into one)")
+        train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type, args.json_keys[0],
+                        args.input_sentence_size, args.workers, args.seed, args.character_coverage, args.quiet)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
