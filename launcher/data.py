@@ -1,0 +1,156 @@
+"""The launcher's side of the data: which corpus, the tokenizer check, the stage sample index, the loaders.
+
+Rank 0 prepares whatever is missing (the built-in corpus on first use, the sample index); the other ranks wait
+at a barrier and then memory-map the same files.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.builtin_corpus import prepare_builtin_dataset
+from data_pipeline.errors import DatasetError
+from data_pipeline.indexed_dataset import IndexedDataset
+from data_pipeline.loader import StageLoader
+from data_pipeline.samples import GrowLengthSamples, data_fingerprint
+from data_pipeline.tokenizer import Tokenizer
+from launcher import engine as ds
+from launcher.config import RunConfig
+from launcher.plan import Stage, StagePlan, micro_batch_for
+from model import GPTNeoX, ModelConfig
+
+log = logging.getLogger("growlength")
+
+
+def check_vocab(dataset: IndexedDataset, tokenizer: Tokenizer, prefix: str, probe_tokens: int = 1 << 22) -> None:
+    """Refuse data whose token ids do not fit the tokenizer (a tokenizer/data mismatch).
+
+    Checks the first and last ``probe_tokens`` tokens of the .bin: cheap on any size, and a mismatch made by a
+    different tokenizer shows up in any stretch of real text.
+    """
+    tokens = dataset.tokens
+    n = len(tokens)
+    head, tail = tokens[: min(n, probe_tokens)], tokens[max(0, n - probe_tokens):]
+    top = int(max(head.max(initial=0), tail.max(initial=0)))
+    if top >= tokenizer.vocab_size:
+        raise DatasetError(f"{prefix}.bin holds token id {top} but the tokenizer {tokenizer.path} has only "
+                           f"{tokenizer.vocab_size} ids: the data was made with another tokenizer; set "
+                           f"data.tokenizer to the model that preprocessed it (or preprocess again)")
+
+
+@dataclass
+class TrainData:
+    cfg: RunConfig
+    prefix: str
+    tokenizer_path: str
+    tokenizer: Tokenizer
+    fingerprint: str
+    model_config: ModelConfig
+    rank: int
+    world: int
+    samples: GrowLengthSamples | None = None
+    plan: StagePlan | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.cfg.data.valid_fraction > 0
+
+    def cache_dir(self) -> Path:
+        if self.cfg.data.cache_dir:
+            return Path(self.cfg.data.cache_dir)
+        return Path(self.cfg.run_dir).resolve().parent / ".index-cache"
+
+    def build_index(self, plan: StagePlan) -> None:
+        """The stage sample index: built (or found in the cache) by rank 0, then memory-mapped by all."""
+        self.plan = plan
+        d = self.cfg.data
+        t0 = time.perf_counter()
+        kwargs = dict(stages=plan.data_stages(), seed=self.cfg.seed, valid_fraction=d.valid_fraction,
+                      epochs=d.epochs, cache_dir=str(self.cache_dir()))
+        self.samples = GrowLengthSamples(self.prefix, **kwargs)
+        if self.rank == 0:
+            self.samples.build()
+        ds.barrier()
+        if self.rank != 0:
+            self.samples.load()
+        log.info("sample index ready in %.2fs (%s)", time.perf_counter() - t0, self.cache_dir())
+
+    def loader(self, stage: Stage, consumed_steps: int) -> StageLoader:
+        """This rank's loader for ``stage``, positioned after ``consumed_steps`` optimizer steps of it."""
+        global_batch = stage.micro_batch_size * stage.grad_accum * self.world
+        return StageLoader(self.samples, stage.index, stage.micro_batch_size, stage.grad_accum, self.rank,
+                           self.world, consumed_samples=consumed_steps * global_batch)
+
+    def valid_batches(self, seq_len: int, eval_tokens: int, tokens_per_batch: int):
+        """This rank's share of the validation windows at ``seq_len``, in batches of about ``tokens_per_batch``."""
+        n = max(1, eval_tokens // seq_len)
+        windows = self.samples.valid_samples(seq_len, n)  # (n, seq_len + 1), whole windows
+        mine = windows[self.rank::self.world]
+        bs = max(1, tokens_per_batch // seq_len)
+        for i in range(0, len(mine), bs):
+            yield torch.from_numpy(np.ascontiguousarray(mine[i:i + bs], dtype=np.int64))
+
+    def build_model(self) -> GPTNeoX:
+        torch.manual_seed(self.cfg.seed)
+        m = self.cfg.model
+        if m.init_from_hf:
+            from model.hf import load_hf
+            model = load_hf(m.init_from_hf)
+            if model.config.vocab_size < self.tokenizer.vocab_size:
+                raise DatasetError(f"model.init_from_hf {m.init_from_hf} has vocabulary {model.config.vocab_size} "
+                                   f"but the tokenizer {self.tokenizer_path} has {self.tokenizer.vocab_size}")
+            return model
+        return GPTNeoX(self.model_config)
+
+    def step_time_probe(self, seq_lens: list[int]) -> list[float]:
+        """Seconds per optimizer step at each length (forward + backward of this rank's share of
+        ``tokens_per_step``), measured on a throw-away copy of the model; the slowest rank counts."""
+        g = self.cfg.growlength
+        model = GPTNeoX(self.model_config).to(ds.device())
+        out = []
+        for i, seq_len in enumerate(seq_lens):
+            mb, accum = micro_batch_for(seq_len, g.tokens_per_step, self.world, g.grad_accum,
+                                        g.max_tokens_per_micro_batch, f"growlength.stages[{i}]")
+            x = torch.randint(0, self.model_config.vocab_size, (mb, seq_len + 1), device=ds.device())
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(accum):
+                    model(x[:, :-1], labels=x[:, 1:]).backward()
+                times.append(time.perf_counter() - t0)
+            out.append(min(times[1:]))
+        del model
+        out = ds.all_reduce_max(out)
+        log.info("step-time probe: %s", ", ".join(f"L={n}: {t:.3f}s" for n, t in zip(seq_lens, out)))
+        return out
+
+
+def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
+    d = cfg.data
+    if d.prefix is None:
+        if rank == 0:
+            prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
+        ds.barrier()
+        tokenizer_path, prefix = prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
+    else:
+        tokenizer_path, prefix = d.tokenizer, d.prefix
+    if not Path(tokenizer_path).is_file():
+        raise DatasetError(f"data.tokenizer {tokenizer_path}: no such file; give the sentencepiece .model "
+                           f"that preprocessed {prefix}")
+    tokenizer = Tokenizer(str(tokenizer_path))
+    dataset = IndexedDataset(str(prefix))
+    check_vocab(dataset, tokenizer, str(prefix))
+    m = cfg.model
+    overrides = dict(m.overrides)
+    for key in ("attention", "activation_checkpointing", "rotary_pct", "rope_base"):
+        value = getattr(m, key)
+        if value is not None:
+            overrides[key] = value
+    model_config = ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
+    return TrainData(cfg=cfg, prefix=str(prefix), tokenizer_path=str(tokenizer_path), tokenizer=tokenizer,
+                     fingerprint=data_fingerprint(str(prefix)), model_config=model_config, rank=rank, world=world)

@@ -1,0 +1,371 @@
+"""GrowLength pretraining on a DeepSpeed ZeRO engine.
+
+    deepspeed launcher/pretrain.py --ds_config ds_configs/zero2.json [--config RUN.yaml] [key=value ...]
+
+``main()`` parses, builds, trains and closes; ``train()`` is the loop, with the stage switch as an explicit,
+logged block inside it. Tokens per optimizer step are the same in every stage; at a switch the engine's
+micro-batch (and accumulation) change and the next stage's loader starts where the stream left off.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script (the deepspeed launcher's way): import our packages, not siblings
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse
+import logging
+import signal
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from launcher import checkpoint as ckpt
+from launcher import engine as ds
+from launcher.config import ConfigError, RunConfig, load_config
+from launcher.data import TrainData, prepare_data
+from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, warmup_steps
+from launcher.metrics import MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
+from launcher.plan import PlanError, StagePlan, plan_from_config
+from data_pipeline.errors import DatasetError
+from model import GPTNeoX, ModelConfig
+
+log = logging.getLogger("growlength")
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1, requeue me
+EXIT_BAD_INPUT = 2
+USER_ERRORS = (ConfigError, PlanError, DSConfigError, ckpt.CheckpointError, DatasetError, FileNotFoundError)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ds_config", default="ds_configs/zero2.json", help="DeepSpeed JSON (ZeRO, precision, "
+                   "optimizer, scheduler); batch keys and scheduler step counts are filled from the plan")
+    p.add_argument("--config", help="run config YAML (presets in launcher/configs/); defaults = tiny CPU demo")
+    p.add_argument("--resume", help="'auto' (default), 'none', or a checkpoint / run directory")
+    p.add_argument("--resume-force", action="store_true", help="resume even if plan or data differ")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device, for MFU")
+    p.add_argument("--run-dir", help="shorthand for run_dir=...")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. growlength.tokens_per_step=8192")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpointing.resume={args.resume}")
+    if args.resume_force:
+        overrides.append("checkpointing.resume_force=true")
+    if args.peak_tflops:
+        overrides.append(f"logging.peak_tflops={args.peak_tflops}")
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
+def setup_logging(rank: int, run_dir: Path | None = None) -> None:
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if run_dir is not None and rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+class FaultInjection:
+    """Test hooks that deliver real signals at exact steps: ``GROWLENGTH_FAULT=kill@7`` SIGKILLs every rank after
+    step 7, ``sigusr1@7`` signals rank 0 only (the others must learn of it through the step's collective),
+    ``kill-in-save@7`` SIGKILLs every rank inside the save of step 7, after DeepSpeed wrote its files."""
+
+    def __init__(self, rank: int):
+        spec = os.environ.get("GROWLENGTH_FAULT", "")
+        self.kind, _, step = spec.partition("@")
+        self.step = int(step) if step else -1
+        self.rank = rank
+
+    def after_step(self, step: int) -> None:
+        if step != self.step:
+            return
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "sigusr1" and self.rank == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def in_save(self, step: int) -> None:
+        if self.kind == "kill-in-save" and step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits for a requeue."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0                 # optimizer steps completed
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0        # training wall-clock before this process started
+    stage_seconds: dict = field(default_factory=dict)  # stage index -> wall-clock spent in it
+
+
+def client_state(cfg: RunConfig, plan: StagePlan, data: TrainData, progress: Progress, loader_state: dict,
+                 world: int) -> dict:
+    return {"step": progress.step, "stage": plan.stage_at(progress.step).index, "loader": loader_state,
+            "tokens_seen": progress.tokens_seen, "elapsed_s": progress.elapsed_s,
+            "stage_seconds": progress.stage_seconds, "plan": plan.describe(), "plan_fingerprint": plan.fingerprint(),
+            "tokens_per_step": plan.tokens_per_step, "world_size": world, "seed": cfg.seed,
+            "data_fingerprint": data.fingerprint, "data_prefix": data.prefix, "tokenizer": data.tokenizer_path,
+            "model": data.model_config.to_dict(), "config": cfg.to_dict()}
+
+
+class Trainer:
+    """Holds what the loop needs; ``train()`` is the loop."""
+
+    def __init__(self, cfg: RunConfig, plan: StagePlan, data: TrainData, engine, rank: int, world: int,
+                 progress: Progress):
+        self.cfg, self.plan, self.data, self.engine = cfg, plan, data, engine
+        self.rank, self.world, self.progress = rank, world, progress
+        self.run_dir = Path(cfg.run_dir)
+        self.device = ds.device()
+        self.model: GPTNeoX = engine.module
+        self.metrics = MetricsWriter(self.run_dir, rank == 0, cfg.logging.tensorboard)
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        self.peak = peak_tflops(cfg.logging.peak_tflops, name)
+        self.preemption = Preemption()
+        self.faults = FaultInjection(rank)
+        self.loader = None
+        self.start_time = time.perf_counter()
+        self.step_times: list[float] = []
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def train(self) -> int:
+        plan, p = self.plan, self.progress
+        stage = None
+        while p.step < plan.total_steps:
+            if stage is None or p.step >= stage.last_step:
+                t_switch = time.perf_counter()
+                # ---- GrowLength stage switch: same engine, new micro-batch, next slice of the stream ----
+                previous, stage = stage, plan.stage_at(p.step)
+                ds.set_stage_batch(self.engine, stage.micro_batch_size, stage.grad_accum, self.world)
+                self.loader = self.data.loader(stage, consumed_steps=p.step - stage.first_step)
+                batches = iter(self.loader)
+                self.step_times = []
+                switch_s = time.perf_counter() - t_switch
+                log.info("stage %d: seq_len %d, micro_batch %d x accum %d x %d ranks = %d tokens/step, "
+                         "steps %d-%d (%s; switch %.3fs)", stage.index, stage.seq_len, stage.micro_batch_size,
+                         stage.grad_accum, self.world, plan.tokens_per_step, stage.first_step + 1, stage.last_step,
+                         "resumed mid-stage" if p.step > stage.first_step else
+                         ("start" if previous is None else f"grown from {previous.seq_len}"), switch_s)
+                self.metrics.write({"kind": "stage", "step": p.step, "stage": stage.index, "seq_len": stage.seq_len,
+                                    "micro_batch_size": stage.micro_batch_size, "grad_accum": stage.grad_accum,
+                                    "tokens_seen": p.tokens_seen, "elapsed_s": self.elapsed(), "switch_s": switch_s})
+            record = self.train_step(stage, next(batches))
+            if p.step % self.cfg.logging.log_interval == 0 or p.step == stage.last_step:
+                log.info(step_line(record, self.eta_s(stage)))
+            stage_end = p.step == stage.last_step
+            if stage_end or (self.cfg.logging.eval_interval and p.step % self.cfg.logging.eval_interval == 0):
+                self.evaluate(stage, stage_end)
+            preempted = record.pop("_preempted")
+            every = self.cfg.checkpointing.interval_steps
+            if (preempted or p.step == plan.total_steps or (stage_end and self.cfg.checkpointing.at_stage_end)
+                    or (every and p.step % every == 0)):
+                self.save()
+            if preempted:
+                log.warning("preempted: checkpoint at step %d saved; exiting with %d for a requeue",
+                            p.step, EXIT_PREEMPTED)
+                return EXIT_PREEMPTED
+        self.summary()
+        return 0
+
+    def train_step(self, stage, micro_batches: list[torch.Tensor]) -> dict:
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for mb in micro_batches:  # (micro_batch_size, seq_len + 1)
+            mb = mb.to(self.device, non_blocking=True)
+            loss = self.engine(mb[:, :-1], labels=mb[:, 1:])
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.item()
+        # one collective per step: the mean loss over ranks, and whether any rank was signalled
+        total, signalled = ds.all_reduce_sum([loss_sum / len(micro_batches), float(self.preemption.signal is not None)])
+        dt = time.perf_counter() - t0
+        p = self.progress
+        p.step += 1
+        p.tokens_seen += self.plan.tokens_per_step
+        p.stage_seconds[str(stage.index)] = p.stage_seconds.get(str(stage.index), 0.0) + dt
+        self.step_times.append(dt)
+        self.faults.after_step(p.step)
+        tokens_per_s = self.plan.tokens_per_step / dt
+        tflops = self.model.flops_per_token(stage.seq_len) * tokens_per_s / self.world / 1e12
+        record = {"step": p.step, "stage": stage.index, "seq_len": stage.seq_len,
+                  "micro_batch_size": stage.micro_batch_size, "grad_accum": stage.grad_accum,
+                  "tokens_per_step": self.plan.tokens_per_step, "tokens_seen": p.tokens_seen,
+                  "loss": total / self.world, "lr": self.engine.get_lr()[0], "grad_norm": _grad_norm(self.engine),
+                  "tokens_per_s": tokens_per_s, "tflops": tflops,
+                  "mfu": tflops / self.peak if self.peak else None, "elapsed_s": self.elapsed()}
+        self.metrics.write(record)
+        return dict(record, _preempted=signalled > 0)
+
+    # ---- around the loop ------------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self.progress.elapsed_s + time.perf_counter() - self.start_time
+
+    def eta_s(self, stage) -> float:
+        """Remaining steps of this stage at its median step time, later stages scaled by FLOPs per token."""
+        t = statistics.median(self.step_times)
+        per_token = self.model.flops_per_token(stage.seq_len)
+        later = sum(s.steps * self.model.flops_per_token(s.seq_len) / per_token
+                    for s in self.plan.stages if s.index > stage.index)
+        return t * (stage.last_step - self.progress.step + later)
+
+    @torch.no_grad()
+    def evaluate(self, stage, stage_end: bool) -> None:
+        """Validation loss at the current stage's length and at the final length (plus logging.eval_lengths
+        at stage ends), each on whole, untruncated windows of the held-out documents."""
+        if not self.data.has_validation:
+            return
+        lengths = {stage.seq_len, self.plan.final_seq_len}
+        if stage_end:
+            lengths.update(self.cfg.logging.eval_lengths)
+        self.engine.eval()
+        record = {"kind": "eval", "step": self.progress.step, "stage": stage.index, "seq_len": stage.seq_len,
+                  "tokens_seen": self.progress.tokens_seen, "elapsed_s": self.elapsed()}
+        tokens_per_batch = stage.micro_batch_size * stage.seq_len
+        for length in sorted(lengths):
+            loss_sum, n_tok = 0.0, 0
+            for batch in self.data.valid_batches(length, self.cfg.logging.eval_tokens, tokens_per_batch):
+                batch = batch.to(self.device)  # (B, length + 1)
+                loss = self.engine(batch[:, :-1], labels=batch[:, 1:])
+                loss_sum += loss.item() * batch[:, 1:].numel()
+                n_tok += batch[:, 1:].numel()
+            loss_sum, n_tok = ds.all_reduce_sum([loss_sum, n_tok])
+            if n_tok:
+                record[f"val_loss_{length}"] = loss_sum / n_tok
+                record[f"val_ppl_{length}"] = float(torch.tensor(loss_sum / n_tok).exp())
+        self.engine.train()
+        self.metrics.write(record)
+        log.info("eval step %d | %s", self.progress.step,
+                 " | ".join(f"L={k.split('_')[-1]} loss {v:.3f}" for k, v in record.items() if k.startswith("val_loss")))
+
+    def save(self) -> None:
+        root = ckpt.checkpoint_root(self.run_dir)
+        tag = ckpt.tag_for(self.progress.step)
+        t0 = time.perf_counter()
+        ckpt.prepare_dir(root, tag, self.rank)
+        ds.barrier()
+        self.progress.elapsed_s, self.start_time = self.elapsed(), time.perf_counter()
+        state = client_state(self.cfg, self.plan, self.data, self.progress, self.loader.state_dict(), self.world)
+        ds.save_checkpoint(self.engine, str(root), tag, {"growlength": state})
+        ckpt.save_rng(root / tag, self.rank)
+        ds.barrier()
+        self.faults.in_save(self.progress.step)
+        if self.rank == 0:
+            ckpt.write_state(root / tag, state)
+            ckpt.prune(root, self.cfg.checkpointing.keep_last)
+        ds.barrier()
+        log.info("checkpoint %s saved (%.1fs)", root / tag, time.perf_counter() - t0)
+
+    def summary(self) -> None:
+        p = self.progress
+        log.info("done: %d steps, %s tokens in %s", p.step, f"{p.tokens_seen:,}", fmt_duration(self.elapsed()))
+        for s in self.plan.stages:
+            secs = p.stage_seconds.get(str(s.index), 0.0)
+            log.info("  stage %d L=%-5d %6d steps %13s tokens %9s  %8.0f tok/s", s.index, s.seq_len, s.steps,
+                     f"{s.tokens(self.plan.tokens_per_step):,}", fmt_duration(secs),
+                     s.tokens(self.plan.tokens_per_step) / secs if secs else float("nan"))
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def resume(cfg: RunConfig, engine, trainer_state: dict, path: Path, rank: int) -> Progress:
+    ds.load_checkpoint(engine, str(path.parent), path.name)
+    ckpt.load_rng(path, rank)
+    if rank == 0:
+        dropped = truncate_after(cfg.run_dir, trainer_state["step"])
+        if dropped:
+            log.info("dropped %d metrics records written after the checkpoint", dropped)
+    return Progress(step=trainer_state["step"], tokens_seen=trainer_state["tokens_seen"],
+                    elapsed_s=trainer_state["elapsed_s"], stage_seconds=dict(trainer_state["stage_seconds"]))
+
+
+def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int) -> int:
+    run_dir = Path(cfg.run_dir)
+    setup_logging(rank, run_dir)
+    resume_from = ckpt.resolve_resume(cfg.checkpointing.resume, run_dir)
+    saved = ckpt.read_state(resume_from) if resume_from else None
+    data = prepare_data(cfg, rank, world)
+    saved_steps = [s["steps"] for s in saved["plan"]] if saved and cfg.growlength.budget_kind() == "time_share" else None
+    plan = plan_from_config(cfg.growlength, world, step_seconds=data.step_time_probe, saved_steps=saved_steps)
+    ds_config = fill_ds_config(load_ds_config(ds_config_path), plan,
+                               warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
+                                            cfg.optimisation.warmup_fraction), source=ds_config_path)
+    data.build_index(plan)
+    log.info("GrowLength plan (%s):\n%s", plan.fingerprint(), plan.table())
+    model = data.build_model()
+    log.info("model %s: %.2fM parameters, vocab %d (padded %d), attention %s", cfg.model.preset,
+             model.num_params() / 1e6, data.model_config.vocab_size, data.model_config.padded_vocab_size,
+             model.config.attention)
+    engine = ds.create_engine(model, ds_config)
+    progress = Progress()
+    if saved:
+        current = client_state(cfg, plan, data, progress, {}, world)
+        for diff in ckpt.check_compatible(saved, current, resume_from, cfg.checkpointing.resume_force):
+            log.warning("resuming despite a difference (--resume-force): %s", diff)
+        progress = resume(cfg, engine, saved, resume_from, rank)
+        log.info("resumed from %s at step %d (%s tokens)", resume_from, progress.step, f"{progress.tokens_seen:,}")
+    if rank == 0:
+        (run_dir / "ds_config.resolved.json").write_text(__import__("json").dumps(ds_config, indent=1))
+    trainer = Trainer(cfg, plan, data, engine, rank, world, progress)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, _ = ds.init_distributed()
+    setup_logging(rank)
+    try:
+        cfg = build_config(args)
+        return run(cfg, args.ds_config, rank, world)
+    except USER_ERRORS as e:
+        log.error("%s: %s", type(e).__name__, e)
+        return EXIT_BAD_INPUT
+    finally:
+        ds.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
