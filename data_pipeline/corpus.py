@@ -52,9 +52,9 @@ def _parse(path: str, lineno: int, raw: bytes, json_key: str | None) -> str:
     if not line.strip():
         return ""
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the line or "
+        raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.pos + 1}); fix the line or "
                            f"pass --skip-bad-lines") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; fix the line "

@@ -60,7 +60,10 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
             minloglevel=2 if quiet else 1)
     except RuntimeError as e:
         msg = str(e)
-        if "Vocabulary size" in msg or "vocab_size" in msg:
+        if "smaller than required_chars" in msg:
+            raise DatasetError(f"--vocab-size {vocab_size}: too small for this corpus's characters ({msg.strip()}); "
+                               f"raise --vocab-size or lower --character-coverage") from None
+        if "Vocabulary size too high" in msg:
             raise DatasetError(f"--vocab-size {vocab_size}: too large for this corpus ({msg.strip()}); lower "
                                f"--vocab-size or add text") from None
         raise DatasetError(f"sentencepiece training failed on {list(inputs)}: {msg.strip()}") from None
