@@ -30,8 +30,9 @@ class Attention(nn.Module):
         """x: (B, T, d) -> (B, T, d)."""
         B, T, d = x.shape
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)  # (B, T, nh, 3, hd)
-        q, k, v = qkv.unbind(dim=3)  # each (B, T, nh, hd), views
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qk, v = qkv.split([2, 1], dim=3)  # split, not indexing: its backward is one cat, no zero-filled grads
+        q, k = apply_rotary(qk, cos, sin).unbind(dim=3)  # each (B, T, nh, hd), strided views
+        v = v.squeeze(3)  # (B, T, nh, hd)
         y = causal_attention(q, k, v, backend)  # (B, T, nh, hd)
         return self.dense(y.reshape(B, T, d))
 

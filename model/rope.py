@@ -48,16 +48,37 @@ class RotaryCache:
         return self.cos[:seq_len], self.sin[:seq_len]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first 2*cos.shape[-1] dims of x; the rest pass through.
-
-    x: (B, T, nh, hd) any float dtype; cos, sin: (T, r/2) fp32. The rotation is computed in fp32 (it touches
-    only the rotary slice, a quarter of the head for Pythia) and cast back to x's dtype.
-    """
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Out-of-place rotation of x's first 2*cos.shape[-1] dims, computed in fp32 (it touches only the rotary
+    slice, a quarter of each head for Pythia) and stored in x's dtype; the other dims are copied unchanged."""
     half = cos.shape[-1]
-    cos = cos[:, None, :]  # (T, 1, r/2) broadcasts over heads
-    sin = sin[:, None, :]
-    x1 = x[..., :half].float()
-    x2 = x[..., half:2 * half].float()
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)  # (B, T, nh, r)
-    return torch.cat([rotated, x[..., 2 * half:]], dim=-1)  # (B, T, nh, hd)
+    x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
+    out = x.clone(memory_format=torch.contiguous_format)
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half:2 * half] = x2 * cos + x1 * sin
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE with a hand-written backward: a rotation's gradient is the inverse rotation (angle -> -angle), so
+    nothing but the tables is saved and no zero-filled slice gradients are built and summed."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] dims of each head; the rest pass through.
+
+    x: (B, T, nh, hd) or (B, T, nh, n, hd) (q and k stacked, n = 2), any float dtype; cos, sin: (T, r/2) fp32.
+    Returns a new contiguous tensor of x's shape and dtype.
+    """
+    shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (cos.shape[-1],)  # (T, 1, [1,] r/2): broadcast over heads
+    return _Rotary.apply(x, cos.view(shape), sin.view(shape))
