@@ -1,0 +1,208 @@
+"""Data pipeline benchmarks: preprocess throughput, sample-index build time, loader throughput. Prints figures.
+
+    .venv/bin/python benchmarks/bench_data_pipeline.py [--work-dir .cache/bench_data] [--repeats 3] [--mb 50]
+
+1. preprocess end to end (`python -m data_pipeline.preprocess` as a subprocess, start-up included) at 1 and 2
+   workers on a >= 50 MB JSONL corpus (the built-in corpus, repeated in shuffled document order), against the
+   floor: sentencepiece's own batch encoding of the same texts with 2 threads, texts already in memory.
+   Megatron-LM's tools/preprocess_data.py is not in the megatron-core wheel; it is timed only if --megatron-tools
+   points at a Megatron-LM checkout.
+2. sample-index build: 10M samples at seq_len 128 and 1M at 1024 over that corpus, against megatron-core's
+   GPTDataset index build (its own steps: _build_document_index, the C++ helpers.build_sample_idx,
+   _build_shuffle_index) in the same run.
+3. loader: StageLoader tokens/s on one rank (of 2) at seq_len 128 and 1024.
+Medians of --repeats runs; runs of the compared tools are interleaved so machine noise hits all of them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data_pipeline.builtin_corpus import iter_builtin_documents  # noqa: E402
+from data_pipeline.indexed_dataset import IndexedDataset  # noqa: E402
+from data_pipeline.loader import StageLoader  # noqa: E402
+from data_pipeline.samples import GrowLengthSamples  # noqa: E402
+from data_pipeline.tokenizer import Tokenizer  # noqa: E402
+from data_pipeline.train_tokenizer import train_tokenizer  # noqa: E402
+
+
+def make_corpus(path: str, target_mb: int) -> str:
+    if os.path.isfile(path) and os.path.getsize(path) >= target_mb * 1e6:
+        return path
+    docs = list(iter_builtin_documents())
+    rng = np.random.default_rng(0)
+    size, tmp = 0, path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        while size < target_mb * 1e6:
+            for i in rng.permutation(len(docs)):
+                line = json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n"
+                f.write(line)
+                size += len(line.encode())
+    os.replace(tmp, path)
+    return path
+
+
+def median_time(fn, repeats: int) -> float:
+    return statistics.median(_timed(fn) for _ in range(repeats))
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_preprocess(corpus: str, model: str, work: str, repeats: int, megatron_tools: str | None) -> None:
+    mb = os.path.getsize(corpus) / 1e6
+    texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
+    tok = Tokenizer(model)
+    floor_name = "floor: sentencepiece encode, 2 threads"
+    times: dict[str, list[float]] = {floor_name: [], "sentencepiece encode -> lists, 2 threads": [],
+                                     "ours, 1 worker": [], "ours, 2 workers": []}
+    if megatron_tools:
+        times["Megatron-LM preprocess_data.py, 2 workers"] = []
+    ntok = {}
+
+    def ours(workers):
+        out = os.path.join(work, f"bench_w{workers}")
+        subprocess.run([sys.executable, "-m", "data_pipeline.preprocess", "--input", corpus, "--output-prefix", out,
+                        "--tokenizer-model", model, "--workers", str(workers), "--quiet"], check=True, cwd=ROOT)
+        ntok["ours"] = IndexedDataset(out).num_tokens
+
+    def floor():  # the fastest way to call sentencepiece: C++ ids straight into numpy arrays
+        ids = tok.sp.encode(texts, num_threads=2, return_type="numpy")
+        ntok["floor"] = sum(map(len, ids)) + len(ids)  # + one EOD per document, as written
+
+    def floor_lists():  # the default return type (Python lists of ints), slower
+        tok.sp.encode(texts, num_threads=2)
+
+    def megatron():
+        subprocess.run([sys.executable, os.path.join(megatron_tools, "tools", "preprocess_data.py"), "--input", corpus,
+                        "--output-prefix", os.path.join(work, "megatron"), "--tokenizer-type",
+                        "SentencePieceTokenizer", "--tokenizer-model", model, "--workers", "2", "--append-eod"],
+                       check=True, cwd=megatron_tools, env={**os.environ, "PYTHONPATH": megatron_tools},
+                       stdout=subprocess.DEVNULL)
+
+    for _ in range(repeats):
+        times[floor_name].append(_timed(floor))
+        times["sentencepiece encode -> lists, 2 threads"].append(_timed(floor_lists))
+        times["ours, 1 worker"].append(_timed(lambda: ours(1)))
+        times["ours, 2 workers"].append(_timed(lambda: ours(2)))
+        if megatron_tools:
+            times["Megatron-LM preprocess_data.py, 2 workers"].append(_timed(megatron))
+    assert ntok["ours"] == ntok["floor"], (ntok, "token counts differ")
+    floor_s = statistics.median(times[floor_name])
+    print(f"\n## preprocess: {mb:.1f} MB JSONL, {len(texts):,} documents, {ntok['ours']:,} tokens, "
+          f"vocab {tok.vocab_size} BPE, median of {repeats}")
+    print(f"{'':44s} {'seconds':>8s} {'MB/s':>7s} {'Mtok/s':>7s} {'vs floor':>9s}")
+    for name, ts in times.items():
+        s = statistics.median(ts)
+        print(f"{name:44s} {s:8.2f} {mb / s:7.2f} {ntok['ours'] / s / 1e6:7.2f} {s / floor_s:8.2f}x   "
+              f"(runs: {', '.join(f'{t:.2f}' for t in ts)})")
+    if not megatron_tools:
+        print("Megatron-LM tools/preprocess_data.py: not available (the megatron-core wheel does not ship tools/; "
+              "pass --megatron-tools PATH_TO_MEGATRON_LM to time it)")
+
+
+def megatron_index_build(ds: IndexedDataset, seq_len: int, num_samples: int, seed: int) -> int:
+    """megatron-core GPTDataset._build_document_sample_shuffle_indices, minus the saving: its three steps."""
+    from megatron.core.datasets import helpers
+    from megatron.core.datasets.gpt_dataset import _build_document_index, _build_shuffle_index
+    tokens_per_epoch = int(ds.sequence_lengths.sum())
+    epochs = 1
+    while (epochs * tokens_per_epoch - 1) // seq_len < num_samples:
+        epochs += 1
+    rs = np.random.RandomState(seed)
+    documents = np.arange(ds.num_documents, dtype=np.int32)
+    doc_index = _build_document_index(documents, epochs, rs, False)
+    sample_index = helpers.build_sample_idx(np.array(ds.sequence_lengths), doc_index, seq_len, epochs,
+                                            tokens_per_epoch, True, True)
+    shuffle = _build_shuffle_index(sample_index.shape[0] - 1, sample_index.shape[0] - 1, rs)
+    return len(shuffle)
+
+
+def bench_index(prefix: str, work: str, repeats: int) -> None:
+    import shutil
+    import warnings
+    with warnings.catch_warnings():  # import (and its warnings about missing GPU libraries) outside the timing
+        warnings.simplefilter("ignore")
+        import megatron.core.datasets.gpt_dataset  # noqa: F401
+        from megatron.core.datasets import helpers  # noqa: F401
+    ds = IndexedDataset(prefix)
+    print(f"\n## sample-index build over {ds.num_tokens:,} tokens ({ds.num_documents:,} documents), median of {repeats}")
+    print(f"{'':28s} {'ours (memory)':>14s} {'ours (+cache)':>14s} {'megatron-core':>14s} {'ratio':>6s}")
+    for seq_len, n in ((128, 10_000_000), (1024, 1_000_000)):
+        plan = [(seq_len, seq_len * n)]
+        cache = os.path.join(work, "index_cache")
+        mem, disk, meg = [], [], []
+
+        def ours_disk():
+            shutil.rmtree(cache, ignore_errors=True)
+            GrowLengthSamples(ds, plan, seed=1234, cache_dir=cache).build()
+        for _ in range(repeats):
+            mem.append(_timed(lambda: GrowLengthSamples(ds, plan, seed=1234).build()))
+            disk.append(_timed(ours_disk))
+            meg.append(_timed(lambda: megatron_index_build(ds, seq_len, n, 1234)))
+        m, d, g = map(statistics.median, (mem, disk, meg))
+        print(f"{n:>11,} samples @ {seq_len:<5d}  {m:13.2f}s {d:13.2f}s {g:13.2f}s {m / g:5.2f}x")
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def bench_loader(prefix: str, repeats: int) -> None:
+    ds = IndexedDataset(prefix)
+    print(f"\n## loader: rank 0 of 2, tokens/s yielded as torch tensors, median of {repeats}")
+    for seq_len, mbs, accum in ((128, 32, 4), (1024, 4, 4)):
+        steps = 50
+        n = steps * mbs * accum * 2
+        s = GrowLengthSamples(ds, [(seq_len, seq_len * n)], seed=0).build()
+
+        def run():
+            for _ in StageLoader(s, 0, mbs, accum, rank=0, world_size=2):
+                pass
+        t = median_time(run, repeats)
+        tokens = steps * mbs * accum * (seq_len + 1)
+        print(f"seq_len {seq_len:5d} micro_batch {mbs:3d} x accum {accum}: {tokens / t / 1e6:7.2f}M tokens/s per rank")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", default=os.path.join(ROOT, ".cache", "bench_data"))
+    p.add_argument("--mb", type=int, default=50, help="corpus size in MB (default 50)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary (default 32000, as the issue)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--megatron-tools", default=None, help="path to a Megatron-LM checkout (for tools/preprocess_data.py)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["preprocess", "index", "loader"])
+    args = p.parse_args()
+    os.makedirs(args.work_dir, exist_ok=True)
+    t0 = time.time()
+    corpus = make_corpus(os.path.join(args.work_dir, f"corpus{args.mb}.jsonl"), args.mb)
+    model = os.path.join(args.work_dir, f"tok{args.vocab_size}.model")
+    if not os.path.isfile(model):
+        train_tokenizer([os.path.join(args.work_dir, corpus)], model[:-6], vocab_size=args.vocab_size,
+                        input_sentence_size=300_000, quiet=True)
+    print(f"# data pipeline benchmarks ({os.cpu_count()} CPUs; setup {time.time() - t0:.0f} s)")
+    if "preprocess" not in args.skip:
+        bench_preprocess(corpus, model, args.work_dir, args.repeats, args.megatron_tools)
+    prefix = os.path.join(args.work_dir, "bench_w2")
+    if not os.path.isfile(prefix + ".idx"):
+        subprocess.run([sys.executable, "-m", "data_pipeline.preprocess", "--input", corpus, "--output-prefix", prefix,
+                        "--tokenizer-model", model, "--quiet"], check=True, cwd=ROOT)
+    if "index" not in args.skip:
+        bench_index(prefix, args.work_dir, args.repeats)
+    if "loader" not in args.skip:
+        bench_loader(prefix, args.repeats)
+    print(f"\ntotal {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
