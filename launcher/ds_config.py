@@ -40,7 +40,9 @@ def load_ds_config(path: str) -> dict:
 
 
 def warmup_steps(total_steps: int, warmup_steps: int | None, warmup_fraction: float) -> int:
-    return warmup_steps if warmup_steps is not None else int(round(warmup_fraction * total_steps))
+    """LR warmup in steps; at least 1, since DeepSpeed's warmup schedulers divide by it."""
+    n = warmup_steps if warmup_steps is not None else int(round(warmup_fraction * total_steps))
+    return max(1, n)
 
 
 def fill_ds_config(cfg: dict, plan: StagePlan, warmup: int, source: str = "ds_config") -> dict:

@@ -217,7 +217,6 @@ class Trainer:
         p.tokens_seen += self.plan.tokens_per_step
         p.stage_seconds[str(stage.index)] = p.stage_seconds.get(str(stage.index), 0.0) + dt
         self.step_times.append(dt)
-        self.faults.after_step(p.step)
         tokens_per_s = self.plan.tokens_per_step / dt
         tflops = self.model.flops_per_token(stage.seq_len) * tokens_per_s / self.world / 1e12
         record = {"step": p.step, "stage": stage.index, "seq_len": stage.seq_len,
@@ -227,6 +226,7 @@ class Trainer:
                   "tokens_per_s": tokens_per_s, "tflops": tflops,
                   "mfu": tflops / self.peak if self.peak else None, "elapsed_s": self.elapsed()}
         self.metrics.write(record)
+        self.faults.after_step(p.step)
         return dict(record, _preempted=signalled > 0)
 
     # ---- around the loop ------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""The launcher end to end on 2 CPU ranks (real DeepSpeed ZeRO-2 engine, gloo): GrowLength stages with constant
+tokens per step, exact resume after SIGKILL mid-stage and at a stage boundary, preemption by signal."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher import checkpoint as ckpt
+from launcher.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+# 3 stages of 6 steps each at 1024 tokens/step on 2 ranks: micro-batches 16, 8, 4
+PLAN = ["growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 6144}, "
+        "{seq_len: 64, tokens: 6144}, {seq_len: 128, tokens: 6144}]"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(run_dir, prefix, tokenizer, *extra, ranks=2, fault=None, ds_config="ds_configs/zero2.json"):
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env.pop("GROWLENGTH_FAULT", None)
+    if fault:
+        env["GROWLENGTH_FAULT"] = fault
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+           "launcher/pretrain.py", "--ds_config", ds_config, f"run_dir={run_dir}", f"data.prefix={prefix}",
+           f"data.tokenizer={tokenizer}", "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache",
+           "checkpointing.interval_steps=4", "checkpointing.keep_last=10", "logging.log_interval=1",
+           "logging.tensorboard=false", "logging.eval_tokens=2048", *PLAN, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def steps(run_dir) -> dict[int, dict]:
+    records = [r for r in read_metrics(run_dir) if "kind" not in r]
+    by_step = {r["step"]: r for r in records}
+    assert len(by_step) == len(records), "a step was logged twice"
+    return by_step
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tokenized, sp_model):
+    run_dir = tmp_path_factory.mktemp("runs") / "reference"
+    proc = ok(train(run_dir, tokenized, sp_model))
+    return run_dir, proc.stdout
+
+
+def test_stages_keep_tokens_per_step_and_log_everything(reference):
+    run_dir, out = reference
+    records = steps(run_dir)
+    assert sorted(records) == list(range(1, 19))
+    for s, (seq_len, mb) in enumerate([(32, 16), (64, 8), (128, 4)]):
+        for step in range(6 * s + 1, 6 * s + 7):
+            r = records[step]
+            assert (r["stage"], r["seq_len"], r["micro_batch_size"]) == (s, seq_len, mb)
+            assert r["micro_batch_size"] * r["seq_len"] * r["grad_accum"] * 2 == r["tokens_per_step"] == 1024
+            assert r["tokens_seen"] == 1024 * step
+            assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["mfu"] is None
+    assert records[18]["loss"] < records[1]["loss"] - 0.5  # it learns
+    kinds = [r for r in read_metrics(run_dir) if r.get("kind") == "stage"]
+    assert [(r["step"], r["seq_len"]) for r in kinds] == [(0, 32), (6, 64), (12, 128)]
+    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
+    assert [e["step"] for e in evals] == [6, 12, 18]
+    assert all("val_loss_128" in e for e in evals) and "val_loss_32" in evals[0]
+    # the printed plan table, the step line's fixed fields, the stage switch line and the summary
+    assert "tokens_per_step 1,024 x 18 steps = 18,432 tokens on 2 rank(s)" in out
+    assert "step 7 | stage 1 L=64 mb=8 | loss" in out and "| lr " in out and "| tok/s " in out
+    assert "stage 1: seq_len 64, micro_batch 8 x accum 1 x 2 ranks = 1024 tokens/step" in out
+    assert "grown from 32" in out and "done: 18 steps, 18,432 tokens" in out
+    resolved = json.loads((run_dir / "ds_config.resolved.json").read_text())
+    assert resolved["train_micro_batch_size_per_gpu"] == 16 and resolved["scheduler"]["params"]["total_num_steps"] == 18
+    names = [p.name for p in ckpt.complete_checkpoints(ckpt.checkpoint_root(run_dir))]
+    assert names == [ckpt.tag_for(s) for s in (4, 6, 8, 12, 16, 18)]
+    assert (run_dir / "train.log").is_file()
+
+
+def assert_same_losses(run_dir, reference_dir, after: int):
+    got, want = steps(run_dir), steps(reference_dir)
+    assert sorted(got) == sorted(want)  # every step exactly once, even those redone after the kill
+    for s in range(after + 1, 19):
+        assert got[s]["loss"] == want[s]["loss"], f"step {s}: {got[s]['loss']} != {want[s]['loss']}"
+        assert got[s]["grad_norm"] == want[s]["grad_norm"]
+        assert got[s]["lr"] == want[s]["lr"]
+
+
+def test_sigkill_mid_stage_resumes_exactly(reference, tmp_path, tokenized, sp_model):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, tokenized, sp_model, fault="kill@10")
+    assert proc.returncode != 0
+    assert max(steps(run_dir)) == 10  # steps 9-10 were logged but not checkpointed
+    proc = ok(train(run_dir, tokenized, sp_model))
+    assert "resumed from" in proc.stdout and "step_00000008 at step 8" in proc.stdout
+    assert "resumed mid-stage" in proc.stdout
+    assert_same_losses(run_dir, reference[0], after=8)
+
+
+def test_sigkill_during_save_at_boundary_resumes_exactly(reference, tmp_path, tokenized, sp_model):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, tokenized, sp_model, fault="kill-in-save@8")
+    assert proc.returncode != 0
+    half = ckpt.checkpoint_root(run_dir) / ckpt.tag_for(8)
+    assert half.is_dir() and not (half / ckpt.STATE_FILE).exists()  # DeepSpeed wrote, our marker did not
+    proc = ok(train(run_dir, tokenized, sp_model))
+    assert "step_00000006 at step 6" in proc.stdout  # the stage boundary, not the half-written step 8
+    assert "stage 1: seq_len 64" in proc.stdout
+    assert_same_losses(run_dir, reference[0], after=6)
+    assert (half / ckpt.STATE_FILE).is_file()  # rewritten whole on the second pass
+
+
+def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(reference, tmp_path, tokenized, sp_model):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, tokenized, sp_model, fault="sigusr1@10")
+    assert proc.returncode == 75, proc.stdout[-3000:]
+    assert "preempted: checkpoint at step 11 saved" in proc.stdout
+    assert ckpt.resolve_resume("auto", run_dir).name == ckpt.tag_for(11)
+    ok(train(run_dir, tokenized, sp_model))
+    assert_same_losses(run_dir, reference[0], after=11)
+
+
+def test_resume_with_another_plan_is_refused(reference, tmp_path, tokenized, sp_model):
+    proc = train(reference[0], tokenized, sp_model, "growlength.tokens_per_step=2048", ranks=1)
+    assert proc.returncode == 2
+    assert "cannot resume from" in proc.stdout and "world size: checkpoint 2 ranks, this run 1" in proc.stdout
+    assert "stage plan: stages (seq_len, steps) [(32, 6), (64, 6), (128, 6)] -> [(32, 3), (64, 3), (128, 3)]" \
+        in proc.stdout
+    assert "--resume-force" in proc.stdout
