@@ -74,6 +74,8 @@ class GrowLengthConfig:
     grad_accum: int | None = doc("gradient accumulation per step in every stage; null = smallest that keeps "
                                  "micro_batch * seq_len <= max_tokens_per_micro_batch", 1)
     max_tokens_per_micro_batch: int | None = doc("memory cap on micro_batch * seq_len per rank; null = no cap", None)
+    max_time_s: float | None = doc("stop (with a checkpoint) once the training wall-clock, summed over restarts, "
+                                   "reaches this many seconds; for equal-time comparisons", None)
 
     def budget_kind(self) -> str:
         kinds = set()

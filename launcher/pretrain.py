@@ -188,11 +188,17 @@ class Trainer:
             stage_end = p.step == stage.last_step
             if stage_end or (self.cfg.logging.eval_interval and p.step % self.cfg.logging.eval_interval == 0):
                 self.evaluate(stage, stage_end)
-            preempted = record.pop("_preempted")
+            preempted, out_of_time = record.pop("_preempted"), record.pop("_out_of_time")
             every = self.cfg.checkpointing.interval_steps
-            if (preempted or p.step == plan.total_steps or (stage_end and self.cfg.checkpointing.at_stage_end)
-                    or (every and p.step % every == 0)):
+            if (preempted or out_of_time or p.step == plan.total_steps or (every and p.step % every == 0)
+                    or (stage_end and self.cfg.checkpointing.at_stage_end)):
                 self.save()
+            if out_of_time:
+                log.info("growlength.max_time_s %s reached at step %d: stopping", self.cfg.growlength.max_time_s,
+                         p.step)
+                if not stage_end:
+                    self.evaluate(stage, stage_end=True)
+                break
             if preempted:
                 log.warning("preempted: checkpoint at step %d saved; exiting with %d for a requeue",
                             p.step, EXIT_PREEMPTED)
@@ -209,9 +215,12 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.item()
-        # one collective per step: the mean loss over ranks, and whether any rank was signalled
-        total, signalled = ds.all_reduce_sum([loss_sum / len(micro_batches), float(self.preemption.signal is not None)])
         dt = time.perf_counter() - t0
+        limit = self.cfg.growlength.max_time_s
+        out_of_time = self.rank == 0 and limit is not None and self.elapsed() >= limit  # rank 0's clock decides
+        # one collective per step: the mean loss over ranks, whether any rank was signalled, rank 0's clock
+        total, signalled, stop = ds.all_reduce_sum([loss_sum / len(micro_batches),
+                                                    float(self.preemption.signal is not None), float(out_of_time)])
         p = self.progress
         p.step += 1
         p.tokens_seen += self.plan.tokens_per_step
@@ -227,7 +236,7 @@ class Trainer:
                   "mfu": tflops / self.peak if self.peak else None, "elapsed_s": self.elapsed()}
         self.metrics.write(record)
         self.faults.after_step(p.step)
-        return dict(record, _preempted=signalled > 0)
+        return dict(record, _preempted=signalled > 0, _out_of_time=stop > 0)
 
     # ---- around the loop ------------------------------------------------------------------------------------
     def elapsed(self) -> float:
