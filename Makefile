@@ -22,8 +22,10 @@ $(STAMP): setup.py Makefile
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# The main job: GrowLength on the tiny model and the built-in corpus (prepared on first use), 1 rank.
+# Any key=value of the run config can follow: make demo ARGS="growlength.total_tokens=786432"
 demo: $(STAMP)
-	$(PY) -m launcher.demo
+	$(VENV)/bin/deepspeed launcher/pretrain.py --ds_config ds_configs/zero2.json $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

@@ -20,7 +20,7 @@ from data_pipeline.loader import StageLoader
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
 from data_pipeline.tokenizer import Tokenizer
 from launcher import engine as ds
-from launcher.config import RunConfig
+from launcher.config import ConfigError, RunConfig
 from launcher.plan import Stage, StagePlan, micro_batch_for
 from model import GPTNeoX, ModelConfig
 
@@ -79,6 +79,11 @@ class TrainData:
         if self.rank != 0:
             self.samples.load()
         log.info("sample index ready in %.2fs (%s)", time.perf_counter() - t0, self.cache_dir())
+        if self.samples.num_epochs > 1:
+            log.warning("the plan needs %s tokens but %s holds %s training tokens: it repeats the data over %d "
+                        "epochs, each in a new document order (data.epochs=error refuses this instead)",
+                        f"{self.samples.tokens_needed:,}", self.prefix, f"{self.samples.tokens_per_epoch:,}",
+                        self.samples.num_epochs)
 
     def loader(self, stage: Stage, consumed_steps: int) -> StageLoader:
         """This rank's loader for ``stage``, positioned after ``consumed_steps`` optimizer steps of it."""
@@ -151,6 +156,9 @@ def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
         value = getattr(m, key)
         if value is not None:
             overrides[key] = value
-    model_config = ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
+    try:
+        model_config = ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
+    except ValueError as e:  # the model's own checks, reported as a config error of the model section
+        raise ConfigError(f"model section: {e}") from e
     return TrainData(cfg=cfg, prefix=str(prefix), tokenizer_path=str(tokenizer_path), tokenizer=tokenizer,
                      fingerprint=data_fingerprint(str(prefix)), model_config=model_config, rank=rank, world=world)

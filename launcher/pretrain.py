@@ -33,14 +33,15 @@ from launcher.data import TrainData, prepare_data
 from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, warmup_steps
 from launcher.metrics import MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
 from launcher.plan import PlanError, StagePlan, plan_from_config
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, SamplePlanError
 from model import GPTNeoX, ModelConfig
 
 log = logging.getLogger("growlength")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1, requeue me
 EXIT_BAD_INPUT = 2
-USER_ERRORS = (ConfigError, PlanError, DSConfigError, ckpt.CheckpointError, DatasetError, FileNotFoundError)
+USER_ERRORS = (ConfigError, PlanError, DSConfigError, ckpt.CheckpointError, DatasetError, SamplePlanError,
+               FileNotFoundError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,0 +1,101 @@
+"""Every bad input the launcher can meet gives exit code 2 and one clear message naming the field or file, before
+any training or any file of the run is written."""
+import json
+import shutil
+import socket
+
+import pytest
+
+from launcher import pretrain
+
+
+@pytest.fixture
+def run(monkeypatch, tmp_path, tokenized, sp_model, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}.items():
+        monkeypatch.setenv(key, value)
+    run_dir = tmp_path / "run"
+
+    def go(*args, prefix=tokenized, tokenizer=sp_model, ds_config=None):
+        argv = ["--ds_config", ds_config or str(pretrain_ds_config()), f"run_dir={run_dir}",
+                f"data.prefix={prefix}", f"data.tokenizer={tokenizer}", f"data.cache_dir={tmp_path}/cache",
+                "growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 2048}]", *args]
+        code = pretrain.main(argv)
+        out = capsys.readouterr().out
+        return code, out
+
+    go.run_dir = run_dir
+    return go
+
+
+def pretrain_ds_config():
+    from pathlib import Path
+    return Path(pretrain.__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
+
+
+def assert_refused(result, message, run_dir=None):
+    code, out = result
+    assert code == pretrain.EXIT_BAD_INPUT, out
+    assert message in out, out
+    if run_dir is not None:
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_unknown_preset(run):
+    assert_refused(run("model.preset=pythia-7b"), "model section: unknown model preset 'pythia-7b': choose one of",
+                   run.run_dir)
+
+
+def test_stage_lengths_must_grow(run):
+    assert_refused(run("growlength.stages=[{seq_len: 64, tokens: 2048}, {seq_len: 32, tokens: 2048}]"),
+                   "stages[1].seq_len 32 must be greater than stages[0].seq_len 64", run.run_dir)
+
+
+def test_plan_that_cannot_keep_tokens_per_step(run):
+    assert_refused(run("growlength.stages=[{seq_len: 48, tokens: 3072}]"),
+                   "tokens_per_step 1024 is not a multiple of seq_len 48", run.run_dir)
+
+
+def test_plan_beyond_the_data_with_epochs_error(run):
+    assert_refused(run("data.epochs=error", "growlength.stages=[{seq_len: 32, tokens: 10240000}]"),
+                   "Add data, lower the stage token budgets, or allow repeats with epochs='repeat'", run.run_dir)
+
+
+def test_ds_config_contradicting_the_plan(run, tmp_path):
+    cfg = json.loads(pretrain_ds_config().read_text())
+    cfg["train_micro_batch_size_per_gpu"] = 3
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(cfg))
+    assert_refused(run(ds_config=str(path)),
+                   f"{path}: train_micro_batch_size_per_gpu is 3 but the GrowLength plan needs 32", run.run_dir)
+
+
+def test_resume_of_something_that_is_not_a_checkpoint(run, tmp_path):
+    assert_refused(run(f"checkpointing.resume={tmp_path}"), "not a checkpoint", run.run_dir)
+
+
+def test_missing_data(run, tmp_path):
+    assert_refused(run(prefix=str(tmp_path / "nothing")), "nothing", run.run_dir)
+
+
+def test_corrupt_index(run, tmp_path, tokenized):
+    bad = tmp_path / "bad"
+    shutil.copy(tokenized + ".bin", str(bad) + ".bin")
+    raw = bytearray(open(tokenized + ".idx", "rb").read())
+    raw[:9] = b"NOTMMIDX\x00"
+    (tmp_path / "bad.idx").write_bytes(bytes(raw))
+    assert_refused(run(prefix=str(bad)), "bad.idx", run.run_dir)
+
+
+def test_tokenizer_that_did_not_make_the_data(run, tmp_path, corpus_jsonl):
+    from data_pipeline.train_tokenizer import train_tokenizer
+    small = train_tokenizer([corpus_jsonl], str(tmp_path / "small"), vocab_size=400, num_threads=1, quiet=True)
+    assert_refused(run(tokenizer=small), "the data was made with another tokenizer", run.run_dir)
+
+
+def test_bad_override_and_missing_tokenizer(run, tmp_path):
+    assert_refused(run("growlength.tokens_per_stepp=2"), "unknown config keys ['growlength.tokens_per_stepp']")
+    assert_refused(run(tokenizer=str(tmp_path / "none.model")), "none.model: no such file")
