@@ -152,6 +152,43 @@ class GPTNeoX(nn.Module):
 
 
 def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in fp32 whatever the logits' dtype. logits (B, T, V), labels (B, T) -> ()."""
+    """Mean token cross-entropy over labels != -100, in fp32 whatever the logits' dtype.
+
+    logits (B, T, V), labels (B, T) -> () fp32. Computed in row chunks so that no fp32 copy of the whole
+    (B*T, V) logits, nor of their gradient, is ever materialised (1.6 GB for Pythia's vocabulary at 8k tokens).
+    """
     V = logits.shape[-1]
-    return F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=-100)
+    return _ChunkedCrossEntropy.apply(logits.reshape(-1, V), labels.reshape(-1))
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """loss = mean_i (logsumexp(z_i) - z_i[y_i]);  dloss/dz_i = (softmax(z_i) - onehot(y_i)) / n_valid."""
+
+    CHUNK_ELEMENTS = 1 << 24  # fp32 working set per chunk: 64 MB
+
+    @staticmethod
+    def forward(ctx, logits, labels):  # logits (N, V) any float dtype, labels (N,) long
+        N, V = logits.shape
+        rows = max(1, _ChunkedCrossEntropy.CHUNK_ELEMENTS // V)
+        valid = labels != -100
+        safe_labels = torch.where(valid, labels, 0)  # (N,)
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)  # log-sum-exp per row
+        for s in range(0, N, rows):
+            lse[s:s + rows] = torch.logsumexp(logits[s:s + rows].float(), dim=-1)
+        target = logits.gather(1, safe_labels[:, None]).squeeze(1).float()  # (N,)
+        n_valid = valid.sum()
+        ctx.save_for_backward(logits, safe_labels, valid, lse, n_valid)
+        ctx.rows = rows
+        return ((lse - target) * valid).sum() / n_valid  # nan when no label is valid, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, safe_labels, valid, lse, n_valid = ctx.saved_tensors
+        row_scale = valid.float() * (grad_loss / n_valid)  # (N,)
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.rows):
+            e = min(s + ctx.rows, logits.shape[0])
+            p = torch.exp(logits[s:e].float() - lse[s:e, None])  # softmax, (rows, V) fp32
+            p[torch.arange(e - s, device=p.device), safe_labels[s:e]] -= 1.0
+            grad[s:e] = p * row_scale[s:e, None]
+        return grad, None

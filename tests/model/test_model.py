@@ -177,3 +177,24 @@ def test_num_params_and_flops_per_token():
     assert m.flops_per_token(128) == 3 * (2 * n_matmul + 4 * L * d * 128)
     # The attention term grows linearly with length: 12 * L * d per extra position.
     assert m.flops_per_token(1024) - m.flops_per_token(512) == 12 * L * d * 512
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_matches_torch_loss_and_grad(dtype, monkeypatch):
+    from model.model import _ChunkedCrossEntropy, cross_entropy_fp32
+
+    monkeypatch.setattr(_ChunkedCrossEntropy, "CHUNK_ELEMENTS", 384 * 7)  # 7 rows per chunk: several chunks
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 20, 384)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 384, (3, 20))
+    labels[0, :5] = -100
+    ref_logits = logits.detach().float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_logits.view(-1, 384), labels.view(-1), ignore_index=-100)
+    ours = cross_entropy_fp32(logits, labels)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    (2 * ours).backward()
+    (2 * ref).backward()
+    assert logits.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(logits.grad.float(), ref_logits.grad, rtol=tol, atol=tol * 1e-2)
