@@ -160,6 +160,8 @@ class Trainer:
         self.loader = None
         self.start_time = time.perf_counter()
         self.step_times: list[float] = []
+        self.last_loss = float("nan")
+        self.last_eval: dict = {}
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> int:
@@ -195,8 +197,8 @@ class Trainer:
                     or (stage_end and self.cfg.checkpointing.at_stage_end)):
                 self.save()
             if out_of_time:
-                log.info("growlength.max_time_s %s reached at step %d: stopping", self.cfg.growlength.max_time_s,
-                         p.step)
+                log.info("wall-clock budget growlength.max_time_s=%g s reached at step %d: stopping",
+                         self.cfg.growlength.max_time_s, p.step)
                 if not stage_end:
                     self.evaluate(stage, stage_end=True)
                 break
@@ -236,6 +238,7 @@ class Trainer:
                   "tokens_per_s": tokens_per_s, "tflops": tflops,
                   "mfu": tflops / self.peak if self.peak else None, "elapsed_s": self.elapsed()}
         self.metrics.write(record)
+        self.last_loss = record["loss"]
         self.faults.after_step(p.step)
         return dict(record, _preempted=signalled > 0, _out_of_time=stop > 0)
 
@@ -277,6 +280,7 @@ class Trainer:
                 record[f"val_ppl_{length}"] = float(torch.tensor(loss_sum / n_tok).exp())
         self.engine.train()
         self.metrics.write(record)
+        self.last_eval = record
         log.info("eval step %d | %s", self.progress.step,
                  " | ".join(f"L={k.split('_')[-1]} loss {v:.3f}" for k, v in record.items() if k.startswith("val_loss")))
 
@@ -300,12 +304,15 @@ class Trainer:
 
     def summary(self) -> None:
         p = self.progress
-        log.info("done: %d steps, %s tokens in %s", p.step, f"{p.tokens_seen:,}", fmt_duration(self.elapsed()))
+        log.info("done: %d steps, %s tokens in %s; final train loss %.4f%s", p.step, f"{p.tokens_seen:,}",
+                 fmt_duration(self.elapsed()), self.last_loss,
+                 "".join(f", {k} {v:.4f}" for k, v in self.last_eval.items() if k.startswith("val_loss")))
         for s in self.plan.stages:
+            done = min(max(p.step - s.first_step, 0), s.steps)
+            tokens = done * self.plan.tokens_per_step
             secs = p.stage_seconds.get(str(s.index), 0.0)
-            log.info("  stage %d L=%-5d %6d steps %13s tokens %9s  %8.0f tok/s", s.index, s.seq_len, s.steps,
-                     f"{s.tokens(self.plan.tokens_per_step):,}", fmt_duration(secs),
-                     s.tokens(self.plan.tokens_per_step) / secs if secs else float("nan"))
+            log.info("  stage %d L=%-5d %6d/%d steps %13s tokens %9s %10s tok/s", s.index, s.seq_len, done, s.steps,
+                     f"{tokens:,}", fmt_duration(secs), f"{tokens / secs:,.0f}" if secs else "-")
 
     def close(self) -> None:
         self.metrics.close()

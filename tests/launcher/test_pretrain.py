@@ -137,3 +137,42 @@ def test_resume_with_another_plan_is_refused(reference, tmp_path, tokenized, sp_
     assert "stage plan: stages (seq_len, steps) [(32, 6), (64, 6), (128, 6)] -> [(32, 3), (64, 3), (128, 3)]" \
         in proc.stdout
     assert "--resume-force" in proc.stdout
+
+
+def test_export_to_hugging_face(reference, tmp_path, sp_model):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from data_pipeline.tokenizer import Tokenizer
+    from launcher.export_hf import export, load_trained_model
+
+    out = export(str(reference[0]), str(tmp_path / "hf"))
+    ours, state, found = load_trained_model(reference[0])
+    assert found.name == ckpt.tag_for(18) and state["step"] == 18
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "GPTNeoXForCausalLM"
+    text = "The with statement is used to wrap the execution of a block"
+    ids = transformers.AutoTokenizer.from_pretrained(out)(text).input_ids
+    assert ids == Tokenizer(sp_model).encode(text)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        a, b = ours(x), hf(x).logits
+    assert torch.allclose(a[..., :b.shape[-1]], b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        export(str(reference[0]), str(out))
+
+
+def test_wall_clock_plan_and_time_budget_on_one_rank(tmp_path, tokenized, sp_model):
+    """time_share stages are resolved by a step-time probe and recorded; max_time_s stops with a checkpoint."""
+    run_dir = tmp_path / "run"
+    stages = "growlength.stages=[{seq_len: 32, time_share: 0.5}, {seq_len: 128, time_share: 0.5}]"
+    proc = ok(train(run_dir, tokenized, sp_model, stages, "growlength.total_tokens=409600",
+                    "logging.tensorboard=true", "growlength.max_time_s=2", ranks=1))
+    assert "step-time probe: L=32:" in proc.stdout
+    state = ckpt.read_state(ckpt.resolve_resume("auto", run_dir))
+    planned = [s["steps"] for s in state["plan"]]
+    assert sum(planned) == 400 and planned[0] > planned[1]  # short steps are cheaper: more of them
+    assert "growlength.max_time_s=2 s reached" in proc.stdout
+    records = steps(run_dir)
+    assert state["step"] == max(records) < 400
+    assert records[max(records)]["elapsed_s"] >= 2.0
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
