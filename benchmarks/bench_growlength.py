@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,9 +37,13 @@ def run(name: str, stages: list, args, work: Path) -> list[dict]:
            f"growlength.total_tokens={args.tokens_per_step * args.steps}", f"growlength.stages={json.dumps(stages)}",
            "data.valid_fraction=0", "checkpointing.at_stage_end=false", "checkpointing.interval_steps=0",
            "logging.tensorboard=false", "logging.log_interval=1000"]
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+    with socket.socket() as s:  # a free rendezvous port, so a benchmark never collides with another job
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_PORT=port)
     if args.ranks > 1:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks)] + cmd[1:]
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks),
+               "--master_port", port] + cmd[1:]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
