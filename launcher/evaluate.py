@@ -1,0 +1,265 @@
+"""Perplexity at several sequence lengths, including lengths past the longest trained one (the paper's Figure 4).
+
+    python -m launcher.evaluate --checkpoint RUN_DIR_OR_CHECKPOINT_OR_HF_DIR [--data-prefix PREFIX]
+        [--lengths 128,256,...,4096] [--rope-scaling none|linear|ntk] [--rope-factor F] [--tokens N]
+        [--split auto|run|all] [--dtype fp32|bf16] [--out JSON]
+
+Which tokens: whole, untruncated windows of ``L + 1`` tokens cut from the validation stream (the held-out documents
+back to back, each ending with EOD, in their original order); window i starts at ``i * L``. Per length the first
+``max(1, tokens // L)`` windows are scored, the same rule as the launcher's in-loop validation
+(``TrainData.valid_batches``), so at equal ``--tokens`` the two measure the same windows.
+
+Which documents (``--split``):
+  run   the run's own held-out documents: the split of the training prefix made with the checkpoint's
+        ``data.valid_fraction`` (the split's seed is fixed, independent of the training seed, so every run on this
+        prefix shares it). Requires that PREFIX is the training data.
+  all   every document of PREFIX: for a separate validation corpus that training never saw.
+  auto  (default) ``run`` when PREFIX's data fingerprint equals the checkpoint's training data, else ``all``.
+Evaluating ``all`` on the training prefix would score training documents; that is refused unless ``--split all`` is
+given explicitly (then a warning). A length whose single window does not fit the validation tokens is reported as
+skipped, not failed.
+
+The checkpoint is loaded in fp32 (the ZeRO master weights). ``--dtype bf16`` casts it to bf16, which is exactly
+what a bf16 DeepSpeed engine computes with (its module holds the bf16 rounding of the same master weights); use it
+to reproduce the in-loop numbers bit-for-bit up to summation order, fp32 to measure the model itself.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.errors import DatasetError
+from data_pipeline.indexed_dataset import IndexedDataset
+from data_pipeline.samples import GrowLengthSamples, data_fingerprint
+from launcher.runs import EvidenceError, parse_lengths
+from model import GPTNeoX
+
+log = logging.getLogger("growlength")
+
+DEFAULT_LENGTHS = "128,256,512,1024,2048,4096"
+DEFAULT_TOKENS = 16384  # logging.eval_tokens' default
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model to evaluate and what is known about its training."""
+
+    model: GPTNeoX
+    source: str                      # the checkpoint directory or HF directory
+    state: dict | None = None        # growlength_state.json of a launcher checkpoint (None for an HF dir)
+
+    @property
+    def trained_seq_len(self) -> int | None:
+        plan = (self.state or {}).get("plan")
+        return max(s["seq_len"] for s in plan) if plan else None
+
+
+def load_for_eval(path: str, rope_scaling: str = "none", rope_factor: float = 1.0) -> Loaded:
+    """A run directory, its checkpoints/, one step_NNNNNNNN (ZeRO shards, via export_hf.load_trained_model) or a
+    Hugging Face GPT-NeoX directory -> fp32 model with the requested RoPE scaling, in eval mode."""
+    p = Path(path)
+    if not p.exists():
+        raise EvidenceError(f"--checkpoint {path}: no such file or directory; give a run directory, "
+                            f"RUN_DIR/checkpoints/step_NNNNNNNN or a Hugging Face directory (export_hf --out)")
+    if (p / "config.json").is_file():
+        from model.hf import load_hf
+        model, state, source = load_hf(p), None, str(p)
+    else:
+        from launcher.checkpoint import CheckpointError
+        from launcher.export_hf import load_trained_model
+        try:
+            model, state, found = load_trained_model(p)
+        except CheckpointError as e:
+            raise EvidenceError(f"--checkpoint {path}: {e}") from None
+        source = str(found)
+    if rope_scaling != "none" or rope_factor != 1.0:
+        try:
+            config = dataclasses.replace(model.config, rope_scaling=rope_scaling, rope_scaling_factor=rope_factor)
+        except ValueError as e:
+            raise EvidenceError(f"--rope-scaling {rope_scaling} --rope-factor {rope_factor}: {e}") from None
+        scaled = GPTNeoX(config)
+        scaled.load_state_dict(model.state_dict())  # RoPE tables are not parameters: only the config differs
+        model = scaled
+    return Loaded(model=model.float().eval(), source=source, state=state)
+
+
+class ValidationWindows:
+    """Whole ``(n, L + 1)`` windows of a validation stream; see the module docstring for which documents."""
+
+    def __init__(self, prefix: str, split: str, valid_fraction: float | None):
+        self.prefix, self.split, self.valid_fraction = prefix, split, valid_fraction
+        if split == "run":
+            if not valid_fraction:
+                raise EvidenceError(f"--split run needs the run's data.valid_fraction > 0 (got {valid_fraction}); "
+                                    f"the run held out no documents: evaluate a separate corpus with --split all")
+            # the stage plan is irrelevant to the validation windows; (1, 1) is the smallest valid one
+            self._samples = GrowLengthSamples(prefix, stages=[(1, 1)], seed=0, valid_fraction=valid_fraction)
+            self.tokens_available = self._samples.valid_tokens
+        else:
+            self._dataset = IndexedDataset(prefix)
+            starts, lengths = self._dataset.document_token_bounds()
+            self._starts, self._cum = starts, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            self.tokens_available = int(self._cum[-1])
+
+    def windows(self, seq_len: int, max_windows: int) -> np.ndarray:
+        """(n, seq_len + 1) int64, n = min(max_windows, (tokens - 1) // seq_len); raises DatasetError if n == 0."""
+        if self.split == "run":
+            return self._samples.valid_samples(seq_len, max_windows)
+        n = min(max_windows, (self.tokens_available - 1) // seq_len)
+        if n <= 0:
+            raise DatasetError(f"{self.prefix}: {self.tokens_available:,} tokens, fewer than one window of "
+                               f"seq_len {seq_len} + 1")
+        positions = (np.arange(n, dtype=np.int64) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
+        flat = positions.reshape(-1)
+        doc = np.searchsorted(self._cum, flat, side="right") - 1  # document holding each stream position
+        tokens = self._dataset.tokens[self._starts[doc] + (flat - self._cum[doc])]
+        return tokens.astype(np.int64).reshape(positions.shape)
+
+
+def resolve_split(split: str, prefix: str, state: dict | None, valid_fraction: float | None) -> tuple[str, float | None]:
+    """``(split, valid_fraction)`` after applying ``auto`` and the checkpoint's config (module docstring)."""
+    trained_on = (state or {}).get("data_fingerprint")
+    same_data = trained_on is not None and data_fingerprint(prefix) == trained_on
+    if valid_fraction is None and state is not None:
+        valid_fraction = state["config"]["data"]["valid_fraction"]
+    if split == "auto":
+        split = "run" if same_data else "all"
+    if split == "all" and same_data:
+        log.warning("--split all on the training data %s: these documents were trained on; the perplexity is "
+                    "not a held-out measurement", prefix)
+    if split == "run" and state is not None and not same_data:
+        raise EvidenceError(f"--split run: {prefix} is not the data {state.get('data_prefix')} this checkpoint "
+                            f"was trained on (fingerprints differ); use --split all for a separate corpus")
+    return split, valid_fraction
+
+
+@torch.no_grad()
+def perplexity(model: GPTNeoX, windows: np.ndarray, tokens_per_batch: int = 8192,
+               dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+    """Mean next-token loss over every label of ``windows`` ((n, L + 1) int64) and the number of labels scored."""
+    model = model.to(dtype)
+    seq_len = windows.shape[1] - 1
+    bs = max(1, tokens_per_batch // seq_len)
+    loss_sum, n_tok = 0.0, 0
+    for i in range(0, len(windows), bs):
+        batch = torch.from_numpy(np.ascontiguousarray(windows[i:i + bs]))  # (B, L + 1)
+        loss = model(batch[:, :-1], labels=batch[:, 1:])
+        loss_sum += loss.item() * batch[:, 1:].numel()
+        n_tok += batch[:, 1:].numel()
+    return loss_sum / n_tok, n_tok
+
+
+def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int] | None = None,
+             rope_scaling: str = "none", rope_factor: float = 1.0, tokens: int | None = None, split: str = "auto",
+             valid_fraction: float | None = None, dtype: str = "fp32", tokens_per_batch: int = 8192) -> dict:
+    """Perplexity of a checkpoint at each length; returns the JSON-able report (see ``main`` for the fields)."""
+    lengths = lengths or parse_lengths(DEFAULT_LENGTHS)
+    if any(L <= 0 for L in lengths):
+        raise EvidenceError(f"lengths {lengths}: every length must be a positive number of tokens")
+    if tokens is not None and tokens <= 0:
+        raise EvidenceError(f"--tokens {tokens}: must be a positive number of tokens per length")
+    if split not in ("auto", "run", "all"):
+        raise EvidenceError(f"--split {split!r}: choose auto, run or all")
+    if dtype not in DTYPES:
+        raise EvidenceError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}")
+    loaded = load_for_eval(checkpoint, rope_scaling, rope_factor)
+    state = loaded.state
+    prefix = data_prefix or (state or {}).get("data_prefix")
+    if prefix is None:
+        raise EvidenceError(f"--checkpoint {checkpoint} is a Hugging Face directory: give --data-prefix PREFIX "
+                            f"(a .bin/.idx made with its tokenizer)")
+    for ext in (".bin", ".idx"):
+        if not Path(prefix + ext).is_file():
+            raise EvidenceError(f"--data-prefix {prefix}: {prefix + ext} not found; give the PREFIX of a "
+                                f"PREFIX.bin/PREFIX.idx pair (python -m data_pipeline.preprocess makes one)")
+    if tokens is None:
+        tokens = state["config"]["logging"]["eval_tokens"] if state else DEFAULT_TOKENS
+    split, valid_fraction = resolve_split(split, prefix, state, valid_fraction)
+    data = ValidationWindows(prefix, split, valid_fraction)
+    results = []
+    for L in lengths:
+        t0 = time.perf_counter()
+        try:
+            windows = data.windows(L, max(1, tokens // L))
+        except DatasetError as e:
+            log.warning("L=%d skipped: %s", L, e)
+            results.append({"seq_len": L, "skipped": str(e)})
+            continue
+        loss, n_tok = perplexity(loaded.model, windows, tokens_per_batch, DTYPES[dtype])
+        results.append({"seq_len": L, "windows": int(len(windows)), "tokens": n_tok, "loss": loss,
+                        "ppl": math.exp(loss), "seconds": time.perf_counter() - t0})
+    if all("skipped" in r for r in results):
+        raise EvidenceError(f"{prefix}: no length in {lengths} fits the validation split "
+                            f"({data.tokens_available:,} tokens); evaluate shorter lengths or a larger corpus")
+    return {"checkpoint": loaded.source, "step": (state or {}).get("step"),
+            "tokens_seen": (state or {}).get("tokens_seen"), "trained_seq_len": loaded.trained_seq_len,
+            "data_prefix": prefix, "split": split, "valid_fraction": valid_fraction if split == "run" else None,
+            "validation_tokens": data.tokens_available, "tokens_per_length": tokens, "dtype": dtype,
+            "rope_scaling": rope_scaling, "rope_factor": rope_factor, "results": results}
+
+
+def table(report: dict) -> str:
+    """The report as a fixed-width table; lengths past the trained one are marked with '*'."""
+    trained = report.get("trained_seq_len")
+    head = (f"{report['checkpoint']} (step {report['step']}, trained up to L={trained}) on {report['data_prefix']} "
+            f"[{report['split']} split, {report['dtype']}, rope {report['rope_scaling']} x{report['rope_factor']:g}]")
+    rows = [head, f"{'seq_len':>8} {'windows':>8} {'tokens':>9} {'loss':>8} {'ppl':>10}", "-" * 47]
+    for r in report["results"]:
+        mark = "*" if trained and r["seq_len"] > trained else " "
+        if "skipped" in r:
+            rows.append(f"{r['seq_len']:>7}{mark} {'skipped: validation split too short':>38}")
+        else:
+            rows.append(f"{r['seq_len']:>7}{mark} {r['windows']:>8} {r['tokens']:>9,} {r['loss']:>8.4f} "
+                        f"{r['ppl']:>10.2f}")
+    if trained and any(r["seq_len"] > trained for r in report["results"]):
+        rows.append("* longer than any trained sequence (extrapolation)")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory, RUN_DIR/checkpoints/step_NNNNNNNN or HF dir")
+    p.add_argument("--data-prefix", help="PREFIX of PREFIX.bin/.idx; default: the checkpoint's training data")
+    p.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"comma-separated lengths (default {DEFAULT_LENGTHS})")
+    p.add_argument("--rope-scaling", default="none", choices=["none", "linear", "ntk"],
+                   help="RoPE position scaling at evaluation (default none: plain extrapolation, as the paper)")
+    p.add_argument("--rope-factor", type=float, default=1.0, help="scaling factor, e.g. eval length / trained length")
+    p.add_argument("--tokens", type=int, help="tokens per length (default: the run's logging.eval_tokens, else "
+                   f"{DEFAULT_TOKENS})")
+    p.add_argument("--split", default="auto", choices=["auto", "run", "all"], help="which documents (see above)")
+    p.add_argument("--valid-fraction", type=float, help="override the run's data.valid_fraction for --split run")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype (default fp32)")
+    p.add_argument("--tokens-per-batch", type=int, default=8192, help="tokens per forward pass (memory)")
+    p.add_argument("--out", help="write the report as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        report = evaluate(args.checkpoint, args.data_prefix, parse_lengths(args.lengths), args.rope_scaling,
+                          args.rope_factor, args.tokens, args.split, args.valid_fraction, args.dtype,
+                          args.tokens_per_batch)
+    except (EvidenceError, DatasetError, FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    print(table(report))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)
+        log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
