@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from datetime import timedelta
 
 import deepspeed
@@ -19,35 +21,106 @@ log = logging.getLogger(__name__)
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _map_launcher_env() -> None:
-    """Fill torch.distributed's env:// variables from Open MPI or SLURM when a launcher other than
-    ``deepspeed`` started us (DeepSpeed itself never reads SLURM_*, and its MPI discovery picks a fixed port
-    and a non-loopback address)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def job_master_port(job_id: str | int) -> int:
+    """The rendezvous port for one job (SLURM job id, or Open MPI's job id), so that two jobs sharing a node do
+    not collide: 10000-29999, below the kernel's ephemeral range. slurm/pretrain.sbatch uses the same formula."""
+    return 10000 + int(job_id) % 20000
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist, where task 0 runs: ``gpu[03-05,07],cpu1`` -> ``gpu03``."""
+    head = re.match(r"[^,\[]*(\[[^\]]*\])?", nodelist).group(0)
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + re.split(r"[-,\]]", ranges)[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _mpi_rendezvous(one_node: bool) -> tuple[str, str] | None:
+    """Rank 0's address and a free port on it, broadcast over MPI; None without mpi4py."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    comm = MPI.COMM_WORLD
+    mine = None
+    if comm.Get_rank() == 0:
+        mine = ("127.0.0.1" if one_node else socket.gethostbyname(socket.getfqdn()), str(_free_port()))
+    return comm.bcast(mine, root=0)
+
+
+def _map_launcher_env() -> str:
+    """Fill torch.distributed's env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from
+    whichever launcher started us, and return its name. Values already in the environment always win.
+
+    DeepSpeed never reads SLURM_*, and its MPI discovery takes MASTER_ADDR from ``hostname -I`` and a fixed port
+    29500, so we fill all five ourselves and start DeepSpeed with ``auto_mpi_discovery=False``. Checked in order:
+      * deepspeed / torchrun: RANK and WORLD_SIZE set (only missing ones are filled);
+      * Open MPI: mpirun, also inside sbatch, where every rank inherits the batch step's SLURM_PROCID=0;
+      * an srun task (the batch step itself has SLURM_PROCID=0 but no SLURM_STEP_ID);
+      * otherwise a single process.
+    Master: 127.0.0.1 when every rank is on this node, else the allocation's first host (SLURM), else rank 0's
+    address over mpi4py (mpirun without SLURM). Port: from the SLURM job id (or Open MPI's job id, or a free port
+    broadcast over mpi4py) so that concurrent jobs on one node do not collide.
+    """
     env = os.environ
-    if "OMPI_COMM_WORLD_RANK" in env:  # checked first: under mpirun inside sbatch every rank has SLURM_PROCID=0
-        rank, world, local = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"], env.get(
-            "OMPI_COMM_WORLD_LOCAL_RANK", "0")
-    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # an srun task (the batch step has no STEP_ID)
-        rank, world, local = env["SLURM_PROCID"], env["SLURM_NTASKS"], env.get("SLURM_LOCALID", "0")
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    job_id = env.get("SLURM_JOB_ID", "")
+    port = job_master_port(job_id) if job_id.isdigit() else None
+    if "RANK" in env and "WORLD_SIZE" in env:
+        kind, rank, world, local = "launcher", env["RANK"], env["WORLD_SIZE"], env.get("LOCAL_RANK", "0")
+        one_node = True  # the deepspeed launcher always exports MASTER_ADDR; torchrun too
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        kind, rank, world = "openmpi", env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
+        local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+        one_node = env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world) == world
+        ompi_job = env.get("OMPI_MCA_ess_base_jobid", "")
+        if port is None and ompi_job.isdigit():
+            port = job_master_port(ompi_job)
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            found = _mpi_rendezvous(one_node)
+            if found:
+                env.setdefault("MASTER_ADDR", found[0])
+                env.setdefault("MASTER_PORT", found[1])
+            elif not one_node and not nodelist and "MASTER_ADDR" not in env:
+                raise RuntimeError(f"mpirun across several nodes ({world} ranks, "
+                                   f"{env.get('OMPI_COMM_WORLD_LOCAL_SIZE')} on this node): pass rank 0's host, "
+                                   f"e.g. mpirun -x MASTER_ADDR=<first host> ..., or pip install mpi4py "
+                                   f"(the 'mpi' extra) so rank 0 broadcasts it")
+    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        kind, rank, world = "slurm", env["SLURM_PROCID"], env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))
+        local = env.get("SLURM_LOCALID", "0")
+        one_node = env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_JOB_NUM_NODES", "1")) == "1"
     else:
-        rank, world, local = "0", "1", "0"
+        kind, rank, world, local, one_node = "single", "0", "1", "0", True
     env.setdefault("RANK", rank)
     env.setdefault("WORLD_SIZE", world)
     env.setdefault("LOCAL_RANK", local)
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", "29500")
+    env.setdefault("MASTER_ADDR", "127.0.0.1" if one_node or not nodelist else _first_host(nodelist))
+    if "MASTER_PORT" not in env:  # a lone process can take any free port
+        env["MASTER_PORT"] = str(_free_port() if world == "1" else port or 29500)
+    return kind
 
 
 def init_distributed() -> tuple[int, int, int]:
     """Start the process group (NCCL on CUDA, gloo on CPU); returns ``(rank, world_size, local_rank)``."""
-    _map_launcher_env()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    kind = _map_launcher_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+        # srun --gpus-per-task / --gpu-bind leave each task one visible GPU: LOCAL_RANK 3 is then device 0
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     timeout = timedelta(minutes=int(os.environ.get("GROWLENGTH_DIST_TIMEOUT_MIN", "30")))
+    log.debug("process group from %s: %s", kind, {k: os.environ[k] for k in _ENV_KEYS})
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
