@@ -162,7 +162,8 @@ def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """loss = mean_i (logsumexp(z_i) - z_i[y_i]);  dloss/dz_i = (softmax(z_i) - onehot(y_i)) / n_valid."""
+    """loss = mean_i -log_softmax(z_i)[y_i];  dloss/dz_i = (softmax(z_i) - onehot(y_i)) / n_valid, with the
+    softmax recomputed per chunk in backward instead of saved."""
 
     CHUNK_ELEMENTS = 1 << 24  # fp32 working set per chunk: 64 MB
 
@@ -171,24 +172,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         N, V = logits.shape
         rows = max(1, _ChunkedCrossEntropy.CHUNK_ELEMENTS // V)
         valid = labels != -100
-        safe_labels = torch.where(valid, labels, 0)  # (N,)
-        lse = torch.empty(N, dtype=torch.float32, device=logits.device)  # log-sum-exp per row
+        safe_labels = torch.where(valid, labels, 0)[:, None]  # (N, 1)
+        nll = torch.empty(N, dtype=torch.float32, device=logits.device)  # -log p(label) per row
         for s in range(0, N, rows):
-            lse[s:s + rows] = torch.logsumexp(logits[s:s + rows].float(), dim=-1)
-        target = logits.gather(1, safe_labels[:, None]).squeeze(1).float()  # (N,)
+            logp = F.log_softmax(logits[s:s + rows], dim=-1, dtype=torch.float32)  # (rows, V) fp32
+            nll[s:s + rows] = -logp.gather(1, safe_labels[s:s + rows]).squeeze(1)
         n_valid = valid.sum()
-        ctx.save_for_backward(logits, safe_labels, valid, lse, n_valid)
+        ctx.save_for_backward(logits, safe_labels, valid, n_valid)
         ctx.rows = rows
-        return ((lse - target) * valid).sum() / n_valid  # nan when no label is valid, as F.cross_entropy
+        return (nll * valid).sum() / n_valid  # nan when no label is valid, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, safe_labels, valid, lse, n_valid = ctx.saved_tensors
-        row_scale = valid.float() * (grad_loss / n_valid)  # (N,)
+        logits, safe_labels, valid, n_valid = ctx.saved_tensors
+        row_scale = (valid.float() * (grad_loss / n_valid))[:, None]  # (N, 1)
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.rows):
-            e = min(s + ctx.rows, logits.shape[0])
-            p = torch.exp(logits[s:e].float() - lse[s:e, None])  # softmax, (rows, V) fp32
-            p[torch.arange(e - s, device=p.device), safe_labels[s:e]] -= 1.0
-            grad[s:e] = p * row_scale[s:e, None]
+            p = torch.softmax(logits[s:s + ctx.rows], dim=-1, dtype=torch.float32)  # recomputed, (rows, V)
+            p.scatter_add_(1, safe_labels[s:s + ctx.rows], torch.full_like(p[:, :1], -1.0))  # - onehot
+            grad[s:s + ctx.rows] = p.mul_(row_scale[s:s + ctx.rows])
         return grad, None
