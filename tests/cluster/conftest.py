@@ -1,0 +1,45 @@
+"""A real one-node SLURM cluster for the cluster tests: used when up, started (as root) when not, else skipped."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SETUP = ROOT / "slurm" / "setup_local_cluster.sh"
+DEFAULT_CONF = "/tmp/growlength-slurm/slurm.conf"
+
+
+def _node_state(env) -> str:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else ""
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """The environment for sbatch/squeue/scontrol calls (SLURM_CONF set), with the node up."""
+    env = dict(os.environ, SLURM_CONF=os.environ.get("SLURM_CONF", DEFAULT_CONF))
+    if _node_state(env) in ("idle", "mixed", "allocated"):
+        return env
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("no SLURM cluster is up and this is not root on Debian: start one with "
+                    "`sudo bash slurm/setup_local_cluster.sh` (make test does it when run as root)")
+    proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"slurm/setup_local_cluster.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    env["SLURM_CONF"] = DEFAULT_CONF
+    assert _node_state(env) == "idle", "setup_local_cluster.sh returned but the node is not idle"
+    return env
+
+
+@pytest.fixture(scope="session")
+def mpirun(slurm_env):
+    """Path of Open MPI's mpirun (setup_local_cluster.sh installs it)."""
+    path = shutil.which("mpirun")
+    if not path:
+        pytest.skip("mpirun not found: apt-get install openmpi-bin (slurm/setup_local_cluster.sh does)")
+    return path
