@@ -49,7 +49,7 @@ def _mpi_rendezvous(one_node: bool) -> tuple[str, str] | None:
     """Rank 0's address and a free port on it, broadcast over MPI; None without mpi4py."""
     try:
         from mpi4py import MPI
-    except ImportError:
+    except (ImportError, RuntimeError):  # not installed, or no MPI library
         return None
     comm = MPI.COMM_WORLD
     mine = None
