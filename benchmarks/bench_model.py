@@ -4,7 +4,8 @@
     python benchmarks/bench_model.py --dtype fp32 --lengths 128 1024 --repeats 5
 
 Per length, both models run forward + loss + backward on the same (B, T) batch with a fixed number of tokens
-per batch, interleaved (ours, theirs, ours, ...) so background load hits both alike; the table shows medians.
+per batch, interleaved (ours, theirs, ours, ...) so background load hits both alike; the table shows medians. The last
+column is the same ratio from process CPU time (HF CPU-s / ours CPU-s per step), a cross-check on a busy machine.
 MFU = flops_per_token(T) * tokens/s / (rate of a 2048^3 matmul in the same dtype and threads, timed inside the
 same interleaved loop so it sees the same background load); flops_per_token is
 model.GPTNeoX.flops_per_token (PaLM convention, attention term included), the same for both models.
@@ -86,27 +87,30 @@ def main(argv=None):
           f"{args.tokens_per_batch} tokens/batch, torch {torch.__version__}")
     print(f"MFU = model FLOPs/s / matmul rate (2048^3 {args.dtype} matmul timed in the same interleaved loop)")
     print(f"{'seq_len':>7} {'batch':>5} | {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} | "
-          f"{'ours GF/s':>9} {'MFU':>5} | {'HF GF/s':>8} {'MFU':>5} | {'matmul GF/s':>11}")
+          f"{'ours GF/s':>9} {'MFU':>5} | {'HF GF/s':>8} {'MFU':>5} | {'matmul GF/s':>11} | {'CPU-time ratio':>14}")
     for T in args.lengths:
         B = max(1, args.tokens_per_batch // T)
         g = torch.Generator().manual_seed(T)
         window = torch.randint(0, args.vocab, (B, T + 1), generator=g)
         x, y = window[:, :-1], window[:, 1:]
         times = {"ours": [], "hf": []}
+        cpu = {"ours": [], "hf": []}  # process CPU seconds: less sensitive to other jobs on a shared machine
         rates = []
         for rep in range(args.repeats + 1):
             rates.append(probe())
             for name, model, step in (("ours", ours, step_ours), ("hf", hf, step_hf)):
                 model.zero_grad(set_to_none=True)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step(model, x, y)
                 if rep:  # rep 0 is the warm-up
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
         tps = {k: B * T / statistics.median(v) for k, v in times.items()}
         fpt, peak = ours.flops_per_token(T), statistics.median(rates)
         print(f"{T:>7} {B:>5} | {tps['ours']:>10,.0f} {tps['hf']:>9,.0f} {tps['ours'] / tps['hf']:>5.2f}x | "
               f"{fpt * tps['ours'] / 1e9:>9.0f} {fpt * tps['ours'] / peak:>5.0%} | "
-              f"{fpt * tps['hf'] / 1e9:>8.0f} {fpt * tps['hf'] / peak:>5.0%} | {peak / 1e9:>11.0f}", flush=True)
+              f"{fpt * tps['hf'] / 1e9:>8.0f} {fpt * tps['hf'] / peak:>5.0%} | {peak / 1e9:>11.0f} | "
+              f"{statistics.median(cpu['hf']) / statistics.median(cpu['ours']):>13.2f}x", flush=True)
 
 
 if __name__ == "__main__":
