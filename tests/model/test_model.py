@@ -21,9 +21,12 @@ def test_presets_have_pythias_published_dims():
     c = ModelConfig.from_preset("pythia-70m", vocab_size=50277)
     assert (c.intermediate_size, c.rotary_pct, c.rotary_dim, c.rope_base) == (2048, 0.25, 16, 10000)
     assert c.padded_vocab_size == 50304  # Pythia's own padded embedding size
-    # Pythia-70M's published total parameter count (HF model card: 70,426,624).
-    with torch.device("meta"):
-        assert GPTNeoX(c).num_params() == 70_426_624
+    # Pythia's published total parameter counts (model cards / Biderman et al. 2023, Table 1).
+    published = {"pythia-70m": 70_426_624, "pythia-160m": 162_322_944, "pythia-410m": 405_334_016,
+                 "pythia-1b": 1_011_781_632}
+    for name, n in published.items():
+        with torch.device("meta"):
+            assert GPTNeoX(ModelConfig.from_preset(name, vocab_size=50277)).num_params() == n, name
 
 
 def test_padded_vocab_is_a_multiple_of_128_and_keeps_tokenizer_size():
