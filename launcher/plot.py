@@ -130,7 +130,7 @@ def ppl_curves(runs: list[Run], reports: list[dict]) -> list[tuple[str, list[int
                            r["seq_len"] if len(runs) == 1 else trained))
     for rep in reports:
         ok = [r for r in rep["results"] if "ppl" in r]
-        name = Path(rep["checkpoint"]).parent.parent.name or rep["checkpoint"]
+        name = Path(rep["checkpoint"]).parent.parent.name or rep["checkpoint"]  # RUN_DIR/checkpoints/step_N
         rope = "" if rep["rope_scaling"] == "none" else f", {rep['rope_scaling']} x{rep['rope_factor']:g}"
         curves.append((f"{name} step {rep['step']} (evaluate{rope})", [r["seq_len"] for r in ok],
                        [r["ppl"] for r in ok], rep.get("trained_seq_len")))
@@ -158,7 +158,7 @@ def ppl_figure(curves, out: Path) -> Path:
 
 
 def plot_runs(run_dirs: list[str], out_dir: str, labels: list[str] | None = None, val_length: int | None = None,
-              eval_reports: list[str] = (), extra_val: dict | None = None) -> list[Path]:
+              eval_reports: list[str] = (), extra_val: dict | None = None, run_ppl: bool = True) -> list[Path]:
     """Render the figures for ``run_dirs`` into ``out_dir``; returns the written PNG paths."""
     if not run_dirs:
         raise EvidenceError("give at least one RUN_DIR")
@@ -176,7 +176,7 @@ def plot_runs(run_dirs: list[str], out_dir: str, labels: list[str] | None = None
     out.mkdir(parents=True, exist_ok=True)
     written = [loss_figure(runs, "tokens", out / "loss_vs_tokens.png", val_length, extra_val),
                loss_figure(runs, "time", out / "loss_vs_time.png", val_length, extra_val)]
-    curves = ppl_curves(runs, reports)
+    curves = ppl_curves(runs if run_ppl else [], reports)
     if curves:
         written.append(ppl_figure(curves, out / "ppl_vs_length.png"))
     return written

@@ -1,0 +1,372 @@
+"""GrowLength against fixed-length training under one budget, everything else identical (the paper's headline claim).
+
+    python -m launcher.compare (--budget-seconds S | --budget-tokens N) --out DIR [--preset tiny] [--ranks 1]
+        [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048] [--plans fixed-short,fixed-long,growlength]
+
+Three runs of the real launcher (subprocesses) with the same model, data, seed, ds_config and tokens per step; only
+the stage plan differs: fixed-short (every step at the shortest length), fixed-long (every step at the longest) and
+GrowLength (the lengths in turn, by ``--shares``). Then one report, DIR/report.md, with figures.
+
+Budgets:
+  --budget-tokens N   every plan trains N tokens (rounded down to whole steps) with the ds_config's schedule
+                      (warmup, then decay to the end): all finish the same number of optimizer steps.
+  --budget-seconds S  every run stops at S seconds of training wall-clock (``growlength.max_time_s``, rank 0's clock,
+                      checked after each step, so a run overshoots by less than one step). The learning rate is
+                      warmup then constant (DeepSpeed's WarmupLR) so that where the clock stops no plan's schedule is
+                      cut short. Plans are sized from a measured step time per length (``bench_lengths.measure``) so
+                      that GrowLength's stages take ``--shares`` of S; the last stage and the fixed runs are oversized so the clock
+                      ends every run (the report shows the wall-clock of each switch, i.e. the shares achieved).
+
+Validation: every run checkpoints about ``--points`` times; afterwards each checkpoint is evaluated at the longest
+length on the same held-out windows (``launcher.evaluate``, fp32), giving validation loss against tokens and
+wall-clock for all plans alike. "Time to reach" is the wall-clock at which a run's validation loss at the longest
+length first reaches the fixed-long run's final value (linear interpolation between checkpoints).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.runs import EvidenceError, load_run, parse_lengths
+
+log = logging.getLogger("growlength")
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANS = ("fixed-short", "fixed-long", "growlength")
+OVERSIZE = 4  # wall-clock budgets: plans are sized to this many times the predicted steps
+
+
+@dataclass
+class Setup:
+    out: Path
+    budget_seconds: float | None
+    budget_tokens: int | None
+    lengths: list[int]
+    shares: list[float]
+    preset: str = "tiny"
+    ranks: int = 1
+    tokens_per_step: int = 2048
+    seed: int = 1234
+    plans: tuple = PLANS
+    points: int = 6
+    eval_tokens: int = 4096
+    valid_fraction: float = 0.05
+    data_prefix: str | None = None
+    tokenizer: str | None = None
+    ds_config: str = "ds_configs/zero2.json"
+    extra: list = field(default_factory=list)
+
+    @property
+    def short(self) -> int:
+        return self.lengths[0]
+
+    @property
+    def long(self) -> int:
+        return self.lengths[-1]
+
+
+def check_setup(s: Setup) -> None:
+    if (s.budget_seconds is None) == (s.budget_tokens is None):
+        raise EvidenceError("give exactly one budget: --budget-seconds S (equal wall-clock) or --budget-tokens N")
+    if s.budget_seconds is not None and s.budget_seconds <= 0:
+        raise EvidenceError(f"--budget-seconds {s.budget_seconds}: must be positive")
+    if s.budget_tokens is not None and s.budget_tokens < s.tokens_per_step:
+        raise EvidenceError(f"--budget-tokens {s.budget_tokens}: less than one step of --tokens-per-step "
+                            f"{s.tokens_per_step}")
+    if len(s.lengths) < 2:
+        raise EvidenceError(f"--lengths {s.lengths}: give at least a short and a long length")
+    if len(s.shares) != len(s.lengths) or abs(sum(s.shares) - 1) > 1e-6 or min(s.shares) <= 0:
+        raise EvidenceError(f"--shares {s.shares}: one positive share per length in --lengths {s.lengths}, summing to 1")
+    bad = [L for L in s.lengths if s.tokens_per_step % (L * s.ranks)]
+    if bad:
+        raise EvidenceError(f"--tokens-per-step {s.tokens_per_step} is not a multiple of seq_len * ranks for "
+                            f"lengths {bad}; use a multiple of {s.long * s.ranks}")
+    unknown = set(s.plans) - set(PLANS)
+    if unknown or "fixed-long" not in s.plans:
+        raise EvidenceError(f"--plans {list(s.plans)}: choose from {', '.join(PLANS)}; fixed-long is the reference "
+                            f"and is always needed")
+
+
+# ---- plans ------------------------------------------------------------------------------------------------------
+def step_seconds(s: Setup) -> dict[int, float]:
+    """Measured seconds per optimizer step at each length (fwd + bwd + AdamW of this rank's share of a step)."""
+    from launcher.bench_lengths import measure
+    times = {}
+    for L in s.lengths:
+        m = measure(s.preset, vocab_size=8192 if s.data_prefix is None else _vocab(s.tokenizer), seq_len=L,
+                    micro_batch=s.tokens_per_step // (L * s.ranks), dtype="bf16", steps=3)
+        times[L] = m["step_s"]
+    log.info("step-time probe: %s", ", ".join(f"L={L}: {t:.3f}s" for L, t in times.items()))
+    return times
+
+
+def _vocab(tokenizer: str) -> int:
+    from data_pipeline.tokenizer import Tokenizer
+    return Tokenizer(tokenizer).vocab_size
+
+
+def stage_plans(s: Setup, times: dict[int, float] | None) -> dict[str, list[dict]]:
+    """``{plan name: growlength.stages}``, every stage with an absolute token budget."""
+    tps = s.tokens_per_step
+    if s.budget_tokens is not None:
+        steps = s.budget_tokens // tps
+        grow, given = [], 0
+        for i, share in enumerate(s.shares):
+            n = steps - given if i == len(s.shares) - 1 else max(1, round(share * steps))
+            grow.append(n)
+            given += n
+        fixed = {"fixed-short": steps, "fixed-long": steps}
+    else:
+        # stages before the last take their share of S; the last stage and the fixed runs get OVERSIZE x their
+        # predicted steps so that the clock, not the plan, ends every run (the probe is only an estimate, and with
+        # a constant LR after warmup the unused part of a plan changes nothing)
+        grow = [max(1, round(share * s.budget_seconds / times[L])) for share, L in zip(s.shares[:-1], s.lengths)]
+        grow.append(max(1, round(OVERSIZE * s.shares[-1] * s.budget_seconds / times[s.long])))
+        fixed = {"fixed-short": max(2, round(OVERSIZE * s.budget_seconds / times[s.short])),
+                 "fixed-long": max(2, round(OVERSIZE * s.budget_seconds / times[s.long]))}
+    if min(grow) < 1:
+        raise EvidenceError(f"budget too small: GrowLength stages get {grow} steps; raise the budget")
+    plans = {"fixed-short": [{"seq_len": s.short, "tokens": fixed["fixed-short"] * tps}],
+             "fixed-long": [{"seq_len": s.long, "tokens": fixed["fixed-long"] * tps}],
+             "growlength": [{"seq_len": L, "tokens": n * tps} for L, n in zip(s.lengths, grow)]}
+    return {name: plans[name] for name in s.plans}
+
+
+def ds_config_for(s: Setup) -> str:
+    """The ds_config every run uses: the given one, or for a wall-clock budget the same with WarmupLR."""
+    if s.budget_seconds is None:
+        return s.ds_config
+    cfg = json.loads((ROOT / s.ds_config).read_text() if not Path(s.ds_config).is_absolute()
+                     else Path(s.ds_config).read_text())
+    params = {k: v for k, v in cfg.get("scheduler", {}).get("params", {}).items()
+              if k in ("warmup_min_lr", "warmup_max_lr", "warmup_type")}
+    cfg["scheduler"] = {"type": "WarmupLR", "params": params}
+    path = s.out / "ds_config.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    return str(path.resolve())
+
+
+# ---- running ----------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int) -> Path:
+    run_dir = (s.out / "runs" / name).resolve()
+    steps = sum(st["tokens"] for st in stages) // s.tokens_per_step
+    if s.budget_seconds is not None:  # checkpoints spread over the predicted steps, not the oversized plan
+        steps = steps // OVERSIZE
+    overrides = [f"run_dir={run_dir}", f"seed={s.seed}", f"model.preset={s.preset}",
+                 f"growlength.tokens_per_step={s.tokens_per_step}", "growlength.total_tokens=null",
+                 f"growlength.stages={json.dumps(stages)}", f"optimisation.warmup_steps={warmup}",
+                 f"data.valid_fraction={s.valid_fraction}", f"data.cache_dir={(s.out / 'index-cache').resolve()}",
+                 f"checkpointing.interval_steps={max(1, steps // s.points)}", "checkpointing.keep_last=1000",
+                 f"logging.eval_tokens={s.eval_tokens}", f"logging.eval_lengths=[{s.long}]",
+                 "logging.eval_interval=0", f"logging.log_interval={max(1, steps // 10)}",
+                 "logging.tensorboard=false", "checkpointing.resume=none"]
+    if s.budget_seconds is not None:
+        overrides.append(f"growlength.max_time_s={s.budget_seconds}")
+    if s.data_prefix:
+        overrides += [f"data.prefix={s.data_prefix}", f"data.tokenizer={s.tokenizer}"]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    env.pop("GROWLENGTH_FAULT", None)
+    port = str(_free_port())
+    if s.ranks == 1:
+        env["MASTER_PORT"] = port
+        cmd = [sys.executable, "launcher/pretrain.py"]
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(s.ranks), "--master_port", port,
+               "launcher/pretrain.py"]
+    cmd += ["--ds_config", ds_config, *overrides, *s.extra]
+    log.info("%s: %s", name, " ".join(cmd))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(run_dir.parent / f"{name}.log", "w") as logf:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = (run_dir.parent / f"{name}.log").read_text()[-3000:]
+        raise RuntimeError(f"{name} failed with exit code {proc.returncode}:\n{tail}")
+    log.info("%s done in %.0fs (process wall-clock)", name, time.perf_counter() - t0)
+    return run_dir
+
+
+def checkpoint_curve(run_dir: Path, s: Setup) -> list[dict]:
+    """Validation loss at the long length for every checkpoint of a run: [{step, tokens_seen, elapsed_s, loss}]."""
+    from launcher import checkpoint as ckpt
+    from launcher.evaluate import ValidationWindows, load_for_eval, perplexity
+
+    steps = {r["step"]: r for r in load_run(run_dir).steps}
+    points, windows = [], None
+    for path in ckpt.complete_checkpoints(ckpt.checkpoint_root(run_dir)):
+        loaded = load_for_eval(str(path))
+        if windows is None:
+            data = ValidationWindows(loaded.state["data_prefix"], "run", s.valid_fraction)
+            windows = data.windows(s.long, max(1, s.eval_tokens // s.long))
+        loss, _ = perplexity(loaded.model, windows)
+        st = loaded.state
+        # the step record's clock: the end of that step, before the eval and save that followed it
+        points.append({"step": st["step"], "tokens_seen": st["tokens_seen"],
+                       "elapsed_s": steps[st["step"]]["elapsed_s"], "loss": loss})
+    return points
+
+
+def time_to_reach(points: list[dict], target: float, key: str = "elapsed_s") -> float | None:
+    """First ``key`` at which the curve reaches ``target`` (linear between checkpoints; from 0 loss-free start)."""
+    prev = None
+    for p in points:
+        if p["loss"] <= target:
+            if prev is None or prev["loss"] == p["loss"]:
+                return p[key]
+            frac = (prev["loss"] - target) / (prev["loss"] - p["loss"])
+            return prev[key] + frac * (p[key] - prev[key])
+        prev = p
+    return None
+
+
+# ---- the report -------------------------------------------------------------------------------------------------
+def summarise(s: Setup, run_dirs: dict[str, Path], curves: dict[str, list[dict]]) -> dict:
+    target = curves["fixed-long"][-1]["loss"]
+    rows = {}
+    for name, run_dir in run_dirs.items():
+        run = load_run(run_dir, name)
+        last = run.final
+        tail = [r["loss"] for r in run.steps[-5:]]
+        stopped = "clock" if any("max_time_s" in line and "reached" in line
+                                 for line in (run_dir / "train.log").read_text().splitlines()) else "plan end"
+        rows[name] = {"stages": [(st["seq_len"], st["step"], st["elapsed_s"]) for st in run.stage_starts()],
+                      "steps": last["step"], "tokens_seen": last["tokens_seen"], "elapsed_s": last["elapsed_s"],
+                      "last_step_s": last["tokens_per_step"] / last["tokens_per_s"], "stopped_by": stopped,
+                      "final_train_loss": last["loss"], "final_train_loss_mean5": sum(tail) / len(tail),
+                      "final_train_seq_len": last["seq_len"], "val_loss_long": curves[name][-1]["loss"],
+                      "time_to_target_s": time_to_reach(curves[name], target),
+                      "tokens_to_target": time_to_reach(curves[name], target, "tokens_seen"),
+                      "curve": curves[name]}
+    return {"budget_seconds": s.budget_seconds, "budget_tokens": s.budget_tokens, "preset": s.preset,
+            "ranks": s.ranks, "tokens_per_step": s.tokens_per_step, "lengths": s.lengths, "shares": s.shares,
+            "seed": s.seed, "long": s.long, "target_val_loss": target, "runs": rows}
+
+
+def fmt(x, spec=".3f", none="not reached"):
+    return none if x is None else format(x, spec)
+
+
+def markdown(summary: dict, command: str, figures: list[str]) -> str:
+    b = (f"equal wall-clock: {summary['budget_seconds']:g} s of training per run" if summary["budget_seconds"]
+         else f"equal tokens: {summary['budget_tokens']:,} per run, in whole steps of "
+              f"{summary['tokens_per_step']:,}: {summary['budget_tokens'] // summary['tokens_per_step'] * summary['tokens_per_step']:,}")
+    L = summary["long"]
+    lines = [f"# GrowLength vs fixed-length training ({b})", "", f"Command: `{command}`", "",
+             f"Preset `{summary['preset']}`, {summary['ranks']} rank(s), {summary['tokens_per_step']:,} tokens per "
+             f"optimizer step, seed {summary['seed']}; GrowLength lengths {summary['lengths']} with shares "
+             f"{summary['shares']}. Validation loss is at L={L} on the same held-out windows for every run "
+             f"(fp32, from each run's checkpoints). Target = fixed-long's final validation loss "
+             f"({summary['target_val_loss']:.4f}).", "",
+             f"| run | stages (L from step (wall-clock)) | steps | tokens seen | train wall-clock (s) | stopped by | final train "
+             f"loss (mean of last 5, at L) | val loss @ L={L} | time to target (s) | tokens to target |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for name, r in summary["runs"].items():
+        stages = " → ".join(f"{sl} from step {st} ({t:.0f} s)" for sl, st, t in r["stages"])
+        lines.append(f"| {name} | {stages} | {r['steps']} | {r['tokens_seen']:,} | {r['elapsed_s']:.1f} | "
+                     f"{r['stopped_by']} | {r['final_train_loss_mean5']:.4f} (L={r['final_train_seq_len']}) | "
+                     f"{r['val_loss_long']:.4f} | {fmt(r['time_to_target_s'], '.1f')} | "
+                     f"{fmt(r['tokens_to_target'], ',.0f')} |")
+    lines += ["", "Training losses at different lengths are not comparable (a short window gives each token less "
+              "context); the validation column is.", ""]
+    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def compare(s: Setup, command: str = "") -> dict:
+    check_setup(s)
+    s.out.mkdir(parents=True, exist_ok=True)
+    times = step_seconds(s) if s.budget_seconds is not None else None
+    plans = stage_plans(s, times)
+    ds_config = ds_config_for(s)
+    if s.budget_tokens is not None:
+        warmup = max(1, round(0.05 * s.budget_tokens // s.tokens_per_step))
+    else:
+        warmup = max(1, round(0.05 * s.budget_seconds / max(times.values())))
+    order = ["fixed-long"] + [p for p in s.plans if p != "fixed-long"]
+    run_dirs = {name: launch(s, name, plans[name], ds_config, warmup) for name in order}
+    curves = {name: checkpoint_curve(d, s) for name, d in run_dirs.items()}
+    reports = []
+    from launcher.evaluate import evaluate
+    eval_lengths = sorted(set(s.lengths) | {2 * s.long, 4 * s.long})
+    for name in [n for n in PLANS if n in run_dirs]:  # each final model's extrapolation curve (Figure 4)
+        rep = evaluate(str(run_dirs[name]), lengths=eval_lengths, tokens=s.eval_tokens, split="run")
+        path = s.out / f"eval_{name}.json"
+        path.write_text(json.dumps(rep, indent=1))
+        reports.append(str(path))
+    summary = summarise(s, run_dirs, curves)
+    summary["step_time_probe"] = times
+    summary["plans"] = plans
+    from launcher.plot import plot_runs
+    ordered = [n for n in PLANS if n in run_dirs]
+    extra = {n: [(p["tokens_seen"], p["elapsed_s"], p["loss"]) for p in curves[n]] for n in ordered}
+    figures = plot_runs([str(run_dirs[n]) for n in ordered], str(s.out), ordered, s.long, eval_reports=reports,
+                        extra_val=extra, run_ppl=False)
+    (s.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (s.out / "report.md").write_text(markdown(summary, command, [str(f) for f in figures]))
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-seconds", type=float, help="equal training wall-clock per run")
+    budget.add_argument("--budget-tokens", type=int, help="equal tokens per run")
+    p.add_argument("--out", required=True, help="report directory (runs under OUT/runs)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--lengths", default="64,128,256", help="GrowLength stages; first = fixed-short, last = fixed-long")
+    p.add_argument("--shares", default="0.5,0.3,0.2", help="GrowLength share of the budget per length")
+    p.add_argument("--tokens-per-step", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--plans", default=",".join(PLANS), help="subset of the plans to run (fixed-long required)")
+    p.add_argument("--points", type=int, default=6, help="checkpoints per run for the validation curve")
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--valid-fraction", type=float, default=0.05)
+    p.add_argument("--data-prefix", help="training corpus PREFIX (default: the built-in corpus)")
+    p.add_argument("--tokenizer", help="sentencepiece model of --data-prefix")
+    p.add_argument("--ds-config", default="ds_configs/zero2.json")
+    p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.overrides=...)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        shares = [float(x) for x in args.shares.split(",")]
+    except ValueError:
+        log.error("--shares %r: comma-separated numbers, e.g. 0.5,0.3,0.2", args.shares)
+        return 2
+    s = Setup(out=Path(args.out), budget_seconds=args.budget_seconds, budget_tokens=args.budget_tokens,
+              lengths=None, shares=shares, preset=args.preset, ranks=args.ranks,
+              tokens_per_step=args.tokens_per_step, seed=args.seed, plans=tuple(args.plans.split(",")),
+              points=args.points, eval_tokens=args.eval_tokens, valid_fraction=args.valid_fraction,
+              data_prefix=args.data_prefix, tokenizer=args.tokenizer, ds_config=args.ds_config,
+              extra=args.overrides)
+    try:
+        s.lengths = parse_lengths(args.lengths)
+        if (s.data_prefix is None) != (s.tokenizer is None):
+            raise EvidenceError("--data-prefix and --tokenizer go together")
+        summary = compare(s, "python -m launcher.compare " + " ".join(argv if argv is not None else sys.argv[1:]))
+    except EvidenceError as e:
+        log.error("%s", e)
+        return 2
+    except RuntimeError as e:
+        log.error("%s", e)
+        return 1
+    print((s.out / "report.md").read_text())
+    return 0 if summary else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The evidence tools (evaluate, plot, bench_lengths, compare) on a tiny 1-rank run made here with the real launcher.
+
+One module-scoped training (2 stages, 32 -> 64, 12 steps, checkpoints every 4) is shared by every test.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from launcher import bench_lengths, compare, evaluate, plot
+from launcher.metrics import read_metrics
+from launcher.runs import EvidenceError, load_run, parse_lengths
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAN = ["growlength.tokens_per_step=512", "growlength.stages=[{seq_len: 32, tokens: 3072}, {seq_len: 64, tokens: 3072}]"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenized, sp_model):
+    run_dir = tmp_path_factory.mktemp("tools") / "run"
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2")
+    env.pop("GROWLENGTH_FAULT", None)
+    cmd = [sys.executable, "launcher/pretrain.py", f"run_dir={run_dir}", f"data.prefix={tokenized}",
+           f"data.tokenizer={sp_model}", "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache",
+           "checkpointing.interval_steps=4", "logging.log_interval=4", "logging.tensorboard=false",
+           "logging.eval_tokens=1024", "logging.eval_lengths=[128]", *PLAN]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def final_eval(run_dir) -> dict:
+    return [r for r in read_metrics(run_dir) if r.get("kind") == "eval"][-1]
+
+
+# ---- evaluate ---------------------------------------------------------------------------------------------------
+def test_evaluate_agrees_with_in_loop_validation(run_dir):
+    """Same windows (eval_tokens // L, run split), same bf16 rounding of the same master weights as the bf16 engine:
+    only batch composition and summation order differ, so 1e-3 is generous. fp32 differs by the bf16 rounding of
+    weights and activations (4e-4 on these runs); 0.02 nats bounds it with room and would still catch a wrong split,
+    window or length (those move the loss by > 0.05 here)."""
+    in_loop = final_eval(run_dir)
+    assert in_loop["step"] == 12 and {"val_loss_64", "val_loss_128"} <= set(in_loop)
+    bf16 = evaluate.evaluate(str(run_dir), lengths=[64, 128], dtype="bf16")
+    assert bf16["split"] == "run" and bf16["step"] == 12 and bf16["trained_seq_len"] == 64
+    for r in bf16["results"]:
+        windows = min(1024 // r["seq_len"], (bf16["validation_tokens"] - 1) // r["seq_len"])  # launcher's rule
+        assert r["windows"] == windows > 0 and r["tokens"] == windows * r["seq_len"]
+        assert r["loss"] == pytest.approx(in_loop[f"val_loss_{r['seq_len']}"], abs=1e-3)
+    fp32 = evaluate.evaluate(str(run_dir / "checkpoints" / "step_00000012"), lengths=[64, 128])
+    for r in fp32["results"]:
+        assert r["loss"] == pytest.approx(in_loop[f"val_loss_{r['seq_len']}"], abs=0.02)
+    other = evaluate.evaluate(str(run_dir), lengths=[32], tokens=64, split="run")
+    assert other["results"][0]["windows"] == 2
+
+
+def test_evaluate_cli_table_json_rope_and_too_long(run_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    rc = evaluate.main(["--checkpoint", str(run_dir), "--lengths", "64,128,1000000", "--rope-scaling", "linear",
+                        "--rope-factor", "2", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["rope_scaling"] == "linear" and report["rope_factor"] == 2.0
+    by_len = {r["seq_len"]: r for r in report["results"]}
+    assert "skipped" in by_len[1000000] and by_len[128]["ppl"] > 1
+    table = capsys.readouterr().out
+    assert "seq_len" in table and "  128*" in table and "extrapolation" in table
+
+
+def test_evaluate_bad_inputs(run_dir, tmp_path, caplog):
+    with pytest.raises(EvidenceError, match="0, -5 are not a positive integer"):
+        parse_lengths("128,0,-5")
+    with pytest.raises(EvidenceError, match="is not a positive integer"):
+        parse_lengths("128,abc")
+    assert evaluate.main(["--checkpoint", str(run_dir), "--lengths", "0,128"]) == 2
+    assert "not a positive integer" in caplog.text
+    with pytest.raises(EvidenceError, match="no such file or directory"):
+        evaluate.evaluate(str(tmp_path / "missing"), lengths=[64])
+    with pytest.raises(EvidenceError, match="not a checkpoint"):
+        evaluate.evaluate(str(tmp_path), lengths=[64])
+    with pytest.raises(EvidenceError, match="--data-prefix .*nope.bin not found"):
+        evaluate.evaluate(str(run_dir), data_prefix=str(tmp_path / "nope"), lengths=[64])
+    # the CLI, as a user runs it: exit code 2 and the reason on stderr
+    proc = subprocess.run([sys.executable, "-m", "launcher.evaluate", "--checkpoint", str(tmp_path / "missing")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+
+
+# ---- plot -------------------------------------------------------------------------------------------------------
+def assert_png(path: Path, min_bytes: int = 15_000):
+    assert path.is_file() and path.stat().st_size > min_bytes, path
+    image = matplotlib.image.imread(str(path))
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+
+
+def test_plot_renders_runs_and_reports(run_dir, tmp_path):
+    report = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(run_dir), "--lengths", "32,64,128", "--out", str(report)]) == 0
+    out = tmp_path / "plots"
+    assert plot.main([str(run_dir), str(run_dir), "--labels", "a,b", "--out", str(out),
+                      "--eval-json", str(report)]) == 0
+    for name in ("loss_vs_tokens.png", "loss_vs_time.png", "ppl_vs_length.png"):
+        assert_png(out / name)
+    run = load_run(run_dir)
+    assert [s["seq_len"] for s in run.stage_starts()] == [32, 64]
+    assert plot.common_val_length([run]) == 128
+    curves = plot.ppl_curves([run], [json.loads(report.read_text())])
+    assert [c[3] for c in curves] == [32, 64, 64]  # one curve per stage end, then the report's
+
+
+def test_plot_bad_inputs(tmp_path, caplog):
+    with pytest.raises(EvidenceError, match="no metrics.jsonl in this directory"):
+        load_run(tmp_path)
+    assert plot.main([str(tmp_path / "nowhere")]) == 2
+    assert "no such run directory" in caplog.text
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "stage", "step": 0, "stage": 0, "seq_len": 32}\n')
+    with pytest.raises(EvidenceError, match="no step records"):
+        load_run(tmp_path)
+
+
+# ---- bench_lengths ----------------------------------------------------------------------------------------------
+def test_bench_lengths_table_json_and_stage_micro_batches(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench_lengths.main(["--preset", "tiny", "--lengths", "32,64", "--tokens-per-batch", "256", "--vocab-size",
+                             "1000", "--dtype", "fp32", "--steps", "1", "--memory-cap-gb", "0.4", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    rows = report["lengths"]
+    assert [r["seq_len"] for r in rows] == [32, 64] and [r["micro_batch"] for r in rows] == [8, 4]
+    assert rows[-1]["step_time_ratio"] == 1.0 and rows[-1]["memory_ratio"] == 1.0
+    cap = 0.4 * (1 << 30)
+    for r in rows:
+        assert r["step_s"] > 0 and 0 < r["peak_bytes"] < cap
+        assert r["max_tokens_per_batch"] == r["max_micro_batch"] * r["seq_len"] > r["tokens_per_batch"]
+        assert r["probe_checks"][-1]["peak_bytes"] <= cap  # the answer was measured, not only predicted
+    assert "max tokens" in capsys.readouterr().out
+    limit = bench_lengths.max_tokens_per_micro_batch(report, 48)  # between probed lengths: the longer one's value
+    assert limit % 48 == 0 and limit <= rows[1]["max_tokens_per_batch"]
+    plan = bench_lengths.stage_micro_batches(report, [32, 64], tokens_per_step=1 << 20, world_size=2)
+    for L, (mb, accum) in plan.items():
+        assert mb * L * accum * 2 == 1 << 20 and mb * L <= bench_lengths.max_tokens_per_micro_batch(report, L)
+    with pytest.raises(EvidenceError, match="longer than every length in the probe"):
+        bench_lengths.max_tokens_per_micro_batch(report, 128)
+
+
+def test_bench_lengths_bad_inputs():
+    with pytest.raises(EvidenceError, match="not a multiple of length"):
+        bench_lengths.bench("tiny", [48, 64], tokens_per_batch=256)
+    with pytest.raises(EvidenceError, match="choose one of"):
+        bench_lengths.bench("huge", [64], tokens_per_batch=256)
+    assert bench_lengths.main(["--lengths", "64,-1"]) == 2
+
+
+# ---- compare ----------------------------------------------------------------------------------------------------
+def run_compare(tmp_path, tokenized, sp_model, *budget):
+    out = tmp_path / "cmp"
+    rc = compare.main([*budget, "--out", str(out), "--lengths", "32,64", "--shares", "0.5,0.5",
+                       "--tokens-per-step", "512", "--plans", "fixed-long,growlength", "--points", "2",
+                       "--eval-tokens", "1024", "--valid-fraction", "0.1", "--data-prefix", tokenized,
+                       "--tokenizer", sp_model])
+    assert rc == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_compare_equal_tokens(tmp_path, tokenized, sp_model):
+    out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-tokens", "4000")
+    for name, r in summary["runs"].items():
+        assert r["tokens_seen"] == 3584 and r["stopped_by"] == "plan end"  # 4000 rounded down to 7 steps of 512
+    assert summary["runs"]["fixed-long"]["time_to_target_s"] is not None  # it reaches its own final loss
+    assert [st[:2] for st in summary["runs"]["growlength"]["stages"]] == [[32, 0], [64, 4]]
+    report = (out / "report.md").read_text()
+    assert "equal tokens: 4,000 per run" in report and "| growlength |" in report
+    for name in ("loss_vs_tokens.png", "loss_vs_time.png", "ppl_vs_length.png"):
+        assert_png(out / name)
+
+
+def test_compare_equal_wall_clock_within_one_step(tmp_path, tokenized, sp_model):
+    budget = 6.0
+    out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-seconds", str(budget))
+    for name, r in summary["runs"].items():
+        steps = load_run(out / "runs" / name).steps
+        assert r["stopped_by"] == "clock", name
+        # the launcher stops after the first step that ends past the budget: no step starts after a check said so
+        assert steps[-2]["elapsed_s"] < budget <= steps[-1]["elapsed_s"], name
+    assert json.loads((out / "ds_config.json").read_text())["scheduler"]["type"] == "WarmupLR"
+
+
+def test_compare_bad_inputs(tmp_path, caplog):
+    assert compare.main(["--budget-seconds", "-1", "--out", str(tmp_path)]) == 2
+    assert "must be positive" in caplog.text
+    assert compare.main(["--budget-tokens", "100000", "--out", str(tmp_path), "--lengths", "64,0"]) == 2
+    assert "not a positive integer" in caplog.text
+    assert compare.main(["--budget-tokens", "100000", "--out", str(tmp_path), "--shares", "0.5,0.5"]) == 2
+    assert "one positive share per length" in caplog.text
+    with pytest.raises(SystemExit):  # argparse: exactly one budget
+        compare.main(["--budget-tokens", "1", "--budget-seconds", "1", "--out", str(tmp_path)])
