@@ -70,7 +70,7 @@ class GrowLengthConfig:
                        factory=lambda: [{"seq_len": 64, "share": 0.5}, {"seq_len": 128, "share": 0.3},
                                         {"seq_len": 256, "share": 0.2}])
     tokens_per_step: int = doc("global tokens per optimizer step, the same in every stage", 4096)
-    total_tokens: int | None = doc("total token budget when stages give share or time_share", 1_572_864)
+    total_tokens: int | None = doc("total token budget when stages give share or time_share", 1_048_576)
     grad_accum: int | None = doc("gradient accumulation per step in every stage; null = smallest that keeps "
                                  "micro_batch * seq_len <= max_tokens_per_micro_batch", 1)
     max_tokens_per_micro_batch: int | None = doc("memory cap on micro_batch * seq_len per rank; null = no cap", None)
@@ -118,7 +118,7 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval_steps: int = doc("save every N optimizer steps (0 = only at stage ends, on signals and at the end)", 0)
+    interval_steps: int = doc("save every N optimizer steps (0 = only at stage ends, on signals and at the end)", 1000)
     keep_last: int = doc("how many complete checkpoints to keep (older ones are deleted)", 3)
     at_stage_end: bool = doc("save at the end of every stage", True)
     resume: str = doc("'auto' (newest complete checkpoint in RUN_DIR, if any), 'none', or a checkpoint path",
@@ -136,7 +136,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     log_interval: int = doc("print a step line every N steps", 10)
-    eval_interval: int = doc("validate every N steps (0 = only at stage ends)", 0)
+    eval_interval: int = doc("validate every N steps (0 = only at stage ends)", 1000)
     eval_tokens: int = doc("validation tokens per evaluated length (split over ranks)", 16384)
     eval_lengths: list = doc("extra lengths to validate at stage ends (the extrapolation curve)", factory=list)
     tensorboard: bool = doc("write TensorBoard event files under RUN_DIR/tensorboard", True)
