@@ -176,3 +176,12 @@ def test_wall_clock_plan_and_time_budget_on_one_rank(tmp_path, tokenized, sp_mod
     assert state["step"] == max(records) < 400
     assert records[max(records)]["elapsed_s"] >= 2.0
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_zero2_offload_config_trains_through_a_switch(tmp_path, tokenized, sp_model):
+    run_dir = tmp_path / "run"
+    ok(train(run_dir, tokenized, sp_model, "growlength.stages=[{seq_len: 32, tokens: 2048}, {seq_len: 64, tokens: 2048}]",
+             ranks=1, ds_config="ds_configs/zero2_offload.json"))
+    records = steps(run_dir)
+    assert [(r["seq_len"], r["micro_batch_size"]) for r in records.values()] == [(32, 32), (32, 32), (64, 16), (64, 16)]
+    assert json.loads((run_dir / "ds_config.resolved.json").read_text())["zero_optimization"]["offload_optimizer"]
