@@ -11,8 +11,11 @@ KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 @pytest.fixture
 def env(monkeypatch):
     for k in list(os.environ):
-        if k.startswith(("SLURM_", "OMPI_", "PMIX_")) or k in KEYS:
+        if k.startswith(("SLURM_", "OMPI_", "PMIX_")):
             monkeypatch.delenv(k)
+    for k in KEYS:  # _map_launcher_env writes these: register them so monkeypatch restores them afterwards
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     def set_env(**kv):
         for k, v in kv.items():
             monkeypatch.setenv(k, v)

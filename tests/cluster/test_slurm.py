@@ -173,7 +173,7 @@ def test_srun_launch_matches_deepspeed(slurm_env, run_yaml, reference, tmp_path)
 
 def test_mpirun_matches_deepspeed(mpirun, run_yaml, reference, tmp_path):
     """mpirun -np 2 python launcher/pretrain.py: ranks from OMPI_COMM_WORLD_*, no deepspeed runner, no SLURM."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GROWLENGTH_FAULT", "RANK", "MASTER_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GROWLENGTH_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", GLOO_SOCKET_IFNAME="lo",
                OMP_NUM_THREADS="1", OMPI_MCA_btl_tcp_if_include="lo", OMPI_MCA_oob_tcp_if_include="lo")
     cmd = [mpirun, "-np", "2", "--oversubscribe", "-x", "GLOO_SOCKET_IFNAME", "-x", "OMP_NUM_THREADS", sys.executable,
