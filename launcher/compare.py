@@ -1,7 +1,8 @@
 """GrowLength against fixed-length training under one budget, everything else identical (the paper's headline claim).
 
     python -m launcher.compare (--budget-seconds S | --budget-tokens N) --out DIR [--preset tiny] [--ranks 1]
-        [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048] [--plans fixed-short,fixed-long,growlength]
+        [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048]
+        [--plans fixed-short,fixed-long,growlength]
 
 Three runs of the real launcher (subprocesses) with the same model, data, seed, ds_config and tokens per step; only
 the stage plan differs: fixed-short (every step at the shortest length), fixed-long (every step at the longest) and
@@ -13,9 +14,11 @@ Budgets:
   --budget-seconds S  every run stops at S seconds of training wall-clock (``growlength.max_time_s``, rank 0's clock,
                       checked after each step, so a run overshoots by less than one step). The learning rate is
                       warmup then constant (DeepSpeed's WarmupLR) so that where the clock stops no plan's schedule is
-                      cut short. Plans are sized from a measured step time per length (``bench_lengths.measure``) so
-                      that GrowLength's stages take ``--shares`` of S; the last stage and the fixed runs are oversized so the clock
-                      ends every run (the report shows the wall-clock of each switch, i.e. the shares achieved).
+                      cut short. Plans are sized from the step time per length of the real launcher and engine, measured
+                      first by a short calibration run (a few steps at every length; OUT/runs/calibration) so
+                      that GrowLength's stages take ``--shares`` of S; the last stage and the fixed runs are
+                      oversized so the clock ends every run (the report shows the wall-clock of each switch, i.e.
+                      the shares achieved).
 
 Validation: every run checkpoints about ``--points`` times; afterwards each checkpoint is evaluated at the longest
 length on the same held-out windows (``launcher.evaluate``, fp32), giving validation loss against tokens and
@@ -29,6 +32,7 @@ import json
 import logging
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +45,7 @@ log = logging.getLogger("growlength")
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = ("fixed-short", "fixed-long", "growlength")
-OVERSIZE = 4  # wall-clock budgets: plans are sized to this many times the predicted steps
+OVERSIZE = 2  # wall-clock budgets: plans are sized to this many times the predicted steps
 
 
 @dataclass
@@ -84,7 +88,8 @@ def check_setup(s: Setup) -> None:
     if len(s.lengths) < 2:
         raise EvidenceError(f"--lengths {s.lengths}: give at least a short and a long length")
     if len(s.shares) != len(s.lengths) or abs(sum(s.shares) - 1) > 1e-6 or min(s.shares) <= 0:
-        raise EvidenceError(f"--shares {s.shares}: one positive share per length in --lengths {s.lengths}, summing to 1")
+        raise EvidenceError(f"--shares {s.shares}: one positive share per length in --lengths {s.lengths}, "
+                            f"summing to 1")
     bad = [L for L in s.lengths if s.tokens_per_step % (L * s.ranks)]
     if bad:
         raise EvidenceError(f"--tokens-per-step {s.tokens_per_step} is not a multiple of seq_len * ranks for "
@@ -96,21 +101,19 @@ def check_setup(s: Setup) -> None:
 
 
 # ---- plans ------------------------------------------------------------------------------------------------------
-def step_seconds(s: Setup) -> dict[int, float]:
-    """Measured seconds per optimizer step at each length (fwd + bwd + AdamW of this rank's share of a step)."""
-    from launcher.bench_lengths import measure
+def step_seconds(s: Setup, ds_config: str, steps_per_length: int = 4) -> dict[int, float]:
+    """Seconds per optimizer step at each length, measured on the real launcher and engine: one short calibration
+    run through every length (``steps_per_length`` steps each); the median of each stage's steps after its first."""
+    plan = [{"seq_len": L, "tokens": steps_per_length * s.tokens_per_step} for L in s.lengths]
+    run_dir = launch(s, "calibration", plan, ds_config, warmup=1,
+                     extra=["checkpointing.at_stage_end=false", "checkpointing.interval_steps=0",
+                            "logging.eval_lengths=[]", "growlength.max_time_s=null"])
     times = {}
     for L in s.lengths:
-        m = measure(s.preset, vocab_size=8192 if s.data_prefix is None else _vocab(s.tokenizer), seq_len=L,
-                    micro_batch=s.tokens_per_step // (L * s.ranks), dtype="bf16", steps=3)
-        times[L] = m["step_s"]
-    log.info("step-time probe: %s", ", ".join(f"L={L}: {t:.3f}s" for L, t in times.items()))
+        recs = [r for r in load_run(run_dir).steps if r["seq_len"] == L][1:]
+        times[L] = statistics.median(r["tokens_per_step"] / r["tokens_per_s"] for r in recs)
+    log.info("step times of the real engine: %s", ", ".join(f"L={L}: {t:.3f}s" for L, t in times.items()))
     return times
-
-
-def _vocab(tokenizer: str) -> int:
-    from data_pipeline.tokenizer import Tokenizer
-    return Tokenizer(tokenizer).vocab_size
 
 
 def stage_plans(s: Setup, times: dict[int, float] | None) -> dict[str, list[dict]]:
@@ -161,7 +164,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int) -> Path:
+def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int, extra: list[str] = ()) -> Path:
     run_dir = (s.out / "runs" / name).resolve()
     steps = sum(st["tokens"] for st in stages) // s.tokens_per_step
     if s.budget_seconds is not None:  # checkpoints spread over the predicted steps, not the oversized plan
@@ -187,7 +190,7 @@ def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int)
     else:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(s.ranks), "--master_port", port,
                "launcher/pretrain.py"]
-    cmd += ["--ds_config", ds_config, *overrides, *s.extra]
+    cmd += ["--ds_config", ds_config, *overrides, *s.extra, *extra]  # later key=value wins
     log.info("%s: %s", name, " ".join(cmd))
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -261,9 +264,10 @@ def fmt(x, spec=".3f", none="not reached"):
 
 
 def markdown(summary: dict, command: str, figures: list[str]) -> str:
+    tps = summary["tokens_per_step"]
     b = (f"equal wall-clock: {summary['budget_seconds']:g} s of training per run" if summary["budget_seconds"]
-         else f"equal tokens: {summary['budget_tokens']:,} per run, in whole steps of "
-              f"{summary['tokens_per_step']:,}: {summary['budget_tokens'] // summary['tokens_per_step'] * summary['tokens_per_step']:,}")
+         else f"equal tokens: {summary['budget_tokens']:,} per run, in whole steps of {tps:,}: "
+              f"{summary['budget_tokens'] // tps * tps:,}")
     L = summary["long"]
     lines = [f"# GrowLength vs fixed-length training ({b})", "", f"Command: `{command}`", "",
              f"Preset `{summary['preset']}`, {summary['ranks']} rank(s), {summary['tokens_per_step']:,} tokens per "
@@ -271,8 +275,8 @@ def markdown(summary: dict, command: str, figures: list[str]) -> str:
              f"{summary['shares']}. Validation loss is at L={L} on the same held-out windows for every run "
              f"(fp32, from each run's checkpoints). Target = fixed-long's final validation loss "
              f"({summary['target_val_loss']:.4f}).", "",
-             f"| run | stages (L from step (wall-clock)) | steps | tokens seen | train wall-clock (s) | stopped by | final train "
-             f"loss (mean of last 5, at L) | val loss @ L={L} | time to target (s) | tokens to target |",
+             f"| run | stages (L from step (wall-clock)) | steps | tokens seen | train wall-clock (s) | stopped by "
+             f"| final train loss (mean of last 5, at L) | val loss @ L={L} | time to target (s) | tokens to target |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for name, r in summary["runs"].items():
         stages = " → ".join(f"{sl} from step {st} ({t:.0f} s)" for sl, st, t in r["stages"])
@@ -280,6 +284,9 @@ def markdown(summary: dict, command: str, figures: list[str]) -> str:
                      f"{r['stopped_by']} | {r['final_train_loss_mean5']:.4f} (L={r['final_train_seq_len']}) | "
                      f"{r['val_loss_long']:.4f} | {fmt(r['time_to_target_s'], '.1f')} | "
                      f"{fmt(r['tokens_to_target'], ',.0f')} |")
+    if summary.get("step_seconds"):
+        lines += ["", "Seconds per optimizer step measured by the calibration run (real engine, before the runs): "
+                  + ", ".join(f"L={k}: {v:.3f}" for k, v in summary["step_seconds"].items()) + "."]
     lines += ["", "Training losses at different lengths are not comparable (a short window gives each token less "
               "context); the validation column is.", ""]
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
@@ -289,9 +296,9 @@ def markdown(summary: dict, command: str, figures: list[str]) -> str:
 def compare(s: Setup, command: str = "") -> dict:
     check_setup(s)
     s.out.mkdir(parents=True, exist_ok=True)
-    times = step_seconds(s) if s.budget_seconds is not None else None
-    plans = stage_plans(s, times)
     ds_config = ds_config_for(s)
+    times = step_seconds(s, ds_config) if s.budget_seconds is not None else None
+    plans = stage_plans(s, times)
     if s.budget_tokens is not None:
         warmup = max(1, round(0.05 * s.budget_tokens // s.tokens_per_step))
     else:
@@ -308,8 +315,9 @@ def compare(s: Setup, command: str = "") -> dict:
         path.write_text(json.dumps(rep, indent=1))
         reports.append(str(path))
     summary = summarise(s, run_dirs, curves)
-    summary["step_time_probe"] = times
+    summary["step_seconds"] = times
     summary["plans"] = plans
+
     from launcher.plot import plot_runs
     ordered = [n for n in PLANS if n in run_dirs]
     extra = {n: [(p["tokens_seen"], p["elapsed_s"], p["loss"]) for p in curves[n]] for n in ordered}

@@ -126,7 +126,8 @@ class ValidationWindows:
         return tokens.astype(np.int64).reshape(positions.shape)
 
 
-def resolve_split(split: str, prefix: str, state: dict | None, valid_fraction: float | None) -> tuple[str, float | None]:
+def resolve_split(split: str, prefix: str, state: dict | None,
+                  valid_fraction: float | None) -> tuple[str, float | None]:
     """``(split, valid_fraction)`` after applying ``auto`` and the checkpoint's config (module docstring)."""
     trained_on = (state or {}).get("data_fingerprint")
     same_data = trained_on is not None and data_fingerprint(prefix) == trained_on

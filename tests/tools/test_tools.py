@@ -17,7 +17,8 @@ from launcher.metrics import read_metrics
 from launcher.runs import EvidenceError, load_run, parse_lengths
 
 ROOT = Path(__file__).resolve().parents[2]
-PLAN = ["growlength.tokens_per_step=512", "growlength.stages=[{seq_len: 32, tokens: 3072}, {seq_len: 64, tokens: 3072}]"]
+PLAN = ["growlength.tokens_per_step=512",
+        "growlength.stages=[{seq_len: 32, tokens: 3072}, {seq_len: 64, tokens: 3072}]"]
 
 
 def free_port() -> int:
