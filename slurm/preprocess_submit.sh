@@ -26,6 +26,6 @@ list=$prefix.shards/inputs.txt
 for f in "$@"; do case "$f" in /*) echo "$f";; *) echo "$PWD/$f";; esac; done > "$list"
 export GROWLENGTH_DIR=${GROWLENGTH_DIR:-$(dirname "$here")} INPUT_LIST=$list OUTPUT_PREFIX=$prefix TOKENIZER_MODEL=$tok
 array=$(sbatch --parsable "${sbatch_opts[@]}" --array=0-$(($# - 1)) --export=ALL "$here/preprocess.sbatch")
-merge=$(sbatch --parsable "${sbatch_opts[@]}" --dependency=afterok:"${array%%;*}" --kill-on-invalid-dep=yes \
-        --job-name=growlength-merge --output=growlength-merge-%j.out --export=ALL,STEP=merge "$here/preprocess.sbatch")
+merge=$(sbatch --parsable --job-name=growlength-merge --output=growlength-merge-%j.out "${sbatch_opts[@]}" \
+        --dependency=afterok:"${array%%;*}" --kill-on-invalid-dep=yes --export=ALL,STEP=merge "$here/preprocess.sbatch")
 echo "${array%%;*} ${merge%%;*}"
