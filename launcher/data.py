@@ -112,11 +112,12 @@ class TrainData:
             return model
         return GPTNeoX(self.model_config)
 
-    def step_time_probe(self, seq_lens: list[int]) -> list[float]:
+    def step_time_probe(self, seq_lens: list[int], dtype: torch.dtype = torch.float32) -> list[float]:
         """Seconds per optimizer step at each length (forward + backward of this rank's share of
-        ``tokens_per_step``), measured on a throw-away copy of the model; the slowest rank counts."""
+        ``tokens_per_step``), measured on a throw-away copy of the model in the training dtype; the slowest rank
+        counts. Only the ratios between lengths matter for a time-share plan with a token total."""
         g = self.cfg.growlength
-        model = GPTNeoX(self.model_config).to(ds.device())
+        model = GPTNeoX(self.model_config).to(device=ds.device(), dtype=dtype)
         out = []
         for i, seq_len in enumerate(seq_lens):
             mb, accum = micro_batch_for(seq_len, g.tokens_per_step, self.world, g.grad_accum,
@@ -131,7 +132,7 @@ class TrainData:
             out.append(min(times[1:]))
         del model
         out = ds.all_reduce_max(out)
-        log.info("step-time probe: %s", ", ".join(f"L={n}: {t:.3f}s" for n, t in zip(seq_lens, out)))
+        log.info("step-time probe: %s", ", ".join(f"L={n}: {t:.6f}s" for n, t in zip(seq_lens, out)))
         return out
 
 

@@ -343,8 +343,12 @@ def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int) -> int:
     saved = ckpt.read_state(resume_from) if resume_from else None
     data = prepare_data(cfg, rank, world)
     saved_steps = [s["steps"] for s in saved["plan"]] if saved and cfg.growlength.budget_kind() == "time_share" else None
-    plan = plan_from_config(cfg.growlength, world, step_seconds=data.step_time_probe, saved_steps=saved_steps)
-    ds_config = fill_ds_config(load_ds_config(ds_config_path), plan,
+    user_ds_config = load_ds_config(ds_config_path)
+    dtype = (torch.bfloat16 if user_ds_config.get("bf16", {}).get("enabled") else
+             torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    plan = plan_from_config(cfg.growlength, world, step_seconds=lambda lens: data.step_time_probe(lens, dtype),
+                            saved_steps=saved_steps)
+    ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
                                             cfg.optimisation.warmup_fraction), source=ds_config_path)
     data.build_index(plan)
