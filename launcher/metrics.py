@@ -47,7 +47,8 @@ def truncate_after(run_dir: str | Path, step: int) -> int:
     if not path.is_file():
         return 0
     records = read_metrics(run_dir)
-    keep = [r for r in records if r.get("step", 0) <= step]
+    # a stage record at the checkpoint's step announces the step after it: the resumed run writes it again
+    keep = [r for r in records if r.get("step", 0) < step or (r.get("step") == step and r.get("kind") != "stage")]
     if len(keep) != len(records):
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))

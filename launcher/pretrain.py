@@ -146,7 +146,7 @@ class Trainer:
     """Holds what the loop needs; ``train()`` is the loop."""
 
     def __init__(self, cfg: RunConfig, plan: StagePlan, data: TrainData, engine, rank: int, world: int,
-                 progress: Progress):
+                 progress: Progress, preemption: Preemption):
         self.cfg, self.plan, self.data, self.engine = cfg, plan, data, engine
         self.rank, self.world, self.progress = rank, world, progress
         self.run_dir = Path(cfg.run_dir)
@@ -155,7 +155,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, rank == 0, cfg.logging.tensorboard)
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak = peak_tflops(cfg.logging.peak_tflops, name)
-        self.preemption = Preemption()
+        self.preemption = preemption
         self.faults = FaultInjection(rank)
         self.loader = None
         self.start_time = time.perf_counter()
@@ -182,9 +182,11 @@ class Trainer:
                          stage.grad_accum, self.world, plan.tokens_per_step, stage.first_step + 1, stage.last_step,
                          "resumed mid-stage" if p.step > stage.first_step else
                          ("start" if previous is None else f"grown from {previous.seq_len}"), switch_s)
-                self.metrics.write({"kind": "stage", "step": p.step, "stage": stage.index, "seq_len": stage.seq_len,
-                                    "micro_batch_size": stage.micro_batch_size, "grad_accum": stage.grad_accum,
-                                    "tokens_seen": p.tokens_seen, "elapsed_s": self.elapsed(), "switch_s": switch_s})
+                if p.step == stage.first_step:  # a stage that starts here (not a mid-stage resume)
+                    self.metrics.write({"kind": "stage", "step": p.step, "stage": stage.index,
+                                        "seq_len": stage.seq_len, "micro_batch_size": stage.micro_batch_size,
+                                        "grad_accum": stage.grad_accum, "tokens_seen": p.tokens_seen,
+                                        "elapsed_s": self.elapsed(), "switch_s": switch_s})
             record = self.train_step(stage, next(batches))
             if p.step % self.cfg.logging.log_interval == 0 or p.step == stage.last_step:
                 log.info(step_line(record, self.eta_s(stage)))
@@ -336,7 +338,7 @@ def resume(cfg: RunConfig, engine, trainer_state: dict, path: Path, rank: int) -
                     elapsed_s=trainer_state["elapsed_s"], stage_seconds=dict(trainer_state["stage_seconds"]))
 
 
-def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int) -> int:
+def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: Preemption) -> int:
     run_dir = Path(cfg.run_dir)
     setup_logging(rank, run_dir)
     resume_from = ckpt.resolve_resume(cfg.checkpointing.resume, run_dir)
@@ -367,7 +369,7 @@ def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int) -> int:
         log.info("resumed from %s at step %d (%s tokens)", resume_from, progress.step, f"{progress.tokens_seen:,}")
     if rank == 0:
         (run_dir / "ds_config.resolved.json").write_text(__import__("json").dumps(ds_config, indent=1))
-    trainer = Trainer(cfg, plan, data, engine, rank, world, progress)
+    trainer = Trainer(cfg, plan, data, engine, rank, world, progress, preemption)
     try:
         return trainer.train()
     finally:
@@ -376,11 +378,12 @@ def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    preemption = Preemption()  # first: a signal during start-up is honoured at the first step boundary
     rank, world, _ = ds.init_distributed()
     setup_logging(rank)
     try:
         cfg = build_config(args)
-        return run(cfg, args.ds_config, rank, world)
+        return run(cfg, args.ds_config, rank, world, preemption)
     except USER_ERRORS as e:
         log.error("%s: %s", type(e).__name__, e)
         return EXIT_BAD_INPUT

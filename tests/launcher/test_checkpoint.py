@@ -86,8 +86,10 @@ def test_rng_round_trip(tmp_path):
 
 
 def test_metrics_truncated_to_resumed_step(tmp_path):
-    lines = [{"step": s, "loss": 1.0} for s in range(1, 8)] + [{"kind": "eval", "step": 5}]
+    lines = [{"step": s, "loss": 1.0} for s in range(1, 8)] + [{"kind": "eval", "step": 4},
+                                                                 {"kind": "stage", "step": 4}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert truncate_after(tmp_path, 4) == 4
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert [(r["step"], r.get("kind")) for r in read_metrics(tmp_path)] == [(1, None), (2, None), (3, None), (4, None),
+                                                                           (4, "eval")]
     assert truncate_after(tmp_path, 4) == 0

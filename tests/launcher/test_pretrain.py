@@ -90,6 +90,9 @@ def test_stages_keep_tokens_per_step_and_log_everything(reference):
 def assert_same_losses(run_dir, reference_dir, after: int):
     got, want = steps(run_dir), steps(reference_dir)
     assert sorted(got) == sorted(want)  # every step exactly once, even those redone after the kill
+    def switches(d):
+        return [(r["step"], r["seq_len"]) for r in read_metrics(d) if r.get("kind") == "stage"]
+    assert switches(run_dir) == switches(reference_dir) == [(0, 32), (6, 64), (12, 128)]
     for s in range(after + 1, 19):
         assert got[s]["loss"] == want[s]["loss"], f"step {s}: {got[s]['loss']} != {want[s]['loss']}"
         assert got[s]["grad_norm"] == want[s]["grad_norm"]
