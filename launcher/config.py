@@ -74,6 +74,8 @@ class GrowLengthConfig:
     grad_accum: int | None = doc("gradient accumulation per step in every stage; null = smallest that keeps "
                                  "micro_batch * seq_len <= max_tokens_per_micro_batch", 1)
     max_tokens_per_micro_batch: int | None = doc("memory cap on micro_batch * seq_len per rank; null = no cap", None)
+    micro_batch_probe: str | None = doc("a launcher.bench_lengths JSON: each stage's micro-batch cap comes from the "
+                                        "largest batch that fit at its length (needs grad_accum: null)", None)
     max_time_s: float | None = doc("stop (with a checkpoint) once the training wall-clock, summed over restarts, "
                                    "reaches this many seconds; for equal-time comparisons", None)
 
@@ -101,6 +103,9 @@ class GrowLengthConfig:
         kind = self.budget_kind()
         if kind != "tokens" and not self.total_tokens:
             raise ConfigError(f"growlength.stages give {kind} but growlength.total_tokens is not set")
+        if self.micro_batch_probe and self.grad_accum is not None:
+            raise ConfigError("growlength.micro_batch_probe chooses the accumulation per stage: set "
+                              "growlength.grad_accum: null")
         if self.grad_accum is not None and self.grad_accum < 1:
             raise ConfigError(f"growlength.grad_accum must be >= 1 or null, got {self.grad_accum}")
 

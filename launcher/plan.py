@@ -132,8 +132,10 @@ def micro_batch_for(seq_len: int, tokens_per_step: int, world_size: int, grad_ac
 
 
 def build_plan(seq_lens: list[int], steps: list[int], tokens_per_step: int, world_size: int,
-               grad_accum: int | None = 1, max_tokens_per_micro_batch: int | None = None) -> StagePlan:
+               grad_accum: int | None = 1, max_tokens_per_micro_batch: int | list | None = None) -> StagePlan:
     """Resolve stage lengths and step counts into a :class:`StagePlan`, or raise :class:`PlanError`.
+
+    ``max_tokens_per_micro_batch`` is one cap for every stage or a list with one per stage (from a memory probe).
 
     Every problem found is collected and reported at once, so a user fixes the plan in one pass.
     """
@@ -159,11 +161,13 @@ def build_plan(seq_lens: list[int], steps: list[int], tokens_per_step: int, worl
                           f"raise its budget or the total, or lower tokens_per_step")
     if errors:
         raise PlanError("invalid GrowLength plan:\n  " + "\n  ".join(errors))
+    caps = (list(max_tokens_per_micro_batch) if isinstance(max_tokens_per_micro_batch, (list, tuple))
+            else [max_tokens_per_micro_batch] * len(seq_lens))
     stages, first = [], 0
     for i, (seq_len, n_steps) in enumerate(zip(seq_lens, steps)):
         try:
-            mb, accum = micro_batch_for(seq_len, tokens_per_step, world_size, grad_accum,
-                                        max_tokens_per_micro_batch, f"growlength.stages[{i}]")
+            mb, accum = micro_batch_for(seq_len, tokens_per_step, world_size, grad_accum, caps[i],
+                                        f"growlength.stages[{i}]")
         except PlanError as e:
             errors.append(str(e))
             continue
@@ -219,13 +223,15 @@ def steps_from_time_shares(shares: list[float], step_seconds: list[float], total
     return steps_from_shares([p / sum(per_unit) for p in per_unit], total_steps)
 
 
-def plan_from_config(g, world_size: int, step_seconds=None, saved_steps: list[int] | None = None) -> StagePlan:
+def plan_from_config(g, world_size: int, step_seconds=None, saved_steps: list[int] | None = None,
+                     stage_caps: list[int] | None = None) -> StagePlan:
     """Resolve a ``GrowLengthConfig`` into a :class:`StagePlan`.
 
     Budgets: ``tokens`` (absolute, whole steps), ``share`` (of ``total_tokens``) or ``time_share`` (of the
     wall-clock, resolved with ``step_seconds(seq_lens) -> [seconds per optimizer step]``, a measured probe).
     ``saved_steps`` (from a checkpoint) replaces the time-share resolution so a resumed run repeats the
-    switch steps it actually took.
+    switch steps it actually took. ``stage_caps`` (tokens per micro-batch per stage, from a memory probe)
+    replaces the single ``max_tokens_per_micro_batch``.
     """
     seq_lens = [int(s["seq_len"]) for s in g.stages]
     kind = g.budget_kind()
@@ -246,4 +252,5 @@ def plan_from_config(g, world_size: int, step_seconds=None, saved_steps: list[in
             if step_seconds is None:
                 raise PlanError("growlength.stages give time_share but no step-time probe is available")
             steps = steps_from_time_shares(shares, step_seconds(seq_lens), total_steps=total_steps)
-    return build_plan(seq_lens, steps, g.tokens_per_step, world_size, g.grad_accum, g.max_tokens_per_micro_batch)
+    return build_plan(seq_lens, steps, g.tokens_per_step, world_size, g.grad_accum,
+                      stage_caps if stage_caps is not None else g.max_tokens_per_micro_batch)

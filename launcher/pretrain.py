@@ -191,13 +191,20 @@ class Trainer:
             if p.step % self.cfg.logging.log_interval == 0 or p.step == stage.last_step:
                 log.info(step_line(record, self.eta_s(stage)))
             stage_end = p.step == stage.last_step
-            if stage_end or (self.cfg.logging.eval_interval and p.step % self.cfg.logging.eval_interval == 0):
+            evaluated = stage_end or bool(self.cfg.logging.eval_interval and
+                                          p.step % self.cfg.logging.eval_interval == 0)
+            if evaluated:
                 self.evaluate(stage, stage_end)
             preempted, out_of_time = record.pop("_preempted"), record.pop("_out_of_time")
             every = self.cfg.checkpointing.interval_steps
-            if (preempted or out_of_time or p.step == plan.total_steps or (every and p.step % every == 0)
-                    or (stage_end and self.cfg.checkpointing.at_stage_end)):
+            save = (preempted or out_of_time or p.step == plan.total_steps or (every and p.step % every == 0)
+                    or (stage_end and self.cfg.checkpointing.at_stage_end))
+            if save:
                 self.save()
+            if (save or evaluated) and not out_of_time and p.step < plan.total_steps:
+                out_of_time = self.out_of_time()  # the eval or save itself may have used up the budget
+                if out_of_time and not save:
+                    self.save()
             if out_of_time:
                 log.info("wall-clock budget growlength.max_time_s=%g s reached at step %d: stopping",
                          self.cfg.growlength.max_time_s, p.step)
@@ -221,11 +228,10 @@ class Trainer:
             self.engine.step()
             loss_sum += loss.item()
         dt = time.perf_counter() - t0
-        limit = self.cfg.growlength.max_time_s
-        out_of_time = self.rank == 0 and limit is not None and self.elapsed() >= limit  # rank 0's clock decides
         # one collective per step: the mean loss over ranks, whether any rank was signalled, rank 0's clock
         total, signalled, stop = ds.all_reduce_sum([loss_sum / len(micro_batches),
-                                                    float(self.preemption.signal is not None), float(out_of_time)])
+                                                    float(self.preemption.signal is not None),
+                                                    float(self._past_time_limit())])
         p = self.progress
         p.step += 1
         p.tokens_seen += self.plan.tokens_per_step
@@ -245,6 +251,16 @@ class Trainer:
         return dict(record, _preempted=signalled > 0, _out_of_time=stop > 0)
 
     # ---- around the loop ------------------------------------------------------------------------------------
+    def _past_time_limit(self) -> bool:
+        limit = self.cfg.growlength.max_time_s
+        return self.rank == 0 and limit is not None and self.elapsed() >= limit  # rank 0's clock decides
+
+    def out_of_time(self) -> bool:
+        """Whether growlength.max_time_s is used up, by rank 0's clock, agreed by every rank."""
+        if self.cfg.growlength.max_time_s is None:
+            return False
+        return ds.all_reduce_sum([float(self._past_time_limit())])[0] > 0
+
     def elapsed(self) -> float:
         return self.progress.elapsed_s + time.perf_counter() - self.start_time
 
@@ -338,6 +354,22 @@ def resume(cfg: RunConfig, engine, trainer_state: dict, path: Path, rank: int) -
                     elapsed_s=trainer_state["elapsed_s"], stage_seconds=dict(trainer_state["stage_seconds"]))
 
 
+def probed_caps(cfg: RunConfig) -> list[int] | None:
+    """Per-stage micro-batch token caps from a bench_lengths memory probe, when the config names one."""
+    probe = cfg.growlength.micro_batch_probe
+    if not probe:
+        return None
+    from launcher.bench_lengths import max_tokens_per_micro_batch
+    from launcher.runs import EvidenceError
+    if not Path(probe).is_file():
+        raise ConfigError(f"growlength.micro_batch_probe {probe}: no such file; make one with "
+                          f"python -m launcher.bench_lengths --json {probe}")
+    try:
+        return [max_tokens_per_micro_batch(probe, int(s["seq_len"])) for s in cfg.growlength.stages]
+    except EvidenceError as e:
+        raise ConfigError(f"growlength.micro_batch_probe {probe}: {e}") from e
+
+
 def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: Preemption) -> int:
     run_dir = Path(cfg.run_dir)
     setup_logging(rank, run_dir)
@@ -349,7 +381,7 @@ def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: 
     dtype = (torch.bfloat16 if user_ds_config.get("bf16", {}).get("enabled") else
              torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
     plan = plan_from_config(cfg.growlength, world, step_seconds=lambda lens: data.step_time_probe(lens, dtype),
-                            saved_steps=saved_steps)
+                            saved_steps=saved_steps, stage_caps=probed_caps(cfg))
     ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
                                             cfg.optimisation.warmup_fraction), source=ds_config_path)

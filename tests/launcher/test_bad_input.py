@@ -99,3 +99,12 @@ def test_tokenizer_that_did_not_make_the_data(run, tmp_path, corpus_jsonl):
 def test_bad_override_and_missing_tokenizer(run, tmp_path):
     assert_refused(run("growlength.tokens_per_stepp=2"), "unknown config keys ['growlength.tokens_per_stepp']")
     assert_refused(run(tokenizer=str(tmp_path / "none.model")), "none.model: no such file")
+
+
+def test_memory_probe_file(run, tmp_path):
+    assert_refused(run("growlength.grad_accum=null", f"growlength.micro_batch_probe={tmp_path}/none.json"),
+                   "none.json: no such file; make one with python -m launcher.bench_lengths", run.run_dir)
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"lengths": [{"seq_len": 16, "max_tokens_per_batch": 4096}]}))
+    assert_refused(run("growlength.grad_accum=null", f"growlength.micro_batch_probe={probe}"),
+                   "seq_len 32 is longer than every length in the probe", run.run_dir)

@@ -117,3 +117,10 @@ def test_ds_config_files(tmp_path):
     for name in ("zero1", "zero2", "zero2_offload"):
         cfg = load_ds_config(str(ROOT / f"ds_configs/{name}.json"))
         assert cfg["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_micro_batch_probe_needs_free_accumulation():
+    with pytest.raises(ConfigError, match="micro_batch_probe chooses the accumulation per stage: set "
+                                          "growlength.grad_accum: null"):
+        load_config(None, ["growlength.micro_batch_probe=probe.json"])
+    assert load_config(None, ["growlength.micro_batch_probe=p.json", "growlength.grad_accum=null"]).growlength.grad_accum is None

@@ -107,3 +107,11 @@ def test_table_lists_every_stage():
     table = plan.table()
     assert "seq_len" in table and "75.0%" in table and "25.0%" in table
     assert "tokens_per_step 1,024 x 4 steps = 4,096 tokens on 1 rank(s)" in table
+
+
+def test_per_stage_caps_from_a_memory_probe():
+    g = GrowLengthConfig(stages=[{"seq_len": 128, "share": 0.5}, {"seq_len": 1024, "share": 0.5}],
+                         tokens_per_step=16384, total_tokens=16384 * 4, grad_accum=None)
+    plan = plan_from_config(g, world_size=1, stage_caps=[8192, 2048])
+    assert [(s.micro_batch_size, s.grad_accum) for s in plan.stages] == [(64, 2), (2, 8)]
+    assert all(s.micro_batch_size * s.seq_len * s.grad_accum == 16384 for s in plan.stages)

@@ -185,10 +185,22 @@ def test_wall_clock_plan_and_time_budget_on_one_rank(tmp_path, tokenized, sp_mod
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_zero2_offload_config_trains_through_a_switch(tmp_path, tokenized, sp_model):
+def test_offload_config_and_accumulation_chosen_from_a_memory_probe(tmp_path, tokenized, sp_model):
+    """ZeRO-2 with optimizer offload through a switch where the accumulation changes too (1 -> 4), as a
+    bench_lengths probe asks: the long stage fits only 512 tokens per micro-batch."""
     run_dir = tmp_path / "run"
-    ok(train(run_dir, tokenized, sp_model, "growlength.stages=[{seq_len: 32, tokens: 2048}, {seq_len: 64, tokens: 2048}]",
-             ranks=1, ds_config="ds_configs/zero2_offload.json"))
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"lengths": [{"seq_len": 32, "max_tokens_per_batch": 4096},
+                                             {"seq_len": 64, "max_tokens_per_batch": 512}]}))
+    proc = ok(train(run_dir, tokenized, sp_model, "growlength.stages=[{seq_len: 32, tokens: 2048}, "
+                    "{seq_len: 64, tokens: 2048}]", "growlength.grad_accum=null",
+                    f"growlength.micro_batch_probe={probe}", ranks=1, ds_config="ds_configs/zero2_offload.json"))
     records = steps(run_dir)
-    assert [(r["seq_len"], r["micro_batch_size"]) for r in records.values()] == [(32, 32), (32, 32), (64, 16), (64, 16)]
+    assert [(r["seq_len"], r["micro_batch_size"], r["grad_accum"]) for r in records.values()] == \
+        [(32, 32, 1), (32, 32, 1), (64, 4, 4), (64, 4, 4)]
+    assert "stage 1: seq_len 64, micro_batch 4 x accum 4 x 1 ranks = 1024 tokens/step" in proc.stdout
+    import torch
+    final = ckpt.resolve_resume("auto", run_dir)
+    ds_state = torch.load(final / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    assert ds_state["global_steps"] == 4  # 4 optimizer steps, not one per micro-batch: accumulation took effect
     assert json.loads((run_dir / "ds_config.resolved.json").read_text())["zero_optimization"]["offload_optimizer"]
