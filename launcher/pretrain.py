@@ -190,31 +190,15 @@ class Trainer:
             record = self.train_step(stage, next(batches))
             if p.step % self.cfg.logging.log_interval == 0 or p.step == stage.last_step:
                 log.info(step_line(record, self.eta_s(stage)))
-            stage_end = p.step == stage.last_step
-            evaluated = stage_end or bool(self.cfg.logging.eval_interval and
-                                          p.step % self.cfg.logging.eval_interval == 0)
-            if evaluated:
-                self.evaluate(stage, stage_end)
-            preempted, out_of_time = record.pop("_preempted"), record.pop("_out_of_time")
-            every = self.cfg.checkpointing.interval_steps
-            save = (preempted or out_of_time or p.step == plan.total_steps or (every and p.step % every == 0)
-                    or (stage_end and self.cfg.checkpointing.at_stage_end))
-            if save:
-                self.save()
-            if (save or evaluated) and not out_of_time and p.step < plan.total_steps:
-                out_of_time = self.out_of_time()  # the eval or save itself may have used up the budget
-                if out_of_time and not save:
-                    self.save()
-            if out_of_time:
-                log.info("wall-clock budget growlength.max_time_s=%g s reached at step %d: stopping",
-                         self.cfg.growlength.max_time_s, p.step)
-                if not stage_end:
-                    self.evaluate(stage, stage_end=True)
-                break
-            if preempted:
+            outcome = self.after_step(stage, preempted=record["_preempted"], out_of_time=record["_out_of_time"])
+            if outcome == "preempted":
                 log.warning("preempted: checkpoint at step %d saved; exiting with %d for a requeue",
                             p.step, EXIT_PREEMPTED)
                 return EXIT_PREEMPTED
+            if outcome == "out_of_time":
+                log.info("wall-clock budget growlength.max_time_s=%g s reached at step %d: stopping",
+                         self.cfg.growlength.max_time_s, p.step)
+                break
         self.summary()
         return 0
 
@@ -248,7 +232,27 @@ class Trainer:
         self.metrics.write(record)
         self.last_loss = record["loss"]
         self.faults.after_step(p.step)
-        return dict(record, _preempted=signalled > 0, _out_of_time=stop > 0)
+        return dict(record, _preempted=signalled > 0, _out_of_time=stop > 0)  # the flags are not logged
+
+    def after_step(self, stage, preempted: bool, out_of_time: bool) -> str:
+        """Validation and checkpoints due after this step; returns "continue", "preempted" or "out_of_time"."""
+        step, cfg = self.progress.step, self.cfg
+        stage_end = step == stage.last_step
+        evaluated = stage_end or bool(cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0)
+        if evaluated:
+            self.evaluate(stage, stage_end)
+        every = cfg.checkpointing.interval_steps
+        save = (preempted or out_of_time or step == self.plan.total_steps or bool(every and step % every == 0)
+                or (stage_end and cfg.checkpointing.at_stage_end))
+        if save:
+            self.save()
+        if (save or evaluated) and not out_of_time and step < self.plan.total_steps:
+            out_of_time = self.out_of_time()  # the eval or save itself may have used up the budget
+            if out_of_time and not save:
+                self.save()
+        if out_of_time and not stage_end:
+            self.evaluate(stage, stage_end=True)  # the run ends mid-stage: validate where it stopped
+        return "preempted" if preempted else "out_of_time" if out_of_time else "continue"
 
     # ---- around the loop ------------------------------------------------------------------------------------
     def _past_time_limit(self) -> bool:

@@ -190,10 +190,14 @@ def test_compare_equal_wall_clock_within_one_step(tmp_path, tokenized, sp_model)
     budget = 6.0
     out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-seconds", str(budget))
     for name, r in summary["runs"].items():
-        steps = load_run(out / "runs" / name).steps
+        run = load_run(out / "runs" / name)
+        steps = run.steps
         assert r["stopped_by"] == "clock", name
-        # the launcher stops after the first step that ends past the budget: no step starts after a check said so
-        assert steps[-2]["elapsed_s"] < budget <= steps[-1]["elapsed_s"], name
+        # the launcher stops at the first clock check past the budget, after a step or after the eval/save that
+        # followed it: no step starts once a check said so, so the budget is honoured within one step
+        assert steps[-2]["elapsed_s"] < budget, name
+        step_s = max(x["tokens_per_step"] / x["tokens_per_s"] for x in steps)
+        assert steps[-1]["elapsed_s"] < budget + 2 * step_s, name  # and it did not run on past it
     assert json.loads((out / "ds_config.json").read_text())["scheduler"]["type"] == "WarmupLR"
 
 
