@@ -142,14 +142,6 @@ def set_stage_batch(engine, micro_batch_size: int, grad_accum: int, world_size: 
     engine.set_train_batch_size(micro_batch_size * grad_accum * world_size)
 
 
-def model_dtype(engine) -> torch.dtype:
-    if engine.bfloat16_enabled():
-        return torch.bfloat16
-    if engine.fp16_enabled():
-        return torch.float16
-    return torch.float32
-
-
 def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device())
     dist.all_reduce(t)
@@ -160,12 +152,6 @@ def all_reduce_max(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
-
-
-def broadcast_object(obj, src: int = 0):
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier() -> None:
