@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.runs import EvidenceError, parse_lengths
+from launcher.runs import EvidenceError, parse_lengths, write_json
 
 log = logging.getLogger("growlength")
 
@@ -273,10 +273,7 @@ def main(argv=None) -> int:
         return 2
     print(table(report))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        log.info("wrote %s", out)
+        log.info("wrote %s", write_json(args.json, report))
     return 0
 
 

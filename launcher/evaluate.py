@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -40,7 +39,7 @@ import torch
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
-from launcher.runs import EvidenceError, parse_lengths
+from launcher.runs import EvidenceError, parse_lengths, write_json
 from model import GPTNeoX
 
 log = logging.getLogger("growlength")
@@ -253,12 +252,7 @@ def main(argv=None) -> int:
         return 2
     print(table(report))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(out)
-        log.info("wrote %s", out)
+        log.info("wrote %s", write_json(args.out, report))
     return 0
 
 

@@ -34,7 +34,7 @@ from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, wa
 from launcher.metrics import MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
 from launcher.plan import PlanError, StagePlan, plan_from_config
 from data_pipeline.errors import DatasetError, SamplePlanError
-from model import GPTNeoX, ModelConfig
+from model import GPTNeoX
 
 log = logging.getLogger("growlength")
 

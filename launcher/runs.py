@@ -89,3 +89,13 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     run.steps = sorted({r["step"]: r for r in run.steps}.values(), key=lambda r: r["step"])
     run.evals.sort(key=lambda r: r["step"])
     return run
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write a report as JSON, atomically (a temporary name, then a rename), creating its directory."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(out)
+    return out

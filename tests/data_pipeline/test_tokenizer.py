@@ -1,5 +1,4 @@
 """Tokenizer conventions and train_tokenizer."""
-import json
 
 import pytest
 
