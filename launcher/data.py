@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ class TrainData:
     world: int
     samples: GrowLengthSamples | None = None
     plan: StagePlan | None = None
+    _valid_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def has_validation(self) -> bool:
@@ -93,12 +94,14 @@ class TrainData:
 
     def valid_batches(self, seq_len: int, eval_tokens: int, tokens_per_batch: int):
         """This rank's share of the validation windows at ``seq_len``, in batches of about ``tokens_per_batch``."""
-        n = max(1, eval_tokens // seq_len)
-        windows = self.samples.valid_samples(seq_len, n)  # (n, seq_len + 1), whole windows
-        mine = windows[self.rank::self.world]
+        key = (seq_len, eval_tokens)
+        if key not in self._valid_cache:  # the same windows at every eval: gather them once
+            windows = self.samples.valid_samples(seq_len, max(1, eval_tokens // seq_len))  # (n, seq_len + 1)
+            self._valid_cache[key] = np.ascontiguousarray(windows[self.rank::self.world], dtype=np.int64)
+        mine = self._valid_cache[key]
         bs = max(1, tokens_per_batch // seq_len)
         for i in range(0, len(mine), bs):
-            yield torch.from_numpy(np.ascontiguousarray(mine[i:i + bs], dtype=np.int64))
+            yield torch.from_numpy(mine[i:i + bs])
 
     def build_model(self) -> GPTNeoX:
         torch.manual_seed(self.cfg.seed)

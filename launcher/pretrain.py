@@ -17,6 +17,7 @@ if __name__ == "__main__":  # run as a script (the deepspeed launcher's way): im
     sys.path.insert(0, os.path.dirname(_here))
 
 import argparse
+import json
 import logging
 import signal
 import statistics
@@ -404,7 +405,7 @@ def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: 
         progress = resume(cfg, engine, saved, resume_from, rank)
         log.info("resumed from %s at step %d (%s tokens)", resume_from, progress.step, f"{progress.tokens_seen:,}")
     if rank == 0:
-        (run_dir / "ds_config.resolved.json").write_text(__import__("json").dumps(ds_config, indent=1))
+        (run_dir / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=1))
     trainer = Trainer(cfg, plan, data, engine, rank, world, progress, preemption)
     try:
         return trainer.train()
