@@ -42,6 +42,58 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def problem(path: Path, world_size: int | None = None) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded, or None. Cheap: reads only the state JSON and file sizes.
+
+    Catches what a kill, a full disk or a lost file leaves: a state JSON that does not parse, and any file of the
+    save (DeepSpeed's shards, RNG states) missing or of another size than when it was written."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{path / STATE_FILE} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{path / STATE_FILE} is not a growlength checkpoint state"
+    for name, size in (state.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, {size} when it was saved (truncated or overwritten)"
+    if world_size is not None and state.get("world_size") == world_size:
+        missing = [f"rng_rank{r}.pt" for r in range(world_size) if not (path / f"rng_rank{r}.pt").is_file()]
+        if missing:
+            return f"{path / missing[0]} is missing"
+    return None
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """Every file a save wrote (relative name -> bytes), recorded in its state so a resume can check them."""
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != STATE_FILE and not f.name.startswith(".")}
+
+
+def choose(resume: str, run_dir: str | Path, world_size: int | None = None) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from and the warnings to log (rank 0 decides; the others take its answer).
+
+    ``auto`` takes the newest complete checkpoint that passes :func:`problem`, skipping damaged ones with a
+    warning each (an older complete checkpoint is better than none); an explicit path must pass as it is."""
+    warnings = []
+    if resume == "auto":
+        for path in reversed(complete_checkpoints(checkpoint_root(run_dir))):
+            why = problem(path, world_size)
+            if why is None:
+                return path, warnings
+            warnings.append(f"skipping checkpoint {path.name}: {why}; resuming from an older one")
+        return None, warnings
+    path = resolve_resume(resume, run_dir)
+    if path is not None:
+        why = problem(path, world_size)
+        if why is not None:
+            raise CheckpointError(f"--resume {resume}: {why}; resume from an earlier checkpoint in "
+                                  f"{path.parent} (or --resume auto, which skips damaged ones)")
+    return path, warnings
+
+
 def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     """The checkpoint directory to resume from: ``auto`` = newest complete one (or None), ``none``, or a path
     to a checkpoint directory (or a run directory / checkpoints directory holding some)."""
@@ -109,11 +161,32 @@ def write_state(path: Path, state: dict) -> None:
 
 
 def read_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
+    """The state JSON of a checkpoint; a damaged one raises :class:`CheckpointError` naming the file."""
+    f = path / STATE_FILE
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {e}); resume from another checkpoint "
+                              f"in {path.parent}") from e
+
+
+# ModelConfig fields that change how a run executes, not what the weights mean
+_RUNTIME_MODEL_KEYS = {"attention", "activation_checkpointing", "rope_scaling", "rope_scaling_factor"}
+
+
+def model_identity(state: dict) -> dict:
+    """What must not change across a resume: the built model's config (but for runtime-only switches) and where
+    its initial weights came from."""
+    ident = {k: v for k, v in state.get("model", {}).items() if k not in _RUNTIME_MODEL_KEYS}
+    section = state.get("config", {}).get("model", {})
+    ident["preset"] = section.get("preset")
+    ident["init_from_hf"] = section.get("init_from_hf")
+    return ident
 
 
 def check_compatible(saved: dict, current: dict, path: Path, force: bool) -> list[str]:
-    """Differences between a checkpoint's plan/data and this run's; raises unless ``force``.
+    """Differences between a checkpoint and this run (ranks, plan, data, split, seed, model); raises unless
+    ``force``.
 
     Returns the list of differences (empty when compatible) so a forced resume can log them.
     """
@@ -133,6 +206,16 @@ def check_compatible(saved: dict, current: dict, path: Path, force: bool) -> lis
                      f"({current['data_fingerprint']})")
     if saved.get("seed") != current.get("seed"):
         diffs.append(f"seed: {saved.get('seed')} -> {current.get('seed')} (changes the data order)")
+    for key, why in (("valid_fraction", "changes which documents train"), ("epochs", "changes the data order")):
+        old = saved.get("config", {}).get("data", {}).get(key)
+        new = current.get("config", {}).get("data", {}).get(key)
+        if old != new:
+            diffs.append(f"data.{key}: {old!r} -> {new!r} ({why})")
+    old_model, new_model = model_identity(saved), model_identity(current)
+    changed = sorted(k for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k))
+    if changed:
+        diffs.append("model: " + ", ".join(f"{k} {old_model.get(k)!r} -> {new_model.get(k)!r}" for k in changed)
+                     + " (the weights would not fit, or would mean something else)")
     if diffs and not force:
         raise CheckpointError(f"cannot resume from {path}: it differs from this run in\n  " + "\n  ".join(diffs)
                               + "\nstart a new run_dir, restore the old settings, or pass "

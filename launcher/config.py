@@ -66,7 +66,9 @@ class ModelSection:
 @dataclass
 class GrowLengthConfig:
     stages: list = doc("stages shortest first: each {seq_len: N} plus one of tokens: N (absolute), share: F "
-                       "(of total_tokens) or time_share: F (of the wall-clock)",
+                       "(of total_tokens) or time_share: F (of the wall-clock), and optionally "
+                       "max_tokens_per_micro_batch: N (this stage's memory cap; needs grad_accum: null to "
+                       "accumulate more instead)",
                        factory=lambda: [{"seq_len": 64, "share": 0.5}, {"seq_len": 128, "share": 0.3},
                                         {"seq_len": 256, "share": 0.2}])
     tokens_per_step: int = doc("global tokens per optimizer step, the same in every stage", 4096)
@@ -84,10 +86,10 @@ class GrowLengthConfig:
         for i, s in enumerate(self.stages):
             if not isinstance(s, dict) or "seq_len" not in s:
                 raise ConfigError(f"growlength.stages[{i}] must be a mapping with seq_len, got {s!r}")
-            extra = set(s) - {"seq_len", "tokens", "share", "time_share"}
+            extra = set(s) - {"seq_len", "tokens", "share", "time_share", "max_tokens_per_micro_batch"}
             if extra:
-                raise ConfigError(f"growlength.stages[{i}] has unknown keys {sorted(extra)}; "
-                                  f"valid: seq_len and one of tokens, share, time_share")
+                raise ConfigError(f"growlength.stages[{i}] has unknown keys {sorted(extra)}; valid: seq_len, one "
+                                  f"of tokens, share, time_share, and optionally max_tokens_per_micro_batch")
             given = [k for k in ("tokens", "share", "time_share") if k in s]
             if len(given) != 1:
                 raise ConfigError(f"growlength.stages[{i}] must give exactly one budget (tokens, share or "

@@ -55,6 +55,7 @@ class TrainData:
     world: int
     samples: GrowLengthSamples | None = None
     plan: StagePlan | None = None
+    tokenizer_in_run: str | None = None  # the run directory's copy of the tokenizer (relative to RUN_DIR)
     _valid_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -108,11 +109,7 @@ class TrainData:
         m = self.cfg.model
         if m.init_from_hf:
             from model.hf import load_hf
-            model = load_hf(m.init_from_hf)
-            if model.config.vocab_size < self.tokenizer.vocab_size:
-                raise DatasetError(f"model.init_from_hf {m.init_from_hf} has vocabulary {model.config.vocab_size} "
-                                   f"but the tokenizer {self.tokenizer_path} has {self.tokenizer.vocab_size}")
-            return model
+            return load_hf(m.init_from_hf)
         return GPTNeoX(self.model_config)
 
     def step_time_probe(self, seq_lens: list[int], dtype: torch.dtype = torch.float32) -> list[float]:
@@ -139,6 +136,19 @@ class TrainData:
         return out
 
 
+def hf_model_config(hf_dir: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face directory, read from its config.json alone (no weights)."""
+    import json
+    from model.hf import config_from_hf
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.init_from_hf {hf_dir}: no config.json there; give a Hugging Face model directory")
+    try:
+        return config_from_hf(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.init_from_hf {path}: not a GPT-NeoX config this launcher can build ({e})") from e
+
+
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
     d = cfg.data
     if d.prefix is None:
@@ -161,8 +171,15 @@ def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
         if value is not None:
             overrides[key] = value
     try:
-        model_config = ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
+        if m.init_from_hf:  # the checkpoint's own architecture (the state of every checkpoint records it)
+            model_config = hf_model_config(m.init_from_hf)
+        else:
+            model_config = ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
     except ValueError as e:  # the model's own checks, reported as a config error of the model section
         raise ConfigError(f"model section: {e}") from e
+    if m.init_from_hf and model_config.vocab_size < tokenizer.vocab_size:
+        raise DatasetError(f"model.init_from_hf {m.init_from_hf} has vocabulary {model_config.vocab_size} "
+                           f"but the tokenizer {tokenizer_path} has {tokenizer.vocab_size}: use the tokenizer "
+                           f"that came with the checkpoint")
     return TrainData(cfg=cfg, prefix=str(prefix), tokenizer_path=str(tokenizer_path), tokenizer=tokenizer,
                      fingerprint=data_fingerprint(str(prefix)), model_config=model_config, rank=rank, world=world)

@@ -129,9 +129,13 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def create_engine(model: torch.nn.Module, ds_config: dict):
-    """One ZeRO engine for the whole run; stages change its batch sizes, never the engine."""
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+def create_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict] | None = None):
+    """One ZeRO engine for the whole run; stages change its batch sizes, never the engine.
+
+    ``param_groups`` (torch optimizer groups) go to the optimizer DeepSpeed builds from the JSON; a group without
+    its own ``weight_decay`` takes the JSON's value."""
+    params = param_groups if param_groups is not None else model.parameters()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     return engine
 
 
@@ -140,6 +144,40 @@ def set_stage_batch(engine, micro_batch_size: int, grad_accum: int, world_size: 
     and scales the loss by the accumulation it believes in)."""
     engine.set_train_micro_batch_size(micro_batch_size)
     engine.set_train_batch_size(micro_batch_size * grad_accum * world_size)
+
+
+def begin_schedule(engine) -> None:
+    """Start a fresh run's LR schedule at iteration 0.
+
+    DeepSpeed's schedulers are built at iteration -1 (the minimum rate) and advance after each optimizer step, so
+    step k would run at iteration k - 2 and the first two steps both at warmup_min_lr. One advance before the first
+    step makes step k run at iteration k - 1: the schedule as written (warmup over warmup_num_steps steps, zero at
+    total_num_steps). A resumed run loads the scheduler's position instead."""
+    sched = engine.lr_scheduler
+    if sched is not None and getattr(sched, "last_batch_iteration", None) == -1:
+        sched.step()
+
+
+def set_accumulation_boundary(engine, is_boundary: bool) -> None:
+    """Tell the engine, before a micro-batch's forward/backward, whether it is the last of its optimizer step.
+
+    DeepSpeed's own rule, ``(micro_steps + 1) % gradient_accumulation_steps == 0``, counts micro-batches over the
+    whole run: after a stage of 3 steps at accumulation 1, a stage at accumulation 4 would put its boundaries at the
+    first micro-batch of each step. The launcher owns the boundary instead (DESIGN.md decision 3)."""
+    engine.set_gradient_accumulation_boundary(is_boundary)
+
+
+def all_reduce_sum_tensor(t: torch.Tensor) -> list[float]:
+    """Sum a small 1-D tensor over ranks in place and bring it to the host: one collective, one copy."""
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (a pickled object over the process group)."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -172,6 +210,10 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> dict:
 def close() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    # DeepSpeed caches a clone of the world group; a later run in this process (a notebook, the in-process
+    # tests) must not broadcast over the destroyed one
+    from deepspeed.utils import groups
+    groups._WORLD_GROUP = None
 
 
 def consolidated_fp32_state_dict(checkpoint_dir: str, tag: str) -> dict:

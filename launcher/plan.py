@@ -230,8 +230,9 @@ def plan_from_config(g, world_size: int, step_seconds=None, saved_steps: list[in
     Budgets: ``tokens`` (absolute, whole steps), ``share`` (of ``total_tokens``) or ``time_share`` (of the
     wall-clock, resolved with ``step_seconds(seq_lens) -> [seconds per optimizer step]``, a measured probe).
     ``saved_steps`` (from a checkpoint) replaces the time-share resolution so a resumed run repeats the
-    switch steps it actually took. ``stage_caps`` (tokens per micro-batch per stage, from a memory probe)
-    replaces the single ``max_tokens_per_micro_batch``.
+    switch steps it actually took. Each stage's cap on tokens per micro-batch is its own
+    ``max_tokens_per_micro_batch`` if the stage gives one, else ``stage_caps[i]`` (from a memory probe), else the
+    section's single ``max_tokens_per_micro_batch``.
     """
     seq_lens = [int(s["seq_len"]) for s in g.stages]
     kind = g.budget_kind()
@@ -252,5 +253,6 @@ def plan_from_config(g, world_size: int, step_seconds=None, saved_steps: list[in
             if step_seconds is None:
                 raise PlanError("growlength.stages give time_share but no step-time probe is available")
             steps = steps_from_time_shares(shares, step_seconds(seq_lens), total_steps=total_steps)
-    return build_plan(seq_lens, steps, g.tokens_per_step, world_size, g.grad_accum,
-                      stage_caps if stage_caps is not None else g.max_tokens_per_micro_batch)
+    caps = [s.get("max_tokens_per_micro_batch") or (stage_caps[i] if stage_caps is not None else None)
+            or g.max_tokens_per_micro_batch for i, s in enumerate(g.stages)]
+    return build_plan(seq_lens, steps, g.tokens_per_step, world_size, g.grad_accum, caps)

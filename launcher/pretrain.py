@@ -32,6 +32,8 @@ from launcher import engine as ds
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.data import TrainData, prepare_data
 from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, warmup_steps
+from launcher import rundir
+from launcher.optim import describe as describe_groups, param_groups
 from launcher.metrics import MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
 from launcher.plan import PlanError, StagePlan, plan_from_config
 from data_pipeline.errors import DatasetError, SamplePlanError
@@ -41,8 +43,14 @@ log = logging.getLogger("growlength")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1, requeue me
 EXIT_BAD_INPUT = 2
+
+
+class StartupError(RuntimeError):
+    """A user error found by rank 0 during start-up, raised on every rank (its message is rank 0's)."""
+
+
 USER_ERRORS = (ConfigError, PlanError, DSConfigError, ckpt.CheckpointError, DatasetError, SamplePlanError,
-               FileNotFoundError)
+               FileNotFoundError, StartupError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,6 +131,14 @@ class Preemption:
         self.signal = signum
 
 
+@dataclass(frozen=True)
+class StepFlags:
+    """What every rank agreed on in a step's collective: stop for a requeue, or stop at the time budget."""
+
+    preempted: bool = False
+    out_of_time: bool = False
+
+
 @dataclass
 class Progress:
     """Where the run is; saved in every checkpoint."""
@@ -139,7 +155,9 @@ def client_state(cfg: RunConfig, plan: StagePlan, data: TrainData, progress: Pro
             "tokens_seen": progress.tokens_seen, "elapsed_s": progress.elapsed_s,
             "stage_seconds": progress.stage_seconds, "plan": plan.describe(), "plan_fingerprint": plan.fingerprint(),
             "tokens_per_step": plan.tokens_per_step, "world_size": world, "seed": cfg.seed,
-            "data_fingerprint": data.fingerprint, "data_prefix": data.prefix, "tokenizer": data.tokenizer_path,
+            "data_fingerprint": data.fingerprint, "data_prefix": data.prefix,
+            "data_prefix_resolved": str(Path(data.prefix).resolve()), "tokenizer": data.tokenizer_path,
+            "tokenizer_resolved": str(Path(data.tokenizer_path).resolve()), "tokenizer_in_run": data.tokenizer_in_run,
             "model": data.model_config.to_dict(), "config": cfg.to_dict()}
 
 
@@ -188,10 +206,10 @@ class Trainer:
                                         "seq_len": stage.seq_len, "micro_batch_size": stage.micro_batch_size,
                                         "grad_accum": stage.grad_accum, "tokens_seen": p.tokens_seen,
                                         "elapsed_s": self.elapsed(), "switch_s": switch_s})
-            record = self.train_step(stage, next(batches))
+            record, flags = self.train_step(stage, batches)
             if p.step % self.cfg.logging.log_interval == 0 or p.step == stage.last_step:
                 log.info(step_line(record, self.eta_s(stage)))
-            outcome = self.after_step(stage, preempted=record["_preempted"], out_of_time=record["_out_of_time"])
+            outcome = self.after_step(stage, flags)
             if outcome == "preempted":
                 log.warning("preempted: checkpoint at step %d saved; exiting with %d for a requeue",
                             p.step, EXIT_PREEMPTED)
@@ -203,20 +221,30 @@ class Trainer:
         self.summary()
         return 0
 
-    def train_step(self, stage, micro_batches: list[torch.Tensor]) -> dict:
+    def train_step(self, stage, batches) -> tuple[dict, StepFlags]:
+        """One optimizer step over exactly this step's micro-batches; returns its metrics record and flags."""
         t0 = time.perf_counter()
-        loss_sum = 0.0
-        for mb in micro_batches:  # (micro_batch_size, seq_len + 1)
+        micro_batches = next(batches)  # [(micro_batch_size, seq_len + 1)] * grad_accum
+        data_wait = time.perf_counter() - t0
+        lr = self.engine.get_lr()[0]  # the rate this step uses: the scheduler advances inside engine.step()
+        losses = []
+        for i, mb in enumerate(micro_batches):
             mb = mb.to(self.device, non_blocking=True)
+            ds.set_accumulation_boundary(self.engine, i == len(micro_batches) - 1)
             loss = self.engine(mb[:, :-1], labels=mb[:, 1:])
             self.engine.backward(loss)
-            self.engine.step()
-            loss_sum += loss.item()
+            losses.append(loss.detach())
+        self.engine.step()  # the update: the last micro-batch was marked as the boundary
+        # one collective and one device-to-host copy per step: loss, grad norm (the same on every rank),
+        # whether any rank was signalled, and rank 0's clock against the wall-clock budget
+        norm = self.engine.get_global_grad_norm()
+        flags = [float(self.preemption.signal is not None), float(self._past_time_limit())]
+        packed = torch.cat([torch.stack(losses).double().mean().reshape(1),
+                            torch.as_tensor(-1.0 if norm is None else norm, dtype=torch.float64,
+                                            device=self.device).reshape(1),
+                            torch.tensor(flags, dtype=torch.float64, device=self.device)])
+        loss_sum, norm_sum, signalled, stop = ds.all_reduce_sum_tensor(packed)
         dt = time.perf_counter() - t0
-        # one collective per step: the mean loss over ranks, whether any rank was signalled, rank 0's clock
-        total, signalled, stop = ds.all_reduce_sum([loss_sum / len(micro_batches),
-                                                    float(self.preemption.signal is not None),
-                                                    float(self._past_time_limit())])
         p = self.progress
         p.step += 1
         p.tokens_seen += self.plan.tokens_per_step
@@ -227,21 +255,29 @@ class Trainer:
         record = {"step": p.step, "stage": stage.index, "seq_len": stage.seq_len,
                   "micro_batch_size": stage.micro_batch_size, "grad_accum": stage.grad_accum,
                   "tokens_per_step": self.plan.tokens_per_step, "tokens_seen": p.tokens_seen,
-                  "loss": total / self.world, "lr": self.engine.get_lr()[0], "grad_norm": _grad_norm(self.engine),
+                  "loss": loss_sum / self.world, "lr": lr,
+                  "grad_norm": None if norm is None else norm_sum / self.world,
                   "tokens_per_s": tokens_per_s, "tflops": tflops,
-                  "mfu": tflops / self.peak if self.peak else None, "elapsed_s": self.elapsed()}
+                  "mfu": tflops / self.peak if self.peak else None, "elapsed_s": self.elapsed(),
+                  "data_wait_s": data_wait}
         self.metrics.write(record)
         self.last_loss = record["loss"]
         self.faults.after_step(p.step)
-        return dict(record, _preempted=signalled > 0, _out_of_time=stop > 0)  # the flags are not logged
+        return record, StepFlags(preempted=signalled > 0, out_of_time=stop > 0)
 
-    def after_step(self, stage, preempted: bool, out_of_time: bool) -> str:
+    def after_step(self, stage, flags: StepFlags) -> str:
         """Validation and checkpoints due after this step; returns "continue", "preempted" or "out_of_time"."""
         step, cfg = self.progress.step, self.cfg
+        preempted, out_of_time = flags.preempted, flags.out_of_time
         stage_end = step == stage.last_step
         evaluated = stage_end or bool(cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0)
         if evaluated:
-            self.evaluate(stage, stage_end)
+            try:
+                self.evaluate(stage, stage_end)
+            except Exception:
+                log.error("validation at step %d failed: saving a checkpoint first, so the steps are kept", step)
+                self.save()
+                raise
         every = cfg.checkpointing.interval_steps
         save = (preempted or out_of_time or step == self.plan.total_steps or bool(every and step % every == 0)
                 or (stage_end and cfg.checkpointing.at_stage_end))
@@ -320,6 +356,7 @@ class Trainer:
         ds.barrier()
         self.faults.in_save(self.progress.step)
         if self.rank == 0:
+            state["files"] = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
             ckpt.write_state(root / tag, state)
             ckpt.prune(root, self.cfg.checkpointing.keep_last)
         ds.barrier()
@@ -339,13 +376,6 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
-
-
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
 def resume(cfg: RunConfig, engine, trainer_state: dict, path: Path, rank: int) -> Progress:
@@ -375,10 +405,61 @@ def probed_caps(cfg: RunConfig) -> list[int] | None:
         raise ConfigError(f"growlength.micro_batch_probe {probe}: {e}") from e
 
 
+def claim_run_dir(cfg: RunConfig, run_dir: Path, world: int) -> tuple[rundir.RunLock, Path | None, list[str]]:
+    """Rank 0's part of start-up: lock the run directory and choose the checkpoint to resume from."""
+    lock = rundir.RunLock(run_dir)
+    try:
+        resume = cfg.checkpointing.resume
+        if resume == "none" and rundir.has_previous_run(run_dir):
+            raise rundir.RunDirError(f"--resume none, but run_dir {run_dir} already holds a run (checkpoints or "
+                                     f"metrics.jsonl) that this one would overwrite: choose a new run_dir, resume "
+                                     f"it (--resume auto), or delete it first")
+        path, warnings = ckpt.choose(resume, run_dir, world)
+        return lock, path, warnings
+    except BaseException:
+        lock.release()
+        raise
+
+
+def check_validation(data: TrainData, plan: StagePlan, cfg: RunConfig) -> None:
+    """Every length the loop will validate at fits the validation split: found now, not at the first stage end."""
+    if not data.has_validation:
+        return
+    for length in sorted({s.seq_len for s in plan.stages} | set(cfg.logging.eval_lengths)):
+        try:
+            data.samples.valid_samples(length, 1)
+        except (DatasetError, SamplePlanError) as e:
+            where = "logging.eval_lengths" if length in cfg.logging.eval_lengths else "a stage's seq_len"
+            raise DatasetError(f"{where} {length}: {e}") from e
+
+
 def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: Preemption) -> int:
     run_dir = Path(cfg.run_dir)
+    # ---- rank 0 locks the run directory and chooses the checkpoint; every rank takes its answer ----
+    lock, decision = None, {"error": None, "path": None, "warnings": []}
+    if rank == 0:
+        try:
+            rundir.check_writable(run_dir)
+            lock, path, warnings = claim_run_dir(cfg, run_dir, world)
+            decision.update(path=str(path) if path else None, warnings=warnings)
+        except USER_ERRORS as e:
+            decision["error"] = f"{type(e).__name__}: {e}"
+    decision = ds.broadcast_object(decision)
+    if decision["error"]:
+        raise StartupError(decision["error"])
+    try:
+        return _run(cfg, ds_config_path, rank, world, preemption, run_dir, decision)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: Preemption, run_dir: Path,
+         decision: dict) -> int:
     setup_logging(rank, run_dir)
-    resume_from = ckpt.resolve_resume(cfg.checkpointing.resume, run_dir)
+    for warning in decision["warnings"]:
+        log.warning("%s", warning)
+    resume_from = Path(decision["path"]) if decision["path"] else None
     saved = ckpt.read_state(resume_from) if resume_from else None
     data = prepare_data(cfg, rank, world)
     saved_steps = [s["steps"] for s in saved["plan"]] if saved and cfg.growlength.budget_kind() == "time_share" else None
@@ -390,27 +471,43 @@ def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: 
     ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
                                             cfg.optimisation.warmup_fraction), source=ds_config_path)
+    if saved:  # before anything expensive: the checkpoint must fit this run's plan, data, split and model
+        current = client_state(cfg, plan, data, Progress(), {}, world)
+        for diff in ckpt.check_compatible(saved, current, resume_from, cfg.checkpointing.resume_force):
+            log.warning("resuming despite a difference (--resume-force): %s", diff)
     data.build_index(plan)
+    check_validation(data, plan, cfg)
     log.info("GrowLength plan (%s):\n%s", plan.fingerprint(), plan.table())
+    if rank == 0:
+        data.tokenizer_in_run = rundir.copy_tokenizer(data.tokenizer_path, run_dir)
     model = data.build_model()
     log.info("model %s: %.2fM parameters, vocab %d (padded %d), attention %s", cfg.model.preset,
              model.num_params() / 1e6, data.model_config.vocab_size, data.model_config.padded_vocab_size,
              model.config.attention)
-    engine = ds.create_engine(model, ds_config)
+    groups = param_groups(model)
+    log.info("weight decay %s: %s", user_ds_config.get("optimizer", {}).get("params", {}).get("weight_decay"),
+             describe_groups(groups))
+    engine = ds.create_engine(model, ds_config, groups)
     progress = Progress()
     if saved:
-        current = client_state(cfg, plan, data, progress, {}, world)
-        for diff in ckpt.check_compatible(saved, current, resume_from, cfg.checkpointing.resume_force):
-            log.warning("resuming despite a difference (--resume-force): %s", diff)
         progress = resume(cfg, engine, saved, resume_from, rank)
         log.info("resumed from %s at step %d (%s tokens)", resume_from, progress.step, f"{progress.tokens_seen:,}")
+    else:
+        ds.begin_schedule(engine)
     if rank == 0:
-        (run_dir / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=1))
+        write_json(run_dir / "ds_config.resolved.json", ds_config)
     trainer = Trainer(cfg, plan, data, engine, rank, world, progress, preemption)
     try:
         return trainer.train()
     finally:
         trainer.close()
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON under a temporary name and rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -422,7 +519,7 @@ def main(argv=None) -> int:
         cfg = build_config(args)
         return run(cfg, args.ds_config, rank, world, preemption)
     except USER_ERRORS as e:
-        log.error("%s: %s", type(e).__name__, e)
+        log.error("%s", e if isinstance(e, StartupError) else f"{type(e).__name__}: {e}")
         return EXIT_BAD_INPUT
     finally:
         ds.close()

@@ -245,3 +245,19 @@ def test_requeue_onto_incompatible_checkpoint_fails_loudly(slurm_env, run_yaml, 
     assert "resuming from" in log and "cannot resume from" in log and "stage plan:" in log
     assert "the launcher refused its input (exit 2" in log and "not requeueing" in log
     assert steps(run_dir) == steps(reference[0])  # nothing of the old run was touched
+
+
+def test_empty_run_config_means_the_builtin_demo(slurm_env, tmp_path):
+    """RUN_CONFIG="" is documented as the built-in tiny demo: no --config reaches the launcher (an unset one means
+    the 160M preset), and the job trains the built-in corpus."""
+    run_dir = tmp_path / "run"
+    job = submit_training(slurm_env, "", run_dir, tmp_path, args=[
+        "growlength.tokens_per_step=4096", "growlength.stages=[{seq_len: 64, tokens: 8192}]",
+        "logging.tensorboard=false", "data.valid_fraction=0.05"], RUN_CONFIG="")
+    info = wait_job(slurm_env, job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    command = next(line for line in log.splitlines() if "launcher/pretrain.py" in line and "pretrain.sbatch" in line)
+    assert "--config" not in command
+    assert [(r["seq_len"], r["step"]) for r in steps(run_dir).values()] == [(64, 1), (64, 2)]
+    assert "model tiny:" in log

@@ -22,7 +22,8 @@ def run(monkeypatch, tmp_path, tokenized, sp_model, capsys):
     def go(*args, prefix=tokenized, tokenizer=sp_model, ds_config=None):
         argv = ["--ds_config", ds_config or str(pretrain_ds_config()), f"run_dir={run_dir}",
                 f"data.prefix={prefix}", f"data.tokenizer={tokenizer}", f"data.cache_dir={tmp_path}/cache",
-                "growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 2048}]", *args]
+                "growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 2048}]",
+                "data.valid_fraction=0.1", "logging.tensorboard=false", *args]
         code = pretrain.main(argv)
         out = capsys.readouterr().out
         return code, out

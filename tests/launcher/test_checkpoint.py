@@ -93,3 +93,57 @@ def test_metrics_truncated_to_resumed_step(tmp_path):
     assert [(r["step"], r.get("kind")) for r in read_metrics(tmp_path)] == [(1, None), (2, None), (3, None), (4, None),
                                                                            (4, "eval")]
     assert truncate_after(tmp_path, 4) == 0
+
+
+def test_compatibility_covers_the_model_and_the_split(tmp_path):
+    """A changed architecture (rope_base, rotary_pct, layers, vocab, HF init) or validation split is refused;
+    runtime-only switches (attention backend, activation checkpointing) are not differences."""
+    model = {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "rotary_pct": 0.25,
+             "rope_base": 10000.0, "attention": "auto", "activation_checkpointing": False}
+    config = {"data": {"valid_fraction": 0.01, "epochs": "repeat"},
+              "model": {"preset": "tiny", "init_from_hf": None}}
+    saved = dict(STATE, model=model, config=config)
+    runtime = dict(saved, model=dict(model, attention="sdpa", activation_checkpointing=True))
+    assert ckpt.check_compatible(saved, runtime, tmp_path, force=False) == []
+    for change, expected in [
+            ({"model": dict(model, rope_base=500000.0)}, "model: rope_base 10000.0 -> 500000.0"),
+            ({"model": dict(model, rotary_pct=1.0)}, "model: rotary_pct 0.25 -> 1.0"),
+            ({"model": dict(model, num_layers=3)}, "model: num_layers 2 -> 3"),
+            ({"model": dict(model, vocab_size=2000)}, "model: vocab_size 1000 -> 2000"),
+            ({"config": dict(config, model={"preset": "tiny", "init_from_hf": "hf/pythia"})},
+             "model: init_from_hf None -> 'hf/pythia'"),
+            ({"config": dict(config, data={"valid_fraction": 0.05, "epochs": "repeat"})},
+             "data.valid_fraction: 0.01 -> 0.05")]:
+        with pytest.raises(ckpt.CheckpointError, match="cannot resume from") as e:
+            ckpt.check_compatible(saved, dict(saved, **change), tmp_path, force=False)
+        assert expected in str(e.value)
+
+
+def _save_like_the_launcher(root, step, world=1):
+    path = root / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+    for r in range(world):
+        (path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"o" * 50)
+        ckpt.save_rng(path, r)
+    ckpt.write_state(path, dict(STATE, step=step, world_size=world, files=ckpt.file_sizes(path)))
+    return path
+
+
+def test_damaged_checkpoints_are_named_and_skipped_for_the_previous_complete_one(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    first, second, third, fourth = (_save_like_the_launcher(root, s, world=2) for s in (4, 8, 12, 16))
+    assert ckpt.choose("auto", tmp_path, world_size=2) == (fourth, [])
+    (fourth / "mp_rank_00_model_states.pt").write_bytes(b"m" * 10)        # truncated by a full disk
+    (third / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()       # a lost optimizer shard
+    (second / ckpt.STATE_FILE).write_text('{"step": 8, "wor')              # a torn state file
+    path, warnings = ckpt.choose("auto", tmp_path, world_size=2)
+    assert path == first
+    assert "skipping checkpoint step_00000016" in warnings[0] and "has 10 bytes, 100 when it was saved" in warnings[0]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in warnings[1]
+    assert "growlength_state.json is unreadable" in warnings[2]
+    with pytest.raises(ckpt.CheckpointError, match="step_00000016/mp_rank_00_model_states.pt has 10 bytes"):
+        ckpt.choose(str(fourth), tmp_path, world_size=2)  # an explicit choice is not replaced silently
+    (first / "rng_rank1.pt").write_bytes(b"torn")
+    path, warnings = ckpt.choose("auto", tmp_path, world_size=2)
+    assert path is None and len(warnings) == 4 and "rng_rank1.pt has 4 bytes" in warnings[3]

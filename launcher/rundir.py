@@ -1,0 +1,83 @@
+"""The run directory besides its checkpoints: who may write it (a lock), and the copy of the tokenizer that makes
+it stand on its own (DESIGN.md decision 10: export, evaluate and resume work from any working directory and
+after the directory is moved).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from launcher.config import ConfigError
+
+LOCK_FILE = ".growlength.lock"
+TOKENIZER_DIR = "tokenizer"
+
+
+class RunDirError(ConfigError):
+    """A run directory this run cannot use; the message says why and what to do."""
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` or refuse with one line: a file in the way, or no permission."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run_dir {run_dir} is a file, not a directory: choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"run_dir {run_dir} cannot be created ({e.strerror}): choose a writable run_dir") from e
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunDirError(f"run_dir {run_dir} is not writable: choose a writable run_dir")
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by rank 0 for the whole run (two runs in one directory would
+    overwrite each other's checkpoints and interleave metrics.jsonl). The kernel releases it when the process
+    dies, so a killed run never leaves a stale lock."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            raise RunDirError(f"run_dir {run_dir} is in use by a running job ({holder}); wait for it to end, "
+                              f"stop it, or choose another run_dir") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
+def has_previous_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds a run's results (checkpoints or metrics)."""
+    from launcher.checkpoint import checkpoint_root
+    from launcher.metrics import METRICS_FILE
+    root = checkpoint_root(run_dir)
+    return (run_dir / METRICS_FILE).is_file() or (root.is_dir() and any(root.iterdir()))
+
+
+def copy_tokenizer(tokenizer_path: str, run_dir: Path) -> str:
+    """Copy the tokenizer (a file, or a directory of tokenizer files) into ``RUN_DIR/tokenizer/`` once; returns
+    its path relative to ``run_dir``. Written under a temporary name and renamed, so a copy is whole or absent."""
+    src = Path(tokenizer_path)
+    rel = Path(TOKENIZER_DIR) / src.name
+    dest = run_dir / rel
+    if dest.exists():
+        return str(rel)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{src.name}.tmp-{os.getpid()}")
+    if src.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+    else:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return str(rel)

@@ -1,0 +1,49 @@
+"""Run the launcher as its users do, `deepspeed --num_gpus N launcher/pretrain.py ...`, on CPU ranks (gloo),
+and read what it wrote. Shared by the launcher tests."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+# 3 stages of 6 steps each at 1024 tokens/step on 2 ranks: micro-batches 16, 8, 4
+PLAN = ["growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 6144}, "
+        "{seq_len: 64, tokens: 6144}, {seq_len: 128, tokens: 6144}]"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(run_dir, prefix, tokenizer, *extra, ranks=2, fault=None, ds_config="ds_configs/zero2.json"):
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env.pop("GROWLENGTH_FAULT", None)
+    if fault:
+        env["GROWLENGTH_FAULT"] = fault
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+           "launcher/pretrain.py", "--ds_config", ds_config, f"run_dir={run_dir}", f"data.prefix={prefix}",
+           f"data.tokenizer={tokenizer}", "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache",
+           "checkpointing.interval_steps=4", "checkpointing.keep_last=10", "logging.log_interval=1",
+           "logging.tensorboard=false", "logging.eval_tokens=2048", *PLAN, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def steps(run_dir) -> dict[int, dict]:
+    records = [r for r in read_metrics(run_dir) if "kind" not in r]
+    by_step = {r["step"]: r for r in records}
+    assert len(by_step) == len(records), "a step was logged twice"
+    return by_step
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
