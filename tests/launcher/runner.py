@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launcher import pretrain
 from launcher.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,3 +48,13 @@ def ok(proc):
     return proc
 
 
+def pretrain_ds_config():
+    return Path(pretrain.__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
+
+
+def assert_refused(result, message, run_dir=None):
+    code, out = result
+    assert code == pretrain.EXIT_BAD_INPUT, out
+    assert message in out, out
+    if run_dir is not None:
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()

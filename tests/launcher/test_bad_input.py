@@ -2,47 +2,8 @@
 any training or any file of the run is written."""
 import json
 import shutil
-import socket
 
-import pytest
-
-from launcher import pretrain
-
-
-@pytest.fixture
-def run(monkeypatch, tmp_path, tokenized, sp_model, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}.items():
-        monkeypatch.setenv(key, value)
-    run_dir = tmp_path / "run"
-
-    def go(*args, prefix=tokenized, tokenizer=sp_model, ds_config=None):
-        argv = ["--ds_config", ds_config or str(pretrain_ds_config()), f"run_dir={run_dir}",
-                f"data.prefix={prefix}", f"data.tokenizer={tokenizer}", f"data.cache_dir={tmp_path}/cache",
-                "growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 2048}]",
-                "data.valid_fraction=0.1", "logging.tensorboard=false", *args]
-        code = pretrain.main(argv)
-        out = capsys.readouterr().out
-        return code, out
-
-    go.run_dir = run_dir
-    return go
-
-
-def pretrain_ds_config():
-    from pathlib import Path
-    return Path(pretrain.__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
-
-
-def assert_refused(result, message, run_dir=None):
-    code, out = result
-    assert code == pretrain.EXIT_BAD_INPUT, out
-    assert message in out, out
-    if run_dir is not None:
-        assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+from runner import assert_refused, pretrain_ds_config
 
 
 def test_unknown_preset(run):

@@ -9,7 +9,7 @@ from launcher import checkpoint as ckpt
 from launcher import rundir
 from launcher.metrics import read_metrics
 
-from test_bad_input import assert_refused, run  # noqa: F401  (the in-process launcher fixture)
+from runner import assert_refused
 
 
 def snapshot(d: Path) -> dict:
