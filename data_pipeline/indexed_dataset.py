@@ -47,7 +47,8 @@ def optimal_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
 
 
-def _check_prefix(prefix: str) -> None:
+def check_prefix(prefix: str) -> None:
+    """Both files of PREFIX exist as files, or a DatasetError saying which is missing and how to make it."""
     for path in (idx_path(prefix), bin_path(prefix)):
         if os.path.isdir(path):
             raise DatasetError(f"{path}: is a directory, not the dataset's file; pass the prefix of a "
@@ -106,7 +107,7 @@ class IndexedDataset:
 
     def __init__(self, prefix: str):
         self.prefix = str(prefix)
-        _check_prefix(self.prefix)
+        check_prefix(self.prefix)
         self.idx_path, self.bin_path = idx_path(self.prefix), bin_path(self.prefix)
         self.dtype, n_seq, n_doc_idx, size = read_header(self.idx_path)
         body = 4 * n_seq + 8 * n_seq + 8 * n_doc_idx
