@@ -125,7 +125,8 @@ def check_output_prefix(prefix: str, suffixes: tuple[str, ...], flag: str = "out
 
 
 class Stopped(KeyboardInterrupt):
-    """Raised in the main thread when SIGTERM arrives (handled like Ctrl-C: temporary files are removed)."""
+    """Raised in the main thread when SIGINT or SIGTERM arrives under `stop_on_signals` (handled like Ctrl-C:
+    temporary files are removed)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -137,24 +138,50 @@ def exit_code(e: KeyboardInterrupt) -> int:
     return 128 + getattr(e, "signum", signal.SIGINT)
 
 
+_signals = {"renaming": 0, "deferred": None}
+
+
 @contextmanager
-def stop_on_sigterm():
-    """Within the block, SIGTERM raises `Stopped` in the main thread (a CLI's main; never in library code,
-    where the caller, e.g. the launcher, owns the signal handlers)."""
+def stop_on_signals():
+    """Within the block, SIGINT and SIGTERM raise `Stopped` in the main thread, except while outputs are renamed
+    into place (`renaming()`), when the signal is held until the renames are done (see `deferred_signal`).
+    For a CLI's main only; library code leaves the signal handlers to its caller (e.g. the launcher's)."""
     def handler(signum, frame):
+        if _signals["renaming"]:
+            _signals["deferred"] = signum
+            return
         raise Stopped(signum)
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _signals["deferred"] = None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def renaming():
+    """Renames of complete outputs: a stop signal now would leave a new file beside an old one, so it waits."""
+    _signals["renaming"] += 1
+    try:
+        yield
+    finally:
+        _signals["renaming"] -= 1
+
+
+def deferred_signal() -> str | None:
+    """The name of a stop signal that arrived while outputs were being renamed (they are complete), if any."""
+    signum, _signals["deferred"] = _signals["deferred"], None
+    return signal.Signals(signum).name if signum else None
 
 
 def replace_all(pairs: list[tuple[str, str]]) -> None:
     """Rename each (tmp, final) into place; on failure remove every temporary file and raise one line."""
     try:
-        for tmp, final in pairs:
-            os.replace(tmp, final)
+        with renaming():
+            for tmp, final in pairs:
+                os.replace(tmp, final)
     except OSError as e:
         for tmp, _ in pairs:
             remove_quietly(tmp)

@@ -23,7 +23,7 @@ import numpy as np
 
 from data_pipeline.errors import DatasetError
 from data_pipeline.files import (check_output_prefix, make_parent_dir, os_error, remove_quietly, remove_stale_temps,
-                                 tmp_name)
+                                 renaming, tmp_name)
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -328,10 +328,11 @@ class IndexedDatasetBuilder:
         # both files are complete: only renames are left. .idx is removed first so no reader ever pairs an
         # old .idx with the new .bin
         try:
-            if os.path.exists(idx_path(self.prefix)):
-                os.remove(idx_path(self.prefix))
-            os.replace(self._tmp_bin, bin_path(self.prefix))
-            os.replace(self._tmp_idx, idx_path(self.prefix))
+            with renaming():
+                if os.path.exists(idx_path(self.prefix)):
+                    os.remove(idx_path(self.prefix))
+                os.replace(self._tmp_bin, bin_path(self.prefix))
+                os.replace(self._tmp_idx, idx_path(self.prefix))
         except OSError as e:
             raise os_error(self.prefix, e, "rename the new .bin/.idx into place") from None
         self.finalized = True
@@ -355,6 +356,13 @@ class IndexedDatasetBuilder:
             self.abort()
         elif not self.finalized:
             self.finalize()
+
+
+def discard_build(prefix: str) -> None:
+    """Remove this process's temporary files for PREFIX (for an interrupt that lands before a builder exists
+    to abort, e.g. between its creation and the `with` block)."""
+    for path in (bin_path(prefix), idx_path(prefix)):
+        remove_quietly(tmp_name(path))
 
 
 def write_dataset(prefix: str, documents: Iterable, dtype=np.uint16) -> str:

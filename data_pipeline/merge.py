@@ -14,8 +14,8 @@ import os
 import sys
 
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import check_output_prefix, exit_code, stop_on_sigterm
-from data_pipeline.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from data_pipeline.files import check_output_prefix, deferred_signal, exit_code, stop_on_signals
+from data_pipeline.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, discard_build
 
 
 def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
@@ -41,9 +41,13 @@ def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
         detail = ", ".join(f"{ds.prefix}: {ds.dtype.name}" for ds in datasets)
         raise DatasetError(f"--input: token dtypes differ ({detail}); preprocess every shard with the same "
                            f"tokenizer")
-    with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
-        for ds in datasets:
-            builder.add_index(ds.prefix)
+    try:
+        with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
+            for ds in datasets:
+                builder.add_index(ds.prefix)
+    except BaseException:
+        discard_build(output_prefix)
+        raise
     return IndexedDataset(output_prefix)
 
 
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with stop_on_sigterm():
+        with stop_on_signals():
             ds = merge(args.input, args.output_prefix)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({e or 'SIGINT'}): {args.output_prefix}.bin/.idx not written (an existing one is "
               f"unchanged)", file=sys.stderr)
         return exit_code(e)
+    if signame := deferred_signal():
+        print(f"{signame} arrived while {args.output_prefix}.bin/.idx were renamed into place: they are complete",
+              file=sys.stderr)
     print(f"merge: {ds.prefix}.bin/.idx: {ds.num_documents:,} documents, {ds.num_tokens:,} tokens from "
           f"{len(args.input)} datasets")
     return 0

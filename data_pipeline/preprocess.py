@@ -27,8 +27,8 @@ import numpy as np
 
 from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import check_output_prefix, exit_code, stop_on_sigterm
-from data_pipeline.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
+from data_pipeline.files import check_output_prefix, deferred_signal, exit_code, stop_on_signals
+from data_pipeline.indexed_dataset import IndexedDatasetBuilder, discard_build, optimal_dtype
 from data_pipeline.tokenizer import Tokenizer
 
 BATCH_BYTES = 1 << 20   # text per encode call: large enough to keep the encoder threads busy
@@ -113,9 +113,10 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, work
     if progress and not quiet:
         from tqdm import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, smoothing=0.1)
-    writer_pool = _Writer(IndexedDatasetBuilder(output_prefix, dtype))
-    reader.start()
+    writer_pool = None
     try:
+        writer_pool = _Writer(IndexedDatasetBuilder(output_prefix, dtype))
+        reader.start()
         read_bytes = 0
         while (item := batches.get()) is not _DONE:
             if isinstance(item, BaseException):
@@ -140,7 +141,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, work
         summary.seconds = time.time() - t0
     except BaseException:
         stop.set()
-        writer_pool.abort()
+        if writer_pool is not None:
+            writer_pool.abort()
+        discard_build(output_prefix)  # also when the interrupt came before the builder could be aborted
         while reader.is_alive():  # unblock the reader so it closes its input file
             try:
                 batches.get(timeout=0.05)
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.partitions != 1:
             raise DatasetError(f"--partitions {args.partitions}: not supported; shard the input yourself, "
                                f"preprocess each shard, and combine with `python -m data_pipeline.merge`")
-        with stop_on_sigterm():
+        with stop_on_signals():
             preprocess(args.input, args.output_prefix, args.tokenizer_model, args.workers, args.json_keys[0],
                        args.append_eod, args.skip_bad_lines, progress=not args.no_progress, quiet=args.quiet)
     except DatasetError as e:
@@ -247,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({e or 'SIGINT'}): {args.output_prefix}.bin/.idx not written (an existing one is "
               f"unchanged)", file=sys.stderr)
         return exit_code(e)
+    if signame := deferred_signal():
+        print(f"{signame} arrived while {args.output_prefix}.bin/.idx were renamed into place: they are complete",
+              file=sys.stderr)
     return 0
 
 

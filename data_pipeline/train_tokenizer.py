@@ -19,8 +19,8 @@ import sentencepiece as spm
 
 from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import (check_output_prefix, make_parent_dir, os_error, remove_quietly, remove_stale_temps,
-                                 replace_all, tmp_name)
+from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, remove_quietly,
+                                 remove_stale_temps, replace_all, stop_on_signals, tmp_name)
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's own default; longer lines are split into pieces of this size
@@ -51,10 +51,11 @@ def check_arguments(model_prefix: str, vocab_size: int, json_key: str, input_sen
 def _sentences(inputs: list[str], json_key: str, stats: ReadStats, failure: list):
     """Training 'sentences' are the non-empty lines of each document (newlines are byte-fallback tokens).
 
-    A DatasetError (an unreadable file) is also kept in `failure`: sentencepiece re-raises it as a RuntimeError."""
+    A DatasetError (an unreadable file) or an interrupt is also kept in `failure`: sentencepiece turns it into a
+    RuntimeError."""
     try:
         yield from _lines(inputs, json_key, stats)
-    except DatasetError as e:
+    except (DatasetError, KeyboardInterrupt) as e:
         failure.append(e)
         raise
 
@@ -162,11 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.json_keys) > 1:
             raise DatasetError(f"--json-keys {args.json_keys}: give one key (run once per field, or merge the "
                                f"fields into one)")
-        train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type, args.json_keys[0],
-                        args.input_sentence_size, args.workers, args.seed, args.character_coverage, args.quiet)
+        with stop_on_signals():
+            train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type, args.json_keys[0],
+                            args.input_sentence_size, args.workers, args.seed, args.character_coverage, args.quiet)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}): {args.model_prefix}.model/.vocab not written (existing ones are "
+              f"unchanged)", file=sys.stderr)
+        return exit_code(e)
     return 0
 
 
