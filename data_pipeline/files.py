@@ -68,6 +68,8 @@ def os_error(path: str, e: OSError, action: str = "write") -> DatasetError:
     reason = e.strerror or str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         fix = "free disk space (or raise the quota / `ulimit -f`) or write somewhere else"
+    elif e.errno in (errno.EACCES, errno.EPERM) and action == "read":
+        fix = "fix its permissions"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "write to a directory you can write to"
     elif e.errno in (errno.ENOTDIR, errno.EEXIST):

@@ -221,6 +221,24 @@ def test_preprocess_read_only_directory(tmp_path, sp_model, corpus_jsonl, capsys
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.skipif(_ignores_permissions(), reason="this user reads unreadable files (root)")
+def test_unreadable_files_named(tmp_path, sp_model, capsys):
+    src = write_jsonl(tmp_path / "secret.jsonl", ["x"])
+    ds = write_dataset(str(tmp_path / "ds"), [[5, 2]])
+    for path in (src, ds + ".idx"):
+        os.chmod(path, 0)
+    try:
+        argv = ["--input", src, "--output-prefix", str(tmp_path / "o"), "--tokenizer-model", sp_model]
+        assert_one_line_error(*cli(pp.main, argv, capsys), r"--input .*secret\.jsonl: not readable \(permission "
+                                                           r"denied\); fix its permissions")
+        assert_one_line_error(*cli(insp.main, [ds], capsys), r"ds\.idx: not readable \(permission denied\)")
+        with pytest.raises(DatasetError, match=r"ds\.idx: cannot read \(Permission denied\); fix its permissions"):
+            IndexedDataset(ds)
+    finally:
+        for path in (src, ds + ".idx"):
+            os.chmod(path, 0o644)
+
+
 def _start_preprocess(src, out, sp_model):
     """A real preprocess process, returned once it has created its temporary .bin (it is then mid-run)."""
     p = subprocess.Popen([sys.executable, "-m", "data_pipeline.preprocess", "--input", src, "--output-prefix", out,
@@ -471,6 +489,10 @@ def test_builtin_dataset_rebuilds_damaged_files(tmp_path, sp_model, corpus_jsonl
     model, prefix = prepare_builtin_dataset(str(out), vocab_size=1000)
     assert "rebuilding " in caplog.text and "builtin-1000.bin: truncated" in caplog.text
     assert IndexedDataset(prefix).num_documents == 45 and open(model, "rb").read() == open(sp_model, "rb").read()
+    open(out / "tokenizer-1000.model", "wb").write(b"not a model")  # a damaged tokenizer is retrained
+    model, prefix = prepare_builtin_dataset(str(out), vocab_size=1000)
+    assert "not a sentencepiece model" in caplog.text and Tokenizer(model).vocab_size == 1000
+    assert IndexedDataset(prefix).num_documents == 45
     with pytest.raises(DatasetError, match=r"built-in dataset directory .*afile: is a file; choose another "
                                            r"directory \(data\.builtin_dir\)"):
         (tmp_path / "afile").write_text("x")
