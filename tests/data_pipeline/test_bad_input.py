@@ -5,6 +5,7 @@ SIGTERM and SIGKILL are sent to a real preprocess process."""
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -69,7 +70,6 @@ def cli(main, argv, capsys):
 
 
 def assert_one_line_error(rc, err, pattern, status=2):
-    import re
     assert rc == status, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err
