@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import sysconfig
 import warnings
+
+from data_pipeline.errors import DatasetError
+from data_pipeline.files import make_parent_dir, os_error, remove_quietly, remove_stale_temps, tmp_name
+
+log = logging.getLogger(__name__)
 
 MIN_DOC_CHARS = 20  # shorter docstrings ("Return self.") are noise, not language
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
@@ -52,12 +58,18 @@ def iter_builtin_documents():
 
 def write_builtin_corpus(path: str) -> str:
     """Write the corpus as JSONL ({"text": ...} per line), atomically. Returns `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in iter_builtin_documents():
-            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    make_parent_dir(path, "built-in corpus")
+    remove_stale_temps(path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in iter_builtin_documents():
+                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise os_error(tmp, e) from None
+    finally:
+        remove_quietly(tmp)  # no-op once renamed
     return path
 
 
@@ -66,18 +78,25 @@ def prepare_builtin_dataset(out_dir: str, vocab_size: int = 8192, workers: int |
     """Train a tokenizer on the built-in corpus and preprocess it, once: (tokenizer_model_path, data_prefix).
 
     Idempotent: complete outputs from an earlier call are reused (each is written under a temporary name and
-    renamed, so a present file is a complete one). Files: OUT_DIR/builtin.jsonl, OUT_DIR/tokenizer-V.model,
+    renamed, so a present file is a complete one); a tokenizer or dataset that no longer opens (damaged or
+    tampered with) is rebuilt, with a warning. Files: OUT_DIR/builtin.jsonl, OUT_DIR/tokenizer-V.model,
     OUT_DIR/builtin-V.{bin,idx} with V the vocabulary size. Under a minute on 2 cores.
     """
     from data_pipeline.indexed_dataset import IndexedDataset
     from data_pipeline.preprocess import preprocess
+    from data_pipeline.tokenizer import Tokenizer
     from data_pipeline.train_tokenizer import train_tokenizer
 
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DatasetError(f"built-in dataset directory {out_dir}: is a file; choose another directory "
+                           f"(data.builtin_dir)")
+    make_parent_dir(os.path.join(out_dir, "builtin.jsonl"), "built-in dataset directory")
     corpus = os.path.join(out_dir, "builtin.jsonl")
     model_prefix = os.path.join(out_dir, f"tokenizer-{vocab_size}")
     data_prefix = os.path.join(out_dir, f"builtin-{vocab_size}")
     model = f"{model_prefix}.model"
+    _drop_if_damaged([model], lambda: Tokenizer(model))
+    _drop_if_damaged([data_prefix + ".bin", data_prefix + ".idx"], lambda: IndexedDataset(data_prefix))
     if not os.path.isfile(corpus):
         write_builtin_corpus(corpus)
     if not os.path.isfile(model):
@@ -92,3 +111,15 @@ def prepare_builtin_dataset(out_dir: str, vocab_size: int = 8192, workers: int |
                    quiet=quiet)
     IndexedDataset(data_prefix)  # raises if something on disk is damaged
     return model, data_prefix
+
+
+def _drop_if_damaged(paths: list[str], open_them) -> None:
+    """Remove derived files that exist but do not open, so that they are built again."""
+    if not any(os.path.exists(p) for p in paths):
+        return
+    try:
+        open_them()
+    except DatasetError as e:
+        log.warning("rebuilding %s: %s", " and ".join(paths), e)
+        for p in paths:
+            remove_quietly(p)

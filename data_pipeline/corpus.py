@@ -1,11 +1,13 @@
 """Reading raw corpora: `.jsonl`/`.json` (one JSON object per line, text under a key) or `.txt` (one document
 per line); any of them optionally `.gz`. Bad lines raise `DatasetError` naming file and line number, or are
-counted and skipped when the caller asks for it."""
+counted and skipped when the caller asks for it. A file that cannot be read to its end (a truncated or corrupt
+`.gz`, an I/O error) always raises: its missing tail is not a bad line."""
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -25,15 +27,26 @@ class ReadStats:
 
 
 def check_inputs(paths: list[str]) -> list[str]:
-    """Every input exists and has a supported suffix; returns the list unchanged."""
+    """Every input is a readable file with a supported suffix, each given once (`./a` and `a`, or two links to
+    one file, are the same input: its documents would be counted twice); returns the list unchanged."""
     if not paths:
         raise DatasetError("--input: no input files given; pass one or more .jsonl/.json/.txt files")
+    seen: dict[tuple[int, int], str] = {}
     for p in paths:
+        if os.path.isdir(p):
+            raise DatasetError(f"--input {p}: is a directory; pass the files in it (e.g. {os.path.join(p, '*.jsonl')})")
         if not os.path.isfile(p):
             raise DatasetError(f"--input {p}: file not found")
         if not p.endswith(JSON_SUFFIXES + TEXT_SUFFIXES):
             raise DatasetError(f"--input {p}: unsupported file type; use .jsonl/.json (one JSON object per "
                                f"line) or .txt (one document per line), optionally .gz")
+        if not os.access(p, os.R_OK):
+            raise DatasetError(f"--input {p}: not readable (permission denied); fix its permissions")
+        st = os.stat(p)
+        if (st.st_dev, st.st_ino) in seen:
+            raise DatasetError(f"--input {p}: the same file as {seen[st.st_dev, st.st_ino]}, given twice (its "
+                               f"documents would be duplicated); give each input once")
+        seen[st.st_dev, st.st_ino] = p
     return paths
 
 
@@ -47,6 +60,8 @@ def _parse(path: str, lineno: int, raw: bytes, json_key: str | None) -> str:
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}:{lineno}: undecodable bytes at column {e.start + 1} ({e.reason}); the "
                            f"input must be UTF-8 (fix the line or pass --skip-bad-lines)") from None
+    if lineno == 1 and line.startswith("\ufeff"):  # a UTF-8 byte-order mark is not text
+        line = line[1:]
     if json_key is None:
         return line.rstrip("\r\n")
     if not line.strip():
@@ -66,7 +81,26 @@ def _parse(path: str, lineno: int, raw: bytes, json_key: str | None) -> str:
     if not isinstance(text, str):
         raise DatasetError(f"{path}:{lineno}: key {json_key!r} holds {type(text).__name__}, expected a string; "
                            f"fix the line or pass --skip-bad-lines")
+    if b"\\ud" in raw or b"\\uD" in raw:  # only a \uD800-\uDFFF escape can put a lone surrogate in valid JSON
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DatasetError(f"{path}:{lineno}: key {json_key!r} holds a lone UTF-16 surrogate "
+                               f"\\u{ord(text[e.start]):04x} at character {e.start + 1}, which is not Unicode text; "
+                               f"fix the line or pass --skip-bad-lines") from None
     return text
+
+
+def _read_error(path: str, lineno: int, e: BaseException) -> DatasetError:
+    where = f"after line {lineno}" if lineno else "at its start"
+    if isinstance(e, gzip.BadGzipFile):
+        return DatasetError(f"{path}: not a gzip file ({e}); rename it without .gz if it is plain text, or "
+                            f"check it with `gzip -t {path}`")
+    if isinstance(e, (EOFError, zlib.error)):
+        return DatasetError(f"{path}: truncated or corrupt gzip data {where} ({e}); the file is incomplete: "
+                            f"download or compress it again (`gzip -t {path}` checks it)")
+    return DatasetError(f"{path}: read failed {where} ({getattr(e, 'strerror', None) or e}); check the file and "
+                        f"the disk")
 
 
 def iter_documents(paths: list[str], json_key: str = "text", skip_bad_lines: bool = False,
@@ -75,15 +109,21 @@ def iter_documents(paths: list[str], json_key: str = "text", skip_bad_lines: boo
     stats = stats if stats is not None else ReadStats()
     for path in paths:
         key = None if path.endswith(TEXT_SUFFIXES) else json_key
-        with _open(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                stats.lines += 1
-                stats.bytes += len(raw)
-                try:
-                    yield _parse(path, lineno, raw, key)
-                except DatasetError as e:
-                    if not skip_bad_lines:
-                        raise
-                    stats.bad_lines += 1
-                    if len(stats.first_bad) < 5:
-                        stats.first_bad.append(str(e).split("; ")[0])
+        lineno = 0
+        try:
+            with _open(path) as f:
+                for lineno, raw in enumerate(f, 1):
+                    stats.lines += 1
+                    stats.bytes += len(raw)
+                    try:
+                        text = _parse(path, lineno, raw, key)
+                    except DatasetError as e:
+                        if not skip_bad_lines:
+                            raise
+                        stats.bad_lines += 1
+                        if len(stats.first_bad) < 5:
+                            stats.first_bad.append(str(e).split("; ")[0])
+                        continue
+                    yield text
+        except (OSError, EOFError, zlib.error) as e:  # from opening or reading the file, never from a consumer
+            raise _read_error(path, lineno, e) from None

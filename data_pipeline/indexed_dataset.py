@@ -22,6 +22,8 @@ from typing import Iterable
 import numpy as np
 
 from data_pipeline.errors import DatasetError
+from data_pipeline.files import (check_output_prefix, make_parent_dir, os_error, remove_quietly, remove_stale_temps,
+                                 renaming, tmp_name)
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -45,21 +47,32 @@ def optimal_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
 
 
-def _check_prefix(prefix: str) -> None:
+def check_prefix(prefix: str) -> None:
+    """Both files of PREFIX exist as files, or a DatasetError saying which is missing and how to make it."""
     for path in (idx_path(prefix), bin_path(prefix)):
+        if os.path.isdir(path):
+            raise DatasetError(f"{path}: is a directory, not the dataset's file; pass the prefix of a "
+                               f"PREFIX.bin/PREFIX.idx pair")
         if not os.path.isfile(path):
             hint = ""
             if prefix.endswith((".bin", ".idx")):
                 hint = f" (pass the prefix without the extension: {prefix[:-4]!r})"
+            elif os.path.isdir(prefix):
+                found = sorted(f[:-4] for f in os.listdir(prefix) if f.endswith(".idx"))[:5]
+                hint = (f" ({prefix} is a directory; pass the prefix of a dataset in it"
+                        f"{': ' + ', '.join(os.path.join(prefix, f) for f in found) if found else ''})")
             raise DatasetError(f"{path}: file not found{hint}; create the dataset with "
                                f"`python -m data_pipeline.preprocess --output-prefix {prefix} ...`")
 
 
 def read_header(path: str) -> tuple[np.dtype, int, int, int]:
     """Parse and check the fixed 34-byte header: (dtype, sequence count, document-index count, file size)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(HEADER_SIZE)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+    except OSError as e:
+        raise os_error(path, e, "read") from None
     if not head.startswith(MAGIC) and not (len(head) < len(MAGIC) and MAGIC.startswith(head)):
         raise DatasetError(f"{path}: bad magic {head[:9]!r}, expected {MAGIC!r}: not a Megatron MMIDIDX "
                            f"index file; {_REBUILD}")
@@ -72,6 +85,13 @@ def read_header(path: str) -> tuple[np.dtype, int, int, int]:
         raise DatasetError(f"{path}: unknown dtype code {code}, expected one of {sorted(DTYPE_CODES)} "
                            f"({', '.join(f'{k}={np.dtype(v).name}' for k, v in DTYPE_CODES.items())}); {_REBUILD}")
     return np.dtype(DTYPE_CODES[code]), n_seq, n_doc_idx, size
+
+
+def _memmap(path: str, dtype) -> np.memmap:
+    try:
+        return np.memmap(path, dtype=dtype, mode="r")
+    except OSError as e:
+        raise os_error(path, e, "read") from None
 
 
 class IndexedDataset:
@@ -87,7 +107,7 @@ class IndexedDataset:
 
     def __init__(self, prefix: str):
         self.prefix = str(prefix)
-        _check_prefix(self.prefix)
+        check_prefix(self.prefix)
         self.idx_path, self.bin_path = idx_path(self.prefix), bin_path(self.prefix)
         self.dtype, n_seq, n_doc_idx, size = read_header(self.idx_path)
         body = 4 * n_seq + 8 * n_seq + 8 * n_doc_idx
@@ -98,13 +118,16 @@ class IndexedDataset:
         if n_doc_idx < 1:
             raise DatasetError(f"{self.idx_path}: document index is empty (it must start with 0 and end at "
                                f"the sequence count {n_seq}); {_REBUILD}")
-        self._idx_map = np.memmap(self.idx_path, dtype=np.uint8, mode="r")
+        self._idx_map = _memmap(self.idx_path, np.uint8)
         off = HEADER_SIZE
         self.sequence_lengths = np.frombuffer(self._idx_map, np.int32, n_seq, off)
         self.sequence_pointers = np.frombuffer(self._idx_map, np.int64, n_seq, off + 4 * n_seq)
         self.document_indices = np.frombuffer(self._idx_map, np.int64, n_doc_idx, off + 12 * n_seq)
         self._check_index()
-        bin_size = os.path.getsize(self.bin_path)
+        try:
+            bin_size = os.path.getsize(self.bin_path)
+        except OSError as e:
+            raise os_error(self.bin_path, e, "read") from None
         expected = self.num_tokens * self.dtype.itemsize
         if bin_size != expected:
             state = "truncated" if bin_size < expected else "longer than its index says"
@@ -113,7 +136,7 @@ class IndexedDataset:
         if bin_size == 0:  # np.memmap refuses empty files
             self.tokens = np.zeros(0, dtype=self.dtype)
         else:
-            self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+            self.tokens = _memmap(self.bin_path, self.dtype)
 
     def _check_index(self) -> None:
         lengths, pointers, docs = self.sequence_lengths, self.sequence_pointers, self.document_indices
@@ -185,8 +208,10 @@ class IndexedDataset:
 class IndexedDatasetBuilder:
     """Writes `PREFIX.bin`/`PREFIX.idx` under temporary names; `finalize()` renames both into place.
 
-    An interrupted build (exception, Ctrl-C, killed process) leaves no `PREFIX.bin`/`PREFIX.idx` behind:
-    use it as a context manager, or call `abort()`, to delete the temporary files.
+    An interrupted build (exception, Ctrl-C, SIGTERM in a CLI) leaves no new `PREFIX.bin`/`PREFIX.idx` and the
+    old ones, if any, unchanged: use it as a context manager, or call `abort()`, to delete the temporary files.
+    Temporary files of a killed build (`PREFIX.bin.tmp-PID` of a dead PID) are removed when the next one starts.
+    OS errors (read-only place, full disk, a file where a directory should be) raise `DatasetError` naming the file.
     """
 
     def __init__(self, prefix: str, dtype=np.uint16):
@@ -195,11 +220,15 @@ class IndexedDatasetBuilder:
         if self.dtype not in CODE_OF_DTYPE:
             raise DatasetError(f"dtype {self.dtype.name} has no MMIDIDX code; use one of "
                                f"{[np.dtype(v).name for v in DTYPE_CODES.values()]}")
-        parent = os.path.dirname(os.path.abspath(self.prefix))
-        os.makedirs(parent, exist_ok=True)
-        tag = f".tmp-{os.getpid()}"
-        self._tmp_bin, self._tmp_idx = bin_path(self.prefix) + tag, idx_path(self.prefix) + tag
-        self._bin = open(self._tmp_bin, "wb")
+        check_output_prefix(self.prefix, (".bin", ".idx"))
+        make_parent_dir(bin_path(self.prefix))
+        for path in (bin_path(self.prefix), idx_path(self.prefix)):
+            remove_stale_temps(path)
+        self._tmp_bin, self._tmp_idx = tmp_name(bin_path(self.prefix)), tmp_name(idx_path(self.prefix))
+        try:
+            self._bin = open(self._tmp_bin, "wb")
+        except OSError as e:
+            raise os_error(self._tmp_bin, e) from None
         self._lengths: list[np.ndarray] = []
         self._doc_ends: list[np.ndarray] = []  # sequence count at the end of each document
         self._num_sequences = 0
@@ -216,7 +245,13 @@ class IndexedDatasetBuilder:
                     raise DatasetError(f"{self.prefix}: token id {int(hi if hi > info.max else lo)} does not fit "
                                        f"{self.dtype.name}; build with dtype=np.int32 (vocabulary >= 65,500)")
             tokens = tokens.astype(self.dtype)
-        self._bin.write(np.ascontiguousarray(tokens).tobytes())
+        self._write_bytes(np.ascontiguousarray(tokens).tobytes())
+
+    def _write_bytes(self, data: bytes) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as e:
+            raise os_error(self._tmp_bin, e) from None
 
     def add_item(self, tokens) -> None:
         """One sequence; close the document with `end_document()` (Megatron's add_item semantics)."""
@@ -248,44 +283,70 @@ class IndexedDatasetBuilder:
                                f"{self.dtype.name}; re-preprocess it with the same tokenizer")
         if self._pending_sequences:
             raise DatasetError(f"{self.prefix}: call end_document() before add_index({prefix!r})")
-        with open(ds.bin_path, "rb") as src:
+        try:
+            src = open(ds.bin_path, "rb")
+        except OSError as e:
+            raise os_error(ds.bin_path, e, "read") from None
+        with src:
             while chunk := src.read(chunk_bytes):
-                self._bin.write(chunk)
+                self._write_bytes(chunk)
         self._lengths.append(np.array(ds.sequence_lengths, dtype=np.int32))
         self._doc_ends.append(self._num_sequences + np.asarray(ds.document_indices[1:], dtype=np.int64))
         self._num_sequences += len(ds)
 
     def finalize(self) -> None:
-        """Write the index and rename both files into place (`.bin` first, so `.idx` marks completeness)."""
+        """Write the index and rename both files into place (`.bin` first, so `.idx` marks completeness).
+
+        On failure the temporary files are removed and the error raised."""
+        try:
+            self._finalize()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finalize(self) -> None:
         if self._pending_sequences:
             self.end_document()
-        self._bin.close()
+        try:
+            self._bin.close()  # flushes: a full disk can fail here
+        except OSError as e:
+            raise os_error(self._tmp_bin, e) from None
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         doc_idx = np.concatenate([np.zeros(1, np.int64)] + self._doc_ends)
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
-        with open(self._tmp_idx, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<QBQQ", VERSION, CODE_OF_DTYPE[self.dtype], len(lengths), len(doc_idx)))
-            f.write(lengths.astype("<i4").tobytes())
-            f.write(pointers.astype("<i8").tobytes())
-            f.write(doc_idx.astype("<i8").tobytes())
-        # .idx is removed first so no reader ever pairs an old .idx with the new .bin
-        if os.path.exists(idx_path(self.prefix)):
-            os.remove(idx_path(self.prefix))
-        os.replace(self._tmp_bin, bin_path(self.prefix))
-        os.replace(self._tmp_idx, idx_path(self.prefix))
+        try:
+            with open(self._tmp_idx, "wb") as f:
+                f.write(MAGIC)
+                f.write(struct.pack("<QBQQ", VERSION, CODE_OF_DTYPE[self.dtype], len(lengths), len(doc_idx)))
+                f.write(lengths.astype("<i4").tobytes())
+                f.write(pointers.astype("<i8").tobytes())
+                f.write(doc_idx.astype("<i8").tobytes())
+        except OSError as e:
+            raise os_error(self._tmp_idx, e) from None
+        # both files are complete: only renames are left. .idx is removed first so no reader ever pairs an
+        # old .idx with the new .bin
+        try:
+            with renaming():
+                if os.path.exists(idx_path(self.prefix)):
+                    os.remove(idx_path(self.prefix))
+                os.replace(self._tmp_bin, bin_path(self.prefix))
+                os.replace(self._tmp_idx, idx_path(self.prefix))
+        except OSError as e:
+            raise os_error(self.prefix, e, "rename the new .bin/.idx into place") from None
         self.finalized = True
 
     def abort(self) -> None:
         """Close and delete the temporary files (no-op after finalize)."""
         if self.finalized:
             return
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:  # the buffered tail cannot be flushed (full disk): the file is deleted anyway
+            pass
         for path in (self._tmp_bin, self._tmp_idx):
-            if os.path.exists(path):
-                os.remove(path)
+            remove_quietly(path)
 
     def __enter__(self) -> "IndexedDatasetBuilder":
         return self
@@ -295,6 +356,13 @@ class IndexedDatasetBuilder:
             self.abort()
         elif not self.finalized:
             self.finalize()
+
+
+def discard_build(prefix: str) -> None:
+    """Remove this process's temporary files for PREFIX (for an interrupt that lands before a builder exists
+    to abort, e.g. between its creation and the `with` block)."""
+    for path in (bin_path(prefix), idx_path(prefix)):
+        remove_quietly(tmp_name(path))
 
 
 def write_dataset(prefix: str, documents: Iterable, dtype=np.uint16) -> str:

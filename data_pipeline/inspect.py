@@ -6,23 +6,27 @@ invariant and exit non-zero naming the first violation.
 Checks: header (magic, version, dtype code), .idx size vs its counts, sequence lengths non-negative, pointers equal
 the running sum of lengths, document index from 0 to the sequence count and non-decreasing, .bin length equals
 the tokens described, and (with --tokenizer-model or --vocab-size) every token id below the vocabulary size.
-Exit status: 0 all good, 1 an invariant is violated, 2 usage error.
+Exit status: 0 all good, 1 an invariant is violated, 2 usage error (a bad flag, a missing or unreadable file).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
 from data_pipeline.errors import DatasetError
-from data_pipeline.indexed_dataset import IndexedDataset
+from data_pipeline.indexed_dataset import IndexedDataset, bin_path, check_prefix, idx_path
 
 CHUNK_TOKENS = 1 << 24
 
 
 def check_token_ids(ds: IndexedDataset, vocab_size: int) -> None:
     """Raise DatasetError at the first token id outside [0, vocab_size) (scans .bin in chunks)."""
+    if not np.issubdtype(ds.dtype, np.integer):
+        raise DatasetError(f"{ds.idx_path}: token dtype {ds.dtype.name} is not an integer type, so its values are "
+                           f"not token ids; re-create it with `python -m data_pipeline.preprocess`")
     for start in range(0, ds.num_tokens, CHUNK_TOKENS):
         chunk = np.asarray(ds.tokens[start:start + CHUNK_TOKENS])
         bad = np.flatnonzero((chunk < 0) | (chunk >= vocab_size))
@@ -46,6 +50,7 @@ def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def report(ds: IndexedDataset, tokenizer=None, out=None) -> None:
+    """Print the summary; the first document is decoded only when all its ids are in the tokenizer's range."""
     out = out if out is not None else sys.stdout
     _, doc_lengths = ds.document_token_bounds()
     print(f"dataset     {ds.prefix}", file=out)
@@ -61,8 +66,13 @@ def report(ds: IndexedDataset, tokenizer=None, out=None) -> None:
         top = max(c for _, _, c in hist)
         for lo, hi, c in hist:
             print(f"  [{lo:>8,}, {hi:>8,})  {c:>10,}  {'#' * max(1, round(40 * c / top))}", file=out)
-    if tokenizer is not None and ds.num_documents:
-        text = tokenizer.decode(ds.document(0))
+    first = ds.document(0) if tokenizer is not None and ds.num_documents else None
+    if first is not None and np.issubdtype(ds.dtype, np.integer) and len(first) and (
+            first.min() < 0 or first.max() >= tokenizer.vocab_size):
+        print(f"first document not decoded: it holds ids outside the tokenizer's [0, {tokenizer.vocab_size})",
+              file=out)
+    elif first is not None:
+        text = tokenizer.decode(first)
         print(f"first document decoded ({len(text):,} chars):", file=out)
         print(text[:2000] + (" [...]" if len(text) > 2000 else ""), file=out)
 
@@ -77,9 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `inspect ... | head`: the reader left; say nothing more, like other Unix tools
+        try:  # so that flushing stdout at exit does not fail a second time
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     tokenizer = None
     try:
+        if args.vocab_size is not None and args.tokenizer_model:
+            raise DatasetError(f"--vocab-size {args.vocab_size} and --tokenizer-model {args.tokenizer_model}: give "
+                               f"one (the tokenizer's vocabulary is its size)")
+        if args.vocab_size is not None and args.vocab_size < 1:
+            raise DatasetError(f"--vocab-size {args.vocab_size}: must be a positive number of ids")
+        check_prefix(args.prefix)  # a missing file is a usage error (2), a damaged one an invalid dataset (1)
+        for path in (idx_path(args.prefix), bin_path(args.prefix)):
+            if not os.access(path, os.R_OK):
+                raise DatasetError(f"{path}: not readable (permission denied); fix its permissions")
         if args.tokenizer_model:
             from data_pipeline.tokenizer import Tokenizer
             tokenizer = Tokenizer(args.tokenizer_model)

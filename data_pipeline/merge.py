@@ -3,34 +3,58 @@
     python -m data_pipeline.merge --input shard0 shard1 shard2 --output-prefix data/all
 
 Inputs and output are prefixes (PREFIX.bin/.idx). Documents keep their order: all of shard0, then shard1, ...
-Every input is opened (and so fully checked) before anything is written; the output is written under temporary
-names and renamed when complete.
+Every input is opened (and so fully checked) before anything is written, and each must be a different dataset
+(`a`, `./a` and a link to it are the same); the output must not be one of them. The output is written under
+temporary names and renamed when complete: a failed or interrupted merge leaves an existing output unchanged.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from data_pipeline.errors import DatasetError
-from data_pipeline.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from data_pipeline.files import check_output_prefix, deferred_signal, exit_code, stop_on_signals
+from data_pipeline.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, discard_build
 
 
 def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
     """Concatenate datasets document by document; returns the merged dataset."""
     if not prefixes:
         raise DatasetError("--input: no datasets given; pass two or more prefixes")
-    if output_prefix in prefixes:
-        raise DatasetError(f"--output-prefix {output_prefix}: is also an input; choose a new prefix")
+    check_output_prefix(output_prefix, (".bin", ".idx"), "--output-prefix")
     datasets = [IndexedDataset(p) for p in prefixes]
+    seen: dict[tuple[int, int], str] = {}
+    for ds in datasets:
+        key = _file_id(ds.idx_path)
+        if key in seen:
+            raise DatasetError(f"--input {ds.prefix}: the same dataset as {seen[key]}, given twice (its documents "
+                               f"would be duplicated); give each input once")
+        seen[key] = ds.prefix
+    out_ids = {_file_id(f"{output_prefix}{ext}") for ext in (".idx", ".bin") if os.path.exists(output_prefix + ext)}
+    for ds in datasets:
+        if out_ids & {_file_id(ds.idx_path), _file_id(ds.bin_path)}:
+            raise DatasetError(f"--output-prefix {output_prefix}: is also an input ({ds.prefix}), which it would "
+                               f"overwrite; choose a new prefix")
     dtypes = {ds.dtype.name for ds in datasets}
     if len(dtypes) > 1:
         detail = ", ".join(f"{ds.prefix}: {ds.dtype.name}" for ds in datasets)
         raise DatasetError(f"--input: token dtypes differ ({detail}); preprocess every shard with the same "
                            f"tokenizer")
-    with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
-        for ds in datasets:
-            builder.add_index(ds.prefix)
+    try:
+        with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
+            for ds in datasets:
+                builder.add_index(ds.prefix)
+    except BaseException:
+        discard_build(output_prefix)
+        raise
     return IndexedDataset(output_prefix)
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    """(device, inode): equal for two spellings of one file, or two links to it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        ds = merge(args.input, args.output_prefix)
+        with stop_on_signals():
+            ds = merge(args.input, args.output_prefix)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}): {args.output_prefix}.bin/.idx not written (an existing one is "
+              f"unchanged)", file=sys.stderr)
+        return exit_code(e)
+    if signame := deferred_signal():
+        print(f"{signame} arrived while {args.output_prefix}.bin/.idx were renamed into place: they are complete",
+              file=sys.stderr)
     print(f"merge: {ds.prefix}.bin/.idx: {ds.num_documents:,} documents, {ds.num_tokens:,} tokens from "
           f"{len(args.input)} datasets")
     return 0

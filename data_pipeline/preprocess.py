@@ -5,7 +5,9 @@
 
 One document per JSON line (text under --json-keys, default "text"; .txt inputs: one document per line), EOD
 appended to each document. Flags follow Megatron-LM's tools/preprocess_data.py where they mean the same thing.
-Output is written under temporary names and renamed when complete, so an interrupted run leaves no PREFIX.bin/.idx.
+Output is written under temporary names and renamed when complete, so a failed or interrupted run (Ctrl-C,
+SIGTERM) leaves no new PREFIX.bin/.idx and an existing one unchanged; temporary files of a killed run are removed
+by the next run. Errors exit 2 with one line naming the file and the fix.
 
 Speed: reading and JSON parsing run in one thread, sentencepiece's batch encoder (which releases the GIL) in
 `--workers` native threads, and writing in a third thread, so start-up, I/O and parsing hide beside the encoding.
@@ -25,7 +27,8 @@ import numpy as np
 
 from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
 from data_pipeline.errors import DatasetError
-from data_pipeline.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
+from data_pipeline.files import check_output_prefix, deferred_signal, exit_code, stop_on_signals
+from data_pipeline.indexed_dataset import IndexedDatasetBuilder, discard_build, optimal_dtype
 from data_pipeline.tokenizer import Tokenizer
 
 BATCH_BYTES = 1 << 20   # text per encode call: large enough to keep the encoder threads busy
@@ -72,6 +75,8 @@ def _producer(docs, out: queue.Queue, stop: threading.Event, stats: ReadStats) -
         out.put(_DONE)
     except BaseException as e:  # handed to the main thread, which re-raises it
         out.put(e)
+    finally:
+        docs.close()  # closes the input file, also when stopped early
 
 
 def _to_tokens(ids: list[np.ndarray], eod: int | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +95,10 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, work
     """Tokenize `inputs` into `output_prefix`.bin/.idx; returns the Summary (also printed unless quiet)."""
     if workers < 1:
         raise DatasetError(f"--workers {workers}: must be at least 1")
+    if not json_key:
+        raise DatasetError(f"--json-keys {json_key!r}: empty; give the JSON key that holds the text (e.g. text)")
     check_inputs(list(inputs))
+    check_output_prefix(output_prefix, (".bin", ".idx"), "--output-prefix")
     tok = Tokenizer(tokenizer_model)
     dtype = optimal_dtype(tok.vocab_size)
     t0 = time.time()
@@ -105,9 +113,10 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, work
     if progress and not quiet:
         from tqdm import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, smoothing=0.1)
-    writer_pool = _Writer(IndexedDatasetBuilder(output_prefix, dtype))
-    reader.start()
+    writer_pool = None
     try:
+        writer_pool = _Writer(IndexedDatasetBuilder(output_prefix, dtype))
+        reader.start()
         read_bytes = 0
         while (item := batches.get()) is not _DONE:
             if isinstance(item, BaseException):
@@ -122,12 +131,24 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, work
                 bar.update(bytes_so_far - read_bytes)
                 bar.set_postfix_str(f"{summary.documents / max(time.time() - t0, 1e-9):,.0f} docs/s", refresh=False)
             read_bytes = bytes_so_far
+        if summary.documents == 0:
+            example = f" (e.g. {stats.first_bad[0]})" if stats.first_bad else ""
+            raise DatasetError(f"--input {' '.join(inputs)}: no documents: {stats.lines} lines, "
+                               f"{summary.empty_documents} empty, {stats.bad_lines} bad{example}; nothing written. "
+                               f"Check the files and --json-keys {json_key}")
         summary.tokens = writer_pool.close()
         summary.bad_lines, summary.input_bytes = stats.bad_lines, stats.bytes
         summary.seconds = time.time() - t0
     except BaseException:
         stop.set()
-        writer_pool.abort()
+        if writer_pool is not None:
+            writer_pool.abort()
+        discard_build(output_prefix)  # also when the interrupt came before the builder could be aborted
+        while reader.is_alive():  # unblock the reader so it closes its input file
+            try:
+                batches.get(timeout=0.05)
+            except queue.Empty:
+                pass
         raise
     finally:
         if bar is not None:
@@ -219,14 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.partitions != 1:
             raise DatasetError(f"--partitions {args.partitions}: not supported; shard the input yourself, "
                                f"preprocess each shard, and combine with `python -m data_pipeline.merge`")
-        preprocess(args.input, args.output_prefix, args.tokenizer_model, args.workers, args.json_keys[0],
-                   args.append_eod, args.skip_bad_lines, progress=not args.no_progress, quiet=args.quiet)
+        with stop_on_signals():
+            preprocess(args.input, args.output_prefix, args.tokenizer_model, args.workers, args.json_keys[0],
+                       args.append_eod, args.skip_bad_lines, progress=not args.no_progress, quiet=args.quiet)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: no {args.output_prefix}.bin/.idx written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}): {args.output_prefix}.bin/.idx not written (an existing one is "
+              f"unchanged)", file=sys.stderr)
+        return exit_code(e)
+    if signame := deferred_signal():
+        print(f"{signame} arrived while {args.output_prefix}.bin/.idx were renamed into place: they are complete",
+              file=sys.stderr)
     return 0
 
 

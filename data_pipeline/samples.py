@@ -16,13 +16,16 @@ with different seeds share a validation set) is held out; `valid_samples(L, n)` 
 validation documents' stream (original order), never truncated.
 
 The index (epoch orders, stream offsets, per-stage shuffles) is vectorised numpy, deterministic, and cached on disk
-under a key of everything it depends on. Distributed use: rank 0 calls `build()`, the caller runs a barrier, then
-every rank calls `load()` (memory-maps the same files).
+under a key of everything it depends on, with a SHA-256 of every array recorded at build time. A cache is verified
+when it is opened (what it was built from, each array's dtype and shape, cheap invariants, the checksums): rank 0's
+`build()` replaces one that does not match, `load()` refuses it. Distributed use: rank 0 calls `build()`, the
+caller runs a barrier, then every rank calls `load()` (memory-maps the same files).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,7 +33,10 @@ import tempfile
 import numpy as np
 
 from data_pipeline.errors import DatasetError, SamplePlanError
+from data_pipeline.files import os_error, remove_stale_temps
 from data_pipeline.indexed_dataset import IndexedDataset
+
+log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1  # tick when the sample logic changes: old caches then stop matching
 _EPOCH_TAG, _STAGE_TAG, _SPLIT_TAG = 1, 2, 3  # keep the seed streams of different uses apart
@@ -53,6 +59,14 @@ def data_fingerprint(prefix: str) -> str:
         f.seek(max(0, os.path.getsize(ds_bin) - _MB))
         h.update(f.read(_MB))
     return h.hexdigest()[:20]
+
+
+class CacheMismatch(DatasetError):
+    """A cached sample index that cannot be trusted (unreadable, or not what its meta.json says was built)."""
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array)).hexdigest()
 
 
 def check_stages(stages) -> list[tuple[int, int]]:
@@ -189,47 +203,121 @@ class GrowLengthSamples:
         return ["stream_docs", "stream_cum"] + [f"order_{k}" for k in range(len(self.stages))]
 
     def build(self) -> "GrowLengthSamples":
-        """Compute the index and, with a cache_dir, write it (temp dir, then rename) unless already there.
+        """Compute the index and, with a cache_dir, write it (temp dir, then rename) unless a verified one is there.
 
-        Call on one rank (rank 0); after a barrier the others call `load()`."""
-        if self.cache_path is not None and os.path.isdir(self.cache_path):
-            return self.load()
+        Call on one rank (rank 0); after a barrier the others call `load()`. A cached index that fails
+        verification is replaced (with a warning)."""
+        if self.cache_path is not None:
+            remove_stale_temps(os.path.join(self.cache_dir, ""))  # .tmp-PID-* of builds that were killed
+            if os.path.isdir(self.cache_path):
+                try:
+                    return self.load()
+                except CacheMismatch as e:
+                    log.warning("%s; rebuilding it", e)
+                    self._discard_cache()
         index = self._compute()
         if self.cache_path is not None:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir)
-            try:
-                for name in self._names():
-                    np.save(os.path.join(tmp, f"{name}.npy"), index[name])
-                meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
-                        "stages": self.stages, "prefix": os.path.abspath(self.dataset.prefix)}
-                with open(os.path.join(tmp, "meta.json"), "w") as f:
-                    json.dump(meta, f, indent=1)
-                os.rename(tmp, self.cache_path)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not os.path.isdir(self.cache_path):  # not just a lost race with another builder
-                    raise
+            self._write_cache(index)
         self._index = index
         return self
 
+    def _write_cache(self, index: dict[str, np.ndarray]) -> None:
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=self.cache_dir)
+        except OSError as e:
+            raise self._cache_write_error(self.cache_dir, e) from None
+        try:
+            arrays = {}
+            for name in self._names():
+                np.save(os.path.join(tmp, f"{name}.npy"), index[name])
+                arrays[name] = {"dtype": index[name].dtype.str, "shape": list(index[name].shape),
+                                "sha256": _sha256(index[name])}
+            meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
+                    "stages": self.stages, "prefix": os.path.abspath(self.dataset.prefix), "arrays": arrays}
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            os.rename(tmp, self.cache_path)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(self.cache_path):  # not just a lost race with another builder
+                raise self._cache_write_error(tmp, e) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _cache_write_error(self, path: str, e: OSError) -> DatasetError:
+        err = os_error(path, e)
+        return DatasetError(f"sample index cache_dir {self.cache_dir}: {err} (set data.cache_dir to another "
+                            f"directory)")
+
+    def _discard_cache(self) -> None:
+        """Move a bad cache out of the way (a rename, so a reader never sees it half-deleted), then delete it."""
+        trash = os.path.join(self.cache_dir, f".tmp-{os.getpid()}-bad-{os.path.basename(self.cache_path)}")
+        try:
+            os.rename(self.cache_path, trash)
+        except FileNotFoundError:  # another builder moved it first
+            return
+        except OSError as e:
+            raise self._cache_write_error(self.cache_path, e) from None
+        shutil.rmtree(trash, ignore_errors=True)
+
     def load(self) -> "GrowLengthSamples":
-        """Memory-map an index that `build()` wrote (on this or another rank)."""
+        """Memory-map an index that `build()` wrote (on this or another rank), after verifying it.
+
+        Raises CacheMismatch (a DatasetError) naming the file when it is unreadable or does not match."""
         if self.cache_path is None:
             raise SamplePlanError("load(): no cache_dir was given; pass cache_dir=... or call build()")
         if not os.path.isdir(self.cache_path):
             raise DatasetError(f"{self.cache_path}: sample index not built; call build() on rank 0 (then a "
                                f"barrier) before load() on the other ranks")
+        fix = f"delete {self.cache_path} and rebuild (rank 0's build() does)"
+        meta_path = os.path.join(self.cache_path, "meta.json")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            arrays = meta["arrays"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CacheMismatch(f"{meta_path}: unreadable cached sample index meta ({type(e).__name__}: {e}); "
+                                f"{fix}") from None
         index = {}
         for name in self._names():
             path = os.path.join(self.cache_path, f"{name}.npy")
             try:
                 index[name] = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise DatasetError(f"{path}: unreadable cached sample index ({e}); delete {self.cache_path} "
-                                   f"and rebuild") from None
+                raise CacheMismatch(f"{path}: unreadable cached sample index ({e}); {fix}") from None
+        problem = self._verify(meta, arrays, index)
+        if problem is not None:
+            raise CacheMismatch(f"{self.cache_path}: cached sample index does not match: {problem}; {fix}")
         self._index = index
         return self
+
+    def _verify(self, meta: dict, arrays: dict, index: dict[str, np.ndarray]) -> str | None:
+        """None if the cached index is what this plan builds, else what is wrong (cheap checks first)."""
+        for key, mine in (("version", INDEX_VERSION), ("fingerprint", self.fingerprint), ("seed", self.seed),
+                          ("stages", [list(s) for s in self.stages])):
+            if meta.get(key) != mine:
+                return f"meta.json {key} {meta.get(key)!r}, expected {mine!r}"
+        n_stream = self.num_epochs * len(self.train_docs)
+        shapes = {"stream_docs": (n_stream,), "stream_cum": (n_stream + 1,)}
+        shapes.update({f"order_{k}": (self.num_samples(k),) for k in range(len(self.stages))})
+        for name, array in index.items():
+            if array.shape != shapes[name] or not np.issubdtype(array.dtype, np.integer):
+                return f"{name}.npy is {array.dtype.name}{list(array.shape)}, expected integers of shape " \
+                       f"{list(shapes[name])}"
+            recorded = arrays.get(name) if isinstance(arrays, dict) else None
+            if not isinstance(recorded, dict) or recorded.get("dtype") != array.dtype.str or \
+                    recorded.get("shape") != list(array.shape):
+                return f"{name}.npy differs from the dtype/shape recorded in meta.json"
+        cum = index["stream_cum"]
+        if cum[0] != 0 or cum[-1] != self.num_epochs * self.tokens_per_epoch:
+            return (f"stream_cum runs from {int(cum[0])} to {int(cum[-1])}, expected 0 to "
+                    f"{self.num_epochs * self.tokens_per_epoch} (epochs x training tokens)")
+        for name, array in index.items():
+            if _sha256(array) != arrays[name].get("sha256"):
+                return f"{name}.npy checksum differs from the one recorded when it was built (changed since)"
+        return None
 
     @property
     def index(self) -> dict[str, np.ndarray]:

@@ -4,8 +4,8 @@
 
 BPE by default, byte fallback on (no id is ever unknown), unk=0 bos=1 eos=2 pad=3, EOD = eos. Normalisation is
 the identity and whitespace is kept, so decode(encode(text)) == text. Large inputs are sampled: sentencepiece
-keeps a random `--input-sentence-size` lines (seeded by `--seed`). Writes PREFIX.model (atomically) and
-PREFIX.vocab.
+keeps a random `--input-sentence-size` lines (seeded by `--seed`). Writes PREFIX.model and PREFIX.vocab, each
+under a temporary name renamed when both are complete (a failed or stopped run leaves existing ones unchanged).
 """
 from __future__ import annotations
 
@@ -19,13 +19,48 @@ import sentencepiece as spm
 
 from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
 from data_pipeline.errors import DatasetError
+from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, remove_quietly,
+                                 remove_stale_temps, replace_all, stop_on_signals, tmp_name)
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's own default; longer lines are split into pieces of this size
+MAX_THREADS = 1024         # sentencepiece's limit
 
 
-def _sentences(inputs: list[str], json_key: str, stats: ReadStats):
-    """Training 'sentences' are the non-empty lines of each document (newlines are byte-fallback tokens)."""
+def check_arguments(model_prefix: str, vocab_size: int, json_key: str, input_sentence_size: int,
+                    num_threads: int | None, seed: int, character_coverage: float) -> None:
+    """Refuse, before reading any input, what sentencepiece would refuse later with a less clear message."""
+    check_output_prefix(model_prefix, (".model", ".vocab"), "--model-prefix")
+    if not 260 <= vocab_size < 2**31:
+        raise DatasetError(f"--vocab-size {vocab_size}: " + ("too small; byte fallback alone needs 256 + 4 special "
+                           "ids, use at least 260 (typically 8192-65536)" if vocab_size < 260 else
+                           "too large (sentencepiece's limit is 2**31 - 1); typically 8192-65536"))
+    if not json_key:
+        raise DatasetError(f"--json-keys {json_key!r}: empty; give the JSON key that holds the text (e.g. text)")
+    if input_sentence_size < 0:
+        raise DatasetError(f"--input-sentence-size {input_sentence_size}: must be >= 0 (0 = every line)")
+    if num_threads is not None and not 1 <= num_threads <= MAX_THREADS:
+        raise DatasetError(f"--workers {num_threads}: must be in [1, {MAX_THREADS}]")
+    if not 0 <= seed < 2**32:
+        raise DatasetError(f"--seed {seed}: must be in [0, 2**32)")
+    if not 0.98 <= character_coverage <= 1.0:
+        raise DatasetError(f"--character-coverage {character_coverage}: sentencepiece accepts [0.98, 1.0] "
+                           f"(default 0.9995)")
+
+
+def _sentences(inputs: list[str], json_key: str, stats: ReadStats, failure: list):
+    """Training 'sentences' are the non-empty lines of each document (newlines are byte-fallback tokens).
+
+    A DatasetError (an unreadable file) or an interrupt is also kept in `failure`: sentencepiece turns it into a
+    RuntimeError."""
+    try:
+        yield from _lines(inputs, json_key, stats)
+    except (DatasetError, KeyboardInterrupt) as e:
+        failure.append(e)
+        raise
+
+
+def _lines(inputs: list[str], json_key: str, stats: ReadStats):
     for text in iter_documents(inputs, json_key, skip_bad_lines=True, stats=stats):
         for line in text.split("\n"):
             if not line.strip():
@@ -41,16 +76,14 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
                     seed: int = 0, character_coverage: float = 0.9995, quiet: bool = False) -> str:
     """Train and write `model_prefix.model` (+ `.vocab`); returns the model path."""
     check_inputs(list(inputs))
-    if vocab_size < 260:
-        raise DatasetError(f"--vocab-size {vocab_size}: too small; byte fallback alone needs 256 + 4 special "
-                           f"ids, use at least 260 (typically 8192-65536)")
-    stats = ReadStats()
+    check_arguments(model_prefix, vocab_size, json_key, input_sentence_size, num_threads, seed, character_coverage)
+    stats, failure = ReadStats(), []
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     t0 = time.time()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(list(inputs), json_key, stats), model_writer=model,
+            sentence_iterator=_sentences(list(inputs), json_key, stats, failure), model_writer=model,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -59,7 +92,14 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
             max_sentence_length=MAX_SENTENCE_BYTES, num_threads=num_threads or os.cpu_count() or 1,
             minloglevel=2 if quiet else 1)
     except RuntimeError as e:
+        if failure:
+            raise failure[0] from None
         msg = str(e)
+        if "sentences_.empty()" in msg:
+            example = f" (e.g. {stats.first_bad[0]})" if stats.first_bad else ""
+            raise DatasetError(f"--input {' '.join(inputs)}: no training text: {stats.lines} lines, "
+                               f"{stats.bad_lines} unreadable{example}; check the files and --json-keys "
+                               f"{json_key}") from None
         if "smaller than required_chars" in msg:
             raise DatasetError(f"--vocab-size {vocab_size}: too small for this corpus's characters ({msg.strip()}); "
                                f"raise --vocab-size or lower --character-coverage") from None
@@ -71,19 +111,33 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
         print(f"train_tokenizer: skipped {stats.bad_lines} unreadable lines, e.g. {stats.first_bad[0]}",
               file=sys.stderr)
     path = f"{model_prefix}.model"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    with open(f"{model_prefix}.vocab", "w", encoding="utf-8") as f:
-        for i in range(sp.get_piece_size()):
-            f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n")
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size()))
+    _write_files({path: model.getvalue(), f"{model_prefix}.vocab": vocab.encode("utf-8")})
     if not quiet:
         print(f"train_tokenizer: {path}: {model_type} vocab {vocab_size} from {stats.lines} lines "
               f"({stats.bytes / 1e6:.1f} MB) in {time.time() - t0:.1f} s", file=sys.stderr)
     return path
+
+
+def _write_files(contents: dict[str, bytes]) -> None:
+    """Write every file under a temporary name, then rename them all (the .model last); nothing half-written."""
+    pairs = []
+    try:
+        for path, data in sorted(contents.items(), key=lambda kv: kv[0].endswith(".model")):
+            make_parent_dir(path, "--model-prefix")
+            remove_stale_temps(path)
+            pairs.append((tmp_name(path), path))
+            try:
+                with open(pairs[-1][0], "wb") as f:
+                    f.write(data)
+            except OSError as e:
+                raise os_error(pairs[-1][0], e) from None
+    except BaseException:
+        for tmp, _ in pairs:
+            remove_quietly(tmp)
+        raise
+    replace_all(pairs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,11 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.json_keys) > 1:
             raise DatasetError(f"--json-keys {args.json_keys}: give one key (run once per field, or merge the "
                                f"fields into one)")
-        train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type, args.json_keys[0],
-                        args.input_sentence_size, args.workers, args.seed, args.character_coverage, args.quiet)
+        with stop_on_signals():
+            train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type, args.json_keys[0],
+                            args.input_sentence_size, args.workers, args.seed, args.character_coverage, args.quiet)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}): {args.model_prefix}.model/.vocab not written (existing ones are "
+              f"unchanged)", file=sys.stderr)
+        return exit_code(e)
     return 0
 
 
