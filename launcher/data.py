@@ -148,9 +148,9 @@ def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
         tokenizer_path, prefix = prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
     else:
         tokenizer_path, prefix = d.tokenizer, d.prefix
-    if not Path(tokenizer_path).is_file():
-        raise DatasetError(f"data.tokenizer {tokenizer_path}: no such file; give the sentencepiece .model "
-                           f"that preprocessed {prefix}")
+    if not Path(tokenizer_path).exists():
+        raise DatasetError(f"data.tokenizer {tokenizer_path}: no such file; give the tokenizer that preprocessed "
+                           f"{prefix} (a sentencepiece .model, a tokenizer.json or its directory)")
     tokenizer = Tokenizer(str(tokenizer_path))
     dataset = IndexedDataset(str(prefix))
     check_vocab(dataset, tokenizer, str(prefix))
