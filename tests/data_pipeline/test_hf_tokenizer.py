@@ -165,6 +165,8 @@ def test_preprocess_with_tokenizer_json_is_exact_and_independent_of_workers(tmp_
     assert ds.dtype == np.uint16 and ds.num_documents == len(corpus_docs)
     expected = np.concatenate([tok.encode(d) + [tok.eod_id] for d in corpus_docs])  # one document at a time
     assert np.array_equal(ds.tokens, expected) and tok.eod_id == 0
+    from data_pipeline import inspect as insp
+    assert insp.main([one, "--tokenizer-model", bpe_dir]) == 0  # every id < its vocabulary, first doc decodes
 
 
 def test_tokenizer_type_flag_must_match_the_file(tmp_path, corpus_jsonl, bpe_dir, capsys):
