@@ -41,13 +41,19 @@ def pythia_dir(tmp_path_factory, corpus_jsonl):
 
 
 @pytest.fixture(scope="module")
-def trained(pythia_dir, corpus_jsonl, tmp_path_factory):
-    """preprocess with the checkpoint's tokenizer, then 6 steps from its weights: 3 at L=32, 3 at L=64."""
+def prefix(pythia_dir, corpus_jsonl, tmp_path_factory):
+    """The corpus preprocessed with the checkpoint's own tokenizer (its directory)."""
     from data_pipeline.preprocess import preprocess
 
-    work = tmp_path_factory.mktemp("continued")
-    prefix = str(work / "data" / "corpus")
+    prefix = str(tmp_path_factory.mktemp("data") / "corpus")
     preprocess([corpus_jsonl], prefix, str(pythia_dir), workers=2, quiet=True)
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def trained(pythia_dir, prefix, tmp_path_factory):
+    """6 steps from the checkpoint's weights: 3 at L=32, 3 at L=64."""
+    work = tmp_path_factory.mktemp("continued")
     run_dir = work / "run"
     env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
     env.pop("GROWLENGTH_FAULT", None)
@@ -116,3 +122,31 @@ def test_export_refuses_a_run_whose_tokenizer_is_gone(trained, tmp_path, caplog)
     assert "the tokenizer this run trained with does not open" in caplog.text
     assert "gone: tokenizer model not found" in caplog.text
     assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_init_from_hf_inputs_are_checked_before_anything_is_built(pythia_dir, prefix, tmp_path):
+    import shutil
+
+    from data_pipeline.errors import DatasetError
+    from launcher.config import ConfigError, from_dict
+    from launcher.data import prepare_data
+
+    def prepare(hf_dir):
+        cfg = from_dict({"run_dir": str(tmp_path / "run"), "model": {"init_from_hf": str(hf_dir)},
+                         "data": {"prefix": prefix, "tokenizer": str(pythia_dir)}})
+        return prepare_data(cfg, rank=0, world=1)
+
+    assert prepare(pythia_dir).model_config.hidden_size == 64  # the checkpoint's config, not the preset's
+    with pytest.raises(ConfigError, match=r"model\.init_from_hf .*nowhere: no config\.json there; give a Hugging "
+                                          r"Face GPT-NeoX directory"):
+        prepare(tmp_path / "nowhere")
+    small = tmp_path / "small-vocab"
+    shutil.copytree(pythia_dir, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    with pytest.raises(DatasetError, match=r"small-vocab has vocabulary 512 but the tokenizer .* has 1000: give the "
+                                           r"checkpoint's own tokenizer as data\.tokenizer"):
+        prepare(small)
+    (small / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    with pytest.raises(ConfigError, match=r"model\.init_from_hf .*small-vocab: "):
+        prepare(small)
