@@ -7,6 +7,10 @@
    floor: sentencepiece's own batch encoding of the same texts with 2 threads, texts already in memory.
    Megatron-LM's tools/preprocess_data.py is not in the megatron-core wheel; it is timed only if --megatron-tools
    points at a Megatron-LM checkout.
+1b. preprocess with a Hugging Face tokenizer.json (a byte-level BPE trained by train_tokenizer --type bpe-bytelevel
+   on the same corpus) at --hf-workers threads, against the floor: the tokenizers library's own parallel batch
+   encoder (`encode_batch_fast`, the same thread count) over the same texts already in memory, both in one call
+   and in preprocess's ~1 MB batches; the faster of the two is the floor. The issue's rule: within 1.15x.
 2. sample-index build: 10M samples at seq_len 128 and 1M at 1024 over that corpus, against megatron-core's
    GPTDataset index build (its own steps: _build_document_index, the C++ helpers.build_sample_idx,
    _build_shuffle_index) in the same run.
@@ -33,7 +37,7 @@ from data_pipeline.indexed_dataset import IndexedDataset  # noqa: E402
 from data_pipeline.loader import StageLoader  # noqa: E402
 from data_pipeline.samples import GrowLengthSamples  # noqa: E402
 from data_pipeline.tokenizer import Tokenizer  # noqa: E402
-from data_pipeline.train_tokenizer import train_tokenizer  # noqa: E402
+from data_pipeline.train_tokenizer import train_bytelevel_bpe, train_tokenizer  # noqa: E402
 
 
 def make_corpus(path: str, target_mb: int) -> str:
@@ -114,6 +118,56 @@ def bench_preprocess(corpus: str, model: str, work: str, repeats: int, megatron_
               "pass --megatron-tools PATH_TO_MEGATRON_LM to time it)")
 
 
+def bench_preprocess_hf(corpus: str, tokenizer_dir: str, work: str, repeats: int, workers: int) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from data_pipeline.preprocess import BATCH_BYTES, BATCH_DOCS
+    mb = os.path.getsize(corpus) / 1e6
+    texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
+    hf = HFTokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    batches, batch, size = [], [], 0  # preprocess's batching (BATCH_BYTES of text or BATCH_DOCS documents)
+    for t in texts:
+        batch.append(t)
+        size += len(t)
+        if size >= BATCH_BYTES or len(batch) >= BATCH_DOCS:
+            batches.append(batch)
+            batch, size = [], 0
+    batches += [batch] if batch else []
+    one_call, batched, ours_name = (f"floor: encode_batch_fast, one call, {workers} threads",
+                                    f"floor: encode_batch_fast, 1 MB batches, {workers} threads",
+                                    f"ours, {workers} workers")
+    times: dict[str, list[float]] = {one_call: [], batched: [], ours_name: []}
+    ntok = {}
+
+    def floor_one_call():
+        ntok["floor"] = sum(len(e) for e in hf.encode_batch_fast(texts, add_special_tokens=False)) + len(texts)
+
+    def floor_batched():
+        for b in batches:
+            hf.encode_batch_fast(b, add_special_tokens=False)
+
+    def ours():
+        out = os.path.join(work, "bench_hf")
+        subprocess.run([sys.executable, "-m", "data_pipeline.preprocess", "--input", corpus, "--output-prefix", out,
+                        "--tokenizer-model", tokenizer_dir, "--workers", str(workers), "--quiet"],
+                       check=True, cwd=ROOT)
+        ntok["ours"] = IndexedDataset(out).num_tokens
+
+    for _ in range(repeats):  # interleaved, so machine noise hits all three alike
+        times[one_call].append(_timed(floor_one_call))
+        times[batched].append(_timed(floor_batched))
+        times[ours_name].append(_timed(ours))
+    assert ntok["ours"] == ntok["floor"], (ntok, "token counts differ")
+    floor_s = min(statistics.median(times[one_call]), statistics.median(times[batched]))
+    print(f"\n## preprocess, HF tokenizer.json: {mb:.1f} MB JSONL, {len(texts):,} documents, {ntok['ours']:,} tokens, "
+          f"byte-level BPE vocab {hf.get_vocab_size()}, median of {repeats}")
+    print(f"{'':52s} {'seconds':>8s} {'MB/s':>7s} {'Mtok/s':>7s} {'vs floor':>9s}")
+    for name, ts in times.items():
+        s = statistics.median(ts)
+        print(f"{name:52s} {s:8.2f} {mb / s:7.2f} {ntok['ours'] / s / 1e6:7.2f} {s / floor_s:8.2f}x   "
+              f"(runs: {', '.join(f'{t:.2f}' for t in ts)})")
+
+
 def megatron_index_build(ds: IndexedDataset, seq_len: int, num_samples: int, seed: int) -> int:
     """megatron-core GPTDataset._build_document_sample_shuffle_indices, minus the saving: its three steps."""
     from megatron.core.datasets import helpers
@@ -181,8 +235,11 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary (default 32000, as the issue)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--megatron-tools", default=None, help="path to a Megatron-LM checkout (for tools/preprocess_data.py)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["preprocess", "index", "loader"])
+    p.add_argument("--hf-workers", type=int, default=os.cpu_count() or 1,
+                   help="threads of the HF tokenizers library in 1b, floor and ours alike (default: all cores)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["preprocess", "preprocess-hf", "index", "loader"])
     args = p.parse_args()
+    os.environ["RAYON_NUM_THREADS"] = str(args.hf_workers)  # the library's pool in this process, before first use
     os.makedirs(args.work_dir, exist_ok=True)
     t0 = time.time()
     corpus = make_corpus(os.path.join(args.work_dir, f"corpus{args.mb}.jsonl"), args.mb)
@@ -193,6 +250,11 @@ def main() -> None:
     print(f"# data pipeline benchmarks ({os.cpu_count()} CPUs; setup {time.time() - t0:.0f} s)")
     if "preprocess" not in args.skip:
         bench_preprocess(corpus, model, args.work_dir, args.repeats, args.megatron_tools)
+    if "preprocess-hf" not in args.skip:
+        hf_dir = os.path.join(args.work_dir, f"bpe{args.vocab_size}")
+        if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+            train_bytelevel_bpe([corpus], hf_dir, vocab_size=args.vocab_size, quiet=True)
+        bench_preprocess_hf(corpus, hf_dir, args.work_dir, args.repeats, args.hf_workers)
     prefix = os.path.join(args.work_dir, "bench_w2")
     if not os.path.isfile(prefix + ".idx"):
         subprocess.run([sys.executable, "-m", "data_pipeline.preprocess", "--input", corpus, "--output-prefix", prefix,

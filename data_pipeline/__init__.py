@@ -1,1 +1,1 @@
-"""Data pipeline: sentencepiece tokenizer, Megatron MMIDIDX v1 datasets, GrowLength stage samples."""
+"""Data pipeline: tokenizers (sentencepiece, Hugging Face), Megatron MMIDIDX v1 datasets, GrowLength stage samples."""

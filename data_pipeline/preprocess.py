@@ -9,9 +9,13 @@ Output is written under temporary names and renamed when complete, so a failed o
 SIGTERM) leaves no new PREFIX.bin/.idx and an existing one unchanged; temporary files of a killed run are removed
 by the next run. Errors exit 2 with one line naming the file and the fix.
 
-Speed: reading and JSON parsing run in one thread, sentencepiece's batch encoder (which releases the GIL) in
-`--workers` native threads, and writing in a third thread, so start-up, I/O and parsing hide beside the encoding.
-Output bytes do not depend on --workers.
+--tokenizer-model is a sentencepiece .model, a Hugging Face tokenizer.json or a directory holding one; EOD is
+its eos token.
+
+Speed: reading and JSON parsing run in one thread, the tokenizer's batch encoder (which releases the GIL) in
+`--workers` native threads (sentencepiece's, or the HF tokenizers library's own parallel `encode_batch_fast`, whose
+pool the CLI sizes through RAYON_NUM_THREADS), and writing in a third thread, so start-up, I/O and parsing hide
+beside the encoding. Output bytes do not depend on --workers.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from data_pipeline.tokenizer import Tokenizer
 BATCH_BYTES = 1 << 20   # text per encode call: large enough to keep the encoder threads busy
 BATCH_DOCS = 4096
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+HF_TYPES = ("HuggingFaceTokenizer",)
 
 
 @dataclass
@@ -208,11 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz)")
     g.add_argument("--output-prefix", required=True, help="writes exactly OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON key holding the text (default text)")
-    g.add_argument("--tokenizer-model", required=True, help="sentencepiece .model (data_pipeline.train_tokenizer)")
-    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   help=f"accepted for compatibility; must be one of {', '.join(SENTENCEPIECE_TYPES)}")
+    g.add_argument("--tokenizer-model", required=True, help="sentencepiece .model, Hugging Face tokenizer.json or "
+                   "a directory holding one (data_pipeline.train_tokenizer makes either)")
+    g.add_argument("--tokenizer-type", default=None, help="accepted for compatibility (the kind is read from "
+                   f"--tokenizer-model); one of {', '.join(SENTENCEPIECE_TYPES + HF_TYPES)}")
     g.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                   help="append the EOD id (eos=2) to every document (default on; --no-append-eod to disable)")
+                   help="append the EOD id (the tokenizer's eos) to every document (default on; --no-append-eod "
+                   "to disable)")
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding threads (default: all cores)")
     g.add_argument("--log-interval", type=int, default=None, help="accepted for compatibility (a progress bar "
                    "replaces the log lines)")
@@ -225,12 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_tokenizer_type(tokenizer_type: str | None, tokenizer_model: str) -> None:
+    """Megatron's --tokenizer-type, if given, must name a kind we read and agree with --tokenizer-model's kind."""
+    if tokenizer_type is None:
+        return
+    if tokenizer_type not in SENTENCEPIECE_TYPES + HF_TYPES:
+        raise DatasetError(f"--tokenizer-type {tokenizer_type}: not supported; use one of "
+                           f"{', '.join(SENTENCEPIECE_TYPES + HF_TYPES)} or leave it out (the kind is read from "
+                           f"--tokenizer-model: a sentencepiece .model, a tokenizer.json or its directory)")
+    kind = Tokenizer(tokenizer_model).kind
+    if (kind == "huggingface") != (tokenizer_type in HF_TYPES):
+        raise DatasetError(f"--tokenizer-type {tokenizer_type} but --tokenizer-model {tokenizer_model} is a {kind} "
+                           f"tokenizer; drop --tokenizer-type or give the matching one")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.tokenizer_type not in SENTENCEPIECE_TYPES:
-            raise DatasetError(f"--tokenizer-type {args.tokenizer_type}: only sentencepiece models are supported "
-                               f"({', '.join(SENTENCEPIECE_TYPES)}); train one with data_pipeline.train_tokenizer")
+        check_tokenizer_type(args.tokenizer_type, args.tokenizer_model)
         if len(args.json_keys) != 1:
             raise DatasetError(f"--json-keys {args.json_keys}: give exactly one key (the output is a single "
                                f"PREFIX.bin/.idx); run once per key with different --output-prefix")
@@ -240,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.partitions != 1:
             raise DatasetError(f"--partitions {args.partitions}: not supported; shard the input yourself, "
                                f"preprocess each shard, and combine with `python -m data_pipeline.merge`")
+        os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # HF tokenizers' pool, created at its first use
         with stop_on_signals():
             preprocess(args.input, args.output_prefix, args.tokenizer_model, args.workers, args.json_keys[0],
                        args.append_eod, args.skip_bad_lines, progress=not args.no_progress, quiet=args.quiet)

@@ -1,19 +1,29 @@
-"""Train the project's sentencepiece tokenizer from `.jsonl`/`.json`/`.txt` corpora.
+"""Train a tokenizer from `.jsonl`/`.json`/`.txt` corpora: sentencepiece (default) or a byte-level BPE.
 
     python -m data_pipeline.train_tokenizer --input corpus.jsonl --model-prefix tok --vocab-size 32000
+    python -m data_pipeline.train_tokenizer --type bpe-bytelevel --input corpus.jsonl --model-prefix tok
 
-BPE by default, byte fallback on (no id is ever unknown), unk=0 bos=1 eos=2 pad=3, EOD = eos. Normalisation is
-the identity and whitespace is kept, so decode(encode(text)) == text. Large inputs are sampled: sentencepiece
-keeps a random `--input-sentence-size` lines (seeded by `--seed`). Writes PREFIX.model and PREFIX.vocab, each
-under a temporary name renamed when both are complete (a failed or stopped run leaves existing ones unchanged).
+sentencepiece: BPE by default, byte fallback on (no id is ever unknown), unk=0 bos=1 eos=2 pad=3, EOD = eos.
+Normalisation is the identity and whitespace is kept, so decode(encode(text)) == text. Large inputs are sampled:
+sentencepiece keeps a random `--input-sentence-size` lines (seeded by `--seed`). Writes PREFIX.model and
+PREFIX.vocab, each under a temporary name renamed when both are complete (a failed or stopped run leaves existing
+ones unchanged).
+
+bpe-bytelevel: the Hugging Face `tokenizers` library's byte-level BPE (GPT-2/GPT-NeoX style: every byte is a
+token, GPT-2's pre-tokenizer regex, no normaliser, so decode(encode(text)) == text), trained on every document.
+Special tokens <|endoftext|>=0 (eos, EOD), <|startoftext|>=1 (bos), <|padding|>=2 (pad). Writes the Hugging Face
+tokenizer directory PREFIX/ (tokenizer.json, tokenizer_config.json, special_tokens_map.json; each file
+atomically), which `--tokenizer-model PREFIX` and `transformers.AutoTokenizer.from_pretrained(PREFIX)` open.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import sentencepiece as spm
 
@@ -21,8 +31,9 @@ from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
 from data_pipeline.errors import DatasetError
 from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, remove_quietly,
                                  remove_stale_temps, replace_all, stop_on_signals, tmp_name)
-from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3  # the ids given to sentencepiece's special pieces
+BPE_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "pad_token": "<|padding|>"}
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's own default; longer lines are split into pieces of this size
 MAX_THREADS = 1024         # sentencepiece's limit
 
@@ -140,13 +151,62 @@ def _write_files(contents: dict[str, bytes]) -> None:
     replace_all(pairs)
 
 
+def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000, json_key: str = "text",
+                        min_frequency: int = 2, quiet: bool = False) -> str:
+    """Train a byte-level BPE with `tokenizers` and write the HF tokenizer directory `out_dir`; returns it.
+
+    The library trains in its own thread pool (RAYON_NUM_THREADS, set by the CLI from --workers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    check_inputs(list(inputs))
+    if vocab_size < 256 + len(BPE_SPECIALS):
+        raise DatasetError(f"--vocab-size {vocab_size}: too small; a byte-level BPE holds the 256 bytes and "
+                           f"{len(BPE_SPECIALS)} special tokens, use at least {256 + len(BPE_SPECIALS)} "
+                           f"(typically 32000-65536)")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--model-prefix {out_dir}: is a file; a byte-level BPE is written as a directory "
+                           f"(tokenizer.json, tokenizer_config.json, ...): choose another --model-prefix")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(BPE_SPECIALS.values()),  # ids 0, 1, 2 in this order
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=not quiet)
+    stats = ReadStats()
+    t0 = time.time()
+    tok.train_from_iterator(iter_documents(list(inputs), json_key, skip_bad_lines=True, stats=stats), trainer)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **BPE_SPECIALS, "add_bos_token": False,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    out.mkdir(parents=True, exist_ok=True)
+    # the tokenizer last: a crash in between leaves the old tokenizer.json beside the same special-token names
+    for name, text in (("tokenizer_config.json", json.dumps(config, indent=2) + "\n"),
+                       ("special_tokens_map.json", json.dumps(BPE_SPECIALS, indent=2) + "\n"),
+                       ("tokenizer.json", tok.to_str(pretty=True))):
+        tmp = out / f"{name}.tmp-{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+    if stats.bad_lines and not quiet:
+        print(f"train_tokenizer: skipped {stats.bad_lines} unreadable lines, e.g. {stats.first_bad[0]}",
+              file=sys.stderr)
+    if not quiet:
+        print(f"train_tokenizer: {out}/tokenizer.json: byte-level BPE vocab {tok.get_vocab_size()} (asked "
+              f"{vocab_size}) from {stats.lines} documents ({stats.bytes / 1e6:.1f} MB) in {time.time() - t0:.1f} s",
+              file=sys.stderr)
+    return str(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.train_tokenizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz)")
-    p.add_argument("--model-prefix", required=True, help="writes MODEL_PREFIX.model and MODEL_PREFIX.vocab")
+    p.add_argument("--type", choices=["sentencepiece", "bpe-bytelevel"], default="sentencepiece",
+                   help="sentencepiece (default) or a byte-level BPE trained with the Hugging Face tokenizers library")
+    p.add_argument("--model-prefix", required=True, help="sentencepiece: writes MODEL_PREFIX.model and "
+                   "MODEL_PREFIX.vocab; bpe-bytelevel: the directory MODEL_PREFIX/ (tokenizer.json, ...)")
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size (default 32000)")
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="default bpe")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece's algorithm "
+                   "(default bpe)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON key(s) holding the text (default text)")
     p.add_argument("--input-sentence-size", type=int, default=1_000_000,
                    help="sample this many lines of large inputs for training (default 1,000,000; 0 = all)")
@@ -164,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             raise DatasetError(f"--json-keys {args.json_keys}: give one key (run once per field, or merge the "
                                f"fields into one)")
         with stop_on_signals():
+            if args.type == "bpe-bytelevel":
+                os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # the library's pool, created at first use
+                train_bytelevel_bpe(args.input, args.model_prefix, args.vocab_size, args.json_keys[0],
+                                    quiet=args.quiet)
+                return 0
             train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type, args.json_keys[0],
                             args.input_sentence_size, args.workers, args.seed, args.character_coverage, args.quiet)
     except DatasetError as e:

@@ -30,7 +30,8 @@ def doc(help_text: str, default: Any = dataclasses.MISSING, factory: Any = datac
 @dataclass
 class DataConfig:
     prefix: str | None = doc("Megatron .bin/.idx prefix of the training corpus; null = the built-in corpus", None)
-    tokenizer: str | None = doc("sentencepiece .model that made the data; null with prefix null = built-in", None)
+    tokenizer: str | None = doc("the tokenizer that made the data: a sentencepiece .model, an HF tokenizer.json "
+                                "or its directory; null with prefix null = built-in", None)
     builtin_dir: str = doc("where the built-in corpus, tokenizer and dataset are prepared on first use",
                            ".cache/growlength/builtin")
     builtin_vocab_size: int = doc("vocabulary size of the built-in tokenizer", 8192)

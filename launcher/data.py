@@ -109,7 +109,7 @@ class TrainData:
         m = self.cfg.model
         if m.init_from_hf:
             from model.hf import load_hf
-            return load_hf(m.init_from_hf)
+            return load_hf(m.init_from_hf, **runtime_overrides(m))  # the config prepare_data read from it
         return GPTNeoX(self.model_config)
 
     def step_time_probe(self, seq_lens: list[int], dtype: torch.dtype = torch.float32) -> list[float]:
@@ -136,17 +136,27 @@ class TrainData:
         return out
 
 
-def hf_model_config(hf_dir: str) -> ModelConfig:
-    """The ModelConfig of a Hugging Face directory, read from its config.json alone (no weights)."""
+def runtime_overrides(m) -> dict:
+    """The model-section fields that change how a pretrained model runs, never what it computes."""
+    return {k: getattr(m, k) for k in ("attention", "activation_checkpointing") if getattr(m, k) is not None}
+
+
+def hf_model_config(hf_dir: str, overrides: dict) -> ModelConfig:
+    """The ModelConfig of a Hugging Face checkpoint directory, from its config.json alone (no weights read), so
+    the run's plan, probe and checkpoints describe the model that ``init_from_hf`` loads."""
+    import dataclasses
     import json
+
     from model.hf import config_from_hf
+
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"model.init_from_hf {hf_dir}: no config.json there; give a Hugging Face model directory")
+        raise ConfigError(f"model.init_from_hf {hf_dir}: no config.json there; give a Hugging Face GPT-NeoX "
+                          f"directory (save_pretrained's layout)")
     try:
-        return config_from_hf(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"model.init_from_hf {path}: not a GPT-NeoX config this launcher can build ({e})") from e
+        return dataclasses.replace(config_from_hf(json.loads(path.read_text())), **overrides)
+    except ValueError as e:
+        raise ConfigError(f"model.init_from_hf {hf_dir}: {e}") from e
 
 
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
@@ -158,28 +168,28 @@ def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
         tokenizer_path, prefix = prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
     else:
         tokenizer_path, prefix = d.tokenizer, d.prefix
-    if not Path(tokenizer_path).is_file():
-        raise DatasetError(f"data.tokenizer {tokenizer_path}: no such file; give the sentencepiece .model "
-                           f"that preprocessed {prefix}")
+    if not Path(tokenizer_path).exists():
+        raise DatasetError(f"data.tokenizer {tokenizer_path}: no such file; give the tokenizer that preprocessed "
+                           f"{prefix} (a sentencepiece .model, a tokenizer.json or its directory)")
     tokenizer = Tokenizer(str(tokenizer_path))
     dataset = IndexedDataset(str(prefix))
     check_vocab(dataset, tokenizer, str(prefix))
     m = cfg.model
-    overrides = dict(m.overrides)
-    for key in ("attention", "activation_checkpointing", "rotary_pct", "rope_base"):
-        value = getattr(m, key)
-        if value is not None:
-            overrides[key] = value
-    try:
-        if m.init_from_hf:  # the checkpoint's own architecture (the state of every checkpoint records it)
-            model_config = hf_model_config(m.init_from_hf)
-        else:
+    if m.init_from_hf:
+        model_config = hf_model_config(m.init_from_hf, runtime_overrides(m))
+        if model_config.vocab_size < tokenizer.vocab_size:
+            raise DatasetError(f"model.init_from_hf {m.init_from_hf} has vocabulary {model_config.vocab_size} "
+                               f"but the tokenizer {tokenizer_path} has {tokenizer.vocab_size}: give the "
+                               f"checkpoint's own tokenizer as data.tokenizer (and preprocess with it)")
+    else:
+        overrides = dict(m.overrides)
+        for key in ("attention", "activation_checkpointing", "rotary_pct", "rope_base"):
+            value = getattr(m, key)
+            if value is not None:
+                overrides[key] = value
+        try:
             model_config = ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
-    except ValueError as e:  # the model's own checks, reported as a config error of the model section
-        raise ConfigError(f"model section: {e}") from e
-    if m.init_from_hf and model_config.vocab_size < tokenizer.vocab_size:
-        raise DatasetError(f"model.init_from_hf {m.init_from_hf} has vocabulary {model_config.vocab_size} "
-                           f"but the tokenizer {tokenizer_path} has {tokenizer.vocab_size}: use the tokenizer "
-                           f"that came with the checkpoint")
+        except ValueError as e:  # the model's own checks, reported as a config error of the model section
+            raise ConfigError(f"model section: {e}") from e
     return TrainData(cfg=cfg, prefix=str(prefix), tokenizer_path=str(tokenizer_path), tokenizer=tokenizer,
                      fingerprint=data_fingerprint(str(prefix)), model_config=model_config, rank=rank, world=world)

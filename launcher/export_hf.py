@@ -9,6 +9,7 @@ model's converter writes config, weights and tokenizer. ``load_trained_model`` i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from data_pipeline.errors import DatasetError
+from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
 from model import GPTNeoX, ModelConfig
 
@@ -48,10 +51,16 @@ def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
     if out_path.exists() and any(out_path.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
     model, state, found = load_trained_model(checkpoint)
+    try:
+        tokenizer = Tokenizer(state["tokenizer"]) if state.get("tokenizer") else None
+    except DatasetError as e:
+        raise DatasetError(f"{found}: the tokenizer this run trained with does not open ({e})") from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
-        save_hf(model, tmp, tokenizer_model_path=state.get("tokenizer"))
+        save_hf(model, tmp)
+        if tokenizer is not None:
+            write_tokenizer(tokenizer, tmp)
         if out_path.exists():
             shutil.rmtree(out_path)
         os.replace(tmp, out_path)
@@ -60,6 +69,21 @@ def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
         raise
     log.info("exported %s (step %d, %s tokens) to %s", found, state["step"], f"{state['tokens_seen']:,}", out_path)
     return out_path
+
+
+def write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """The run's tokenizer as Hugging Face files in ``out`` (a sentencepiece model converted to tokenizer.json, an
+    HF tokenizer copied) and its special ids in ``out/config.json``, so ``AutoTokenizer.from_pretrained(out)`` gives
+    the ids the model was trained on and generation stops at the EOD the data used."""
+    from model.hf import save_tokenizer
+
+    if tokenizer.kind == "sentencepiece":
+        save_tokenizer(tokenizer.path, out)
+    else:
+        tokenizer.save(out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.pad_id)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
@@ -71,7 +95,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         export(args.checkpoint, args.out, args.overwrite)
-    except (ckpt.CheckpointError, FileExistsError) as e:
+    except (ckpt.CheckpointError, FileExistsError, DatasetError) as e:
         log.error("%s", e)
         return 2
     return 0

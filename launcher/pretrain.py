@@ -479,7 +479,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     check_validation(data, plan, cfg)
     log.info("GrowLength plan (%s):\n%s", plan.fingerprint(), plan.table())
     if rank == 0:
-        data.tokenizer_in_run = rundir.copy_tokenizer(data.tokenizer_path, run_dir)
+        data.tokenizer_in_run = rundir.copy_tokenizer(data.tokenizer, run_dir)
     model = data.build_model()
     log.info("model %s: %.2fM parameters, vocab %d (padded %d), attention %s", cfg.model.preset,
              model.num_params() / 1e6, data.model_config.vocab_size, data.model_config.padded_vocab_size,

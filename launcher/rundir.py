@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -64,20 +63,7 @@ def has_previous_run(run_dir: Path) -> bool:
     return (run_dir / METRICS_FILE).is_file() or (root.is_dir() and any(root.iterdir()))
 
 
-def copy_tokenizer(tokenizer_path: str, run_dir: Path) -> str:
-    """Copy the tokenizer (a file, or a directory of tokenizer files) into ``RUN_DIR/tokenizer/`` once; returns
-    its path relative to ``run_dir``. Written under a temporary name and renamed, so a copy is whole or absent."""
-    src = Path(tokenizer_path)
-    rel = Path(TOKENIZER_DIR) / src.name
-    dest = run_dir / rel
-    if dest.exists():
-        return str(rel)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{src.name}.tmp-{os.getpid()}")
-    if src.is_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-    else:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-    return str(rel)
+def copy_tokenizer(tokenizer, run_dir: Path) -> str:
+    """Write a self-contained copy of the run's tokenizer (``data_pipeline.tokenizer.Tokenizer``) into
+    ``RUN_DIR/tokenizer/`` (each file under a temporary name, renamed); returns its path relative to ``run_dir``."""
+    return str(Path(tokenizer.save(run_dir / TOKENIZER_DIR)).relative_to(run_dir))

@@ -491,7 +491,7 @@ def test_builtin_dataset_rebuilds_damaged_files(tmp_path, sp_model, corpus_jsonl
     assert IndexedDataset(prefix).num_documents == 45 and open(model, "rb").read() == open(sp_model, "rb").read()
     open(out / "tokenizer-1000.model", "wb").write(b"not a model")  # a damaged tokenizer is retrained
     model, prefix = prepare_builtin_dataset(str(out), vocab_size=1000)
-    assert "not a sentencepiece model" in caplog.text and Tokenizer(model).vocab_size == 1000
+    assert "tokenizer-1000.model); give a sentencepiece .model" in caplog.text and Tokenizer(model).vocab_size == 1000
     assert IndexedDataset(prefix).num_documents == 45
     with pytest.raises(DatasetError, match=r"built-in dataset directory .*afile: is a file; choose another "
                                            r"directory \(data\.builtin_dir\)"):

@@ -104,7 +104,8 @@ def test_interrupt_leaves_no_output(tmp_path, sp_model, monkeypatch):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--tokenizer-type", "GPT2BPETokenizer"], "--tokenizer-type GPT2BPETokenizer: only sentencepiece models"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], "--tokenizer-type GPT2BPETokenizer: not supported; use one of"),
+    (["--tokenizer-type", "HuggingFaceTokenizer"], "--tokenizer-type HuggingFaceTokenizer but --tokenizer-model"),
     (["--json-keys", "text", "title"], "--json-keys ['text', 'title']: give exactly one key"),
     (["--split-sentences"], "--split-sentences: not supported"),
     (["--partitions", "4"], "--partitions 4: not supported; shard the input yourself"),

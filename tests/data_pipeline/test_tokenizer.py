@@ -4,14 +4,15 @@ import pytest
 
 from data_pipeline import train_tokenizer as tt
 from data_pipeline.errors import DatasetError
-from data_pipeline.tokenizer import EOD_ID, Tokenizer
+from data_pipeline.tokenizer import Tokenizer
 
 
 def test_special_ids_and_round_trip(sp_model, corpus_docs):
     tok = Tokenizer(sp_model)
     sp = tok.sp
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
-    assert tok.eod_id == EOD_ID == 2 and tok.vocab_size == 1000 and tok.path == sp_model
+    assert tok.eod_id == sp.eos_id() == 2 and tok.vocab_size == 1000 and tok.path == sp_model
+    assert (tok.kind, tok.bos_id, tok.pad_id) == ("sentencepiece", 1, 3)
     for doc in corpus_docs:
         ids = tok.encode(doc)
         assert ids and 1 not in ids and 2 not in ids  # no BOS/EOS added
@@ -27,17 +28,23 @@ def test_tokenizer_errors(tmp_path):
         Tokenizer(str(tmp_path / "missing.model"))
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")
-    with pytest.raises(DatasetError, match=r"bad\.model: not a sentencepiece model"):
+    with pytest.raises(DatasetError, match=r"bad\.model: neither a sentencepiece model nor a Hugging Face "
+                                           r"tokenizer\.json .*; give a sentencepiece \.model"):
         Tokenizer(str(bad))
 
 
-def test_wrong_eos_id_rejected(tmp_path):
+def test_eod_is_the_models_eos_and_a_model_without_eos_is_refused(tmp_path):
     import sentencepiece as spm
     lines = [f"line {i} of some text about tokenizers" for i in range(200)]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "w"), vocab_size=300,
                                    byte_fallback=True, eos_id=3, pad_id=2, minloglevel=2)
-    with pytest.raises(DatasetError, match=r"w\.model: eos id is 3, expected 2 \(the EOD token\)"):
-        Tokenizer(str(tmp_path / "w.model"))
+    tok = Tokenizer(str(tmp_path / "w.model"))
+    assert (tok.eod_id, tok.pad_id, tok.sp.id_to_piece(tok.eod_id)) == (3, 2, "</s>")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "n"), vocab_size=300,
+                                   byte_fallback=True, eos_id=-1, minloglevel=2)
+    with pytest.raises(DatasetError, match=r"n\.model: this sentencepiece model has no eos token \(eos_id -1\).*"
+                                           r"train it with an eos"):
+        Tokenizer(str(tmp_path / "n.model"))
 
 
 def test_vocab_too_small_for_characters(tmp_path, corpus_jsonl):
