@@ -123,26 +123,35 @@ def check_value(path: str, value: Any, tp: Any, meta: dict | None = None) -> lis
     return []
 
 
-def field_problems(obj: Any, where: str) -> list[str]:
-    """Every field of the dataclass ``obj`` checked against its annotation and bounds (see :func:`doc`)."""
+def field_problems(obj: Any, where: str) -> tuple[list[str], set[str]]:
+    """Every field of the dataclass ``obj`` checked against its annotation and bounds (see :func:`doc`):
+    ``(problems, names of the fields that have one)``."""
     hints = typing.get_type_hints(type(obj))
     prefix = f"{where}." if where else ""
-    return [p for f in dataclasses.fields(obj)
-            for p in check_value(prefix + f.name, getattr(obj, f.name), hints[f.name], dict(f.metadata))]
+    problems, failed = [], set()
+    for f in dataclasses.fields(obj):
+        found = check_value(prefix + f.name, getattr(obj, f.name), hints[f.name], dict(f.metadata))
+        if found:
+            problems += found
+            failed.add(f.name)
+    return problems, failed
 
 
 class Section:
-    """Base of the config sections: on construction every field is checked against its annotation, then (when the
-    types are right) the section's own rules in :meth:`problems`; all problems are raised together."""
+    """Base of the config sections: on construction every field is checked against its annotation, then the
+    section's own (cross-field) rules in :meth:`problems` on the fields that passed; all problems are raised
+    together."""
 
     SECTION = ""  # the YAML section name, for messages
 
     def __post_init__(self):
-        problems = field_problems(self, self.SECTION) or self.problems()
+        problems, failed = field_problems(self, self.SECTION)
+        problems += self.problems(failed)
         if problems:
             raise ConfigError("\n  ".join(problems))
 
-    def problems(self) -> list[str]:
+    def problems(self, failed: set[str]) -> list[str]:
+        """Rules beyond each field's type and bounds; ``failed`` names the fields whose type is wrong (skip them)."""
         return []
 
 
@@ -160,8 +169,8 @@ class DataConfig(Section):
     epochs: str = doc("when the plan needs more tokens than the data has: 'repeat' (reshuffled epochs) or 'error'",
                       "repeat", choices=("repeat", "error"))
 
-    def problems(self) -> list[str]:
-        if (self.prefix is None) != (self.tokenizer is None):
+    def problems(self, failed: set[str]) -> list[str]:
+        if not failed & {"prefix", "tokenizer"} and (self.prefix is None) != (self.tokenizer is None):
             return ["data.prefix and data.tokenizer go together: set both (your corpus and the "
                     "sentencepiece model that made it) or neither (the built-in corpus)"]
         return []
@@ -204,7 +213,7 @@ class GrowLengthConfig(Section):
     micro_batch_probe: str | None = doc("a launcher.bench_lengths JSON: each stage's micro-batch cap comes from the "
                                         "largest batch that fit at its length (needs grad_accum: null)", None)
     max_time_s: float | None = doc("stop (with a checkpoint) once the training wall-clock, summed over restarts, "
-                                   "reaches this many seconds; for equal-time comparisons", None, gt=0.0)
+                                   "reaches this many seconds; for equal-time comparisons", None, gt=0)
 
     def stage_problems(self) -> tuple[list[str], set[str]]:
         """Problems of the stage list, and the budget kinds it uses."""
@@ -238,11 +247,13 @@ class GrowLengthConfig(Section):
             raise ConfigError("\n  ".join(problems))
         return kinds.pop()
 
-    def problems(self) -> list[str]:
+    def problems(self, failed: set[str]) -> list[str]:
+        if "stages" in failed:
+            return []
         problems, kinds = self.stage_problems()
-        if len(kinds) == 1 and kinds != {"tokens"} and not self.total_tokens:
+        if len(kinds) == 1 and kinds != {"tokens"} and "total_tokens" not in failed and not self.total_tokens:
             problems.append(f"growlength.stages give {kinds.pop()} but growlength.total_tokens is not set")
-        if self.micro_batch_probe and self.grad_accum is not None:
+        if not failed & {"micro_batch_probe", "grad_accum"} and self.micro_batch_probe and self.grad_accum is not None:
             problems.append("growlength.micro_batch_probe chooses the accumulation per stage: set "
                             "growlength.grad_accum: null")
         return problems
@@ -268,8 +279,8 @@ class CheckpointConfig(Section):
     resume_force: bool = doc("resume even if the plan or data fingerprint differs (you own the consequences)",
                              False)
 
-    def problems(self) -> list[str]:
-        if self.resume not in ("auto", "none") and not Path(self.resume).exists():
+    def problems(self, failed: set[str]) -> list[str]:
+        if "resume" not in failed and self.resume not in ("auto", "none") and not Path(self.resume).exists():
             return [f"checkpointing.resume {self.resume!r}: no such file or directory; give auto (the newest "
                     f"complete checkpoint of run_dir), none (start fresh) or the path of a run directory or "
                     f"checkpoint"]
@@ -286,7 +297,7 @@ class LoggingConfig(Section):
                                   ge=1)
     tensorboard: bool = doc("write TensorBoard event files under RUN_DIR/tensorboard", True)
     peak_tflops: float | None = doc("peak TFLOP/s per device for MFU; null = look up the GPU, else no MFU", None,
-                                    gt=0.0)
+                                    gt=0)
 
 
 @dataclass
@@ -301,7 +312,9 @@ class RunConfig(Section):
     checkpointing: CheckpointConfig = doc("checkpoint section", factory=CheckpointConfig)
     logging: LoggingConfig = doc("logging section", factory=LoggingConfig)
 
-    def problems(self) -> list[str]:
+    def problems(self, failed: set[str]) -> list[str]:
+        if "run_dir" in failed:
+            return []
         run_dir = Path(self.run_dir)
         blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
         if blocker is not None and not blocker.is_dir():
@@ -377,12 +390,12 @@ def from_dict(tree: dict, source: str = "the run config") -> RunConfig:
         try:
             kwargs[name] = cls(**(tree.get(name) or {}))
         except ConfigError as e:
-            problems.append(str(e))
+            problems += [line.strip() for line in str(e).splitlines()]
     if not problems:
         try:
             return RunConfig(**kwargs)
         except ConfigError as e:
-            problems.append(str(e))
+            problems += [line.strip() for line in str(e).splitlines()]
     else:  # the top-level fields too, so that one pass shows everything
         top = {k: v for k, v in kwargs.items() if k not in sections}
         problems += check_value_fields(RunConfig, top)
