@@ -27,7 +27,8 @@ def doc(help_text: str, default: Any = dataclasses.MISSING, factory: Any = datac
     """A dataclass field with a one-line help text (shown by ``python -m launcher.config``).
 
     ``bounds`` (``ge``, ``gt``, ``le``, ``lt``, ``choices``) restrict the value, or each element of a list; the
-    type comes from the annotation (``expect`` rewords it in messages). Both are checked by :func:`field_problems` when the section is built."""
+    type comes from the annotation (``expect`` rewords it in messages). Both are checked by :func:`field_problems`
+    when the section is built."""
     meta = {"help": help_text, **bounds}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)

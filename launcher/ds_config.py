@@ -26,7 +26,8 @@ _SCHEDULER_STEP_KEYS = {
 
 
 # what this DeepSpeed accepts (deepspeed/runtime/config.py DEEPSPEED_OPTIMIZERS, matched lower-cased, and
-# lr_schedules.VALID_LR_SCHEDULES); other names are looked up in torch.optim / torch.optim.lr_scheduler, as DeepSpeed does
+# lr_schedules.VALID_LR_SCHEDULES); other names are looked up in torch.optim / torch.optim.lr_scheduler, as
+# DeepSpeed does
 DEEPSPEED_OPTIMIZERS = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon")
 DEEPSPEED_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 ZERO_STAGES = (0, 1, 2, 3)     # DeepSpeed's

@@ -5,8 +5,9 @@
 The tokenizer is the run's own copy (RUN_DIR/<tokenizer_in_run>), else the path recorded at training
 (``launcher.runs.find_tokenizer``), so a moved run exports from anywhere. ``--out`` is built in a temporary
 directory beside it and renamed into place; ``--overwrite`` replaces only a previous export (a directory with
-config.json), never the run being exported nor a directory holding it. The ZeRO shards are consolidated into one fp32 state dict with DeepSpeed's own zero_to_fp32 utilities; the
-model's converter writes config, weights and tokenizer. ``load_trained_model`` is shared with the other tools
+config.json), never the run being exported nor a directory holding it. The ZeRO shards are consolidated into one
+fp32 state dict with DeepSpeed's own zero_to_fp32 utilities; the model's converter writes config, weights and
+tokenizer. ``load_trained_model`` is shared with the other tools
 (evaluate, plot) that read checkpoints.
 """
 from __future__ import annotations

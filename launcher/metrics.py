@@ -58,8 +58,9 @@ def _parse(path: Path) -> tuple[list[dict], bool]:
                 log.warning("%s:%d: dropped a torn last line (%d bytes; the writer was stopped mid-record): %r",
                             path, n, len(line), line[:80])
                 return records, False
-            raise MetricsError(f"{path}:{n}: not a JSON record ({e}); the file is damaged in the middle: restore it "
-                               f"from a backup, or delete that line (the run's checkpoints do not depend on it)") from None
+            raise MetricsError(f"{path}:{n}: not a JSON record ({e}); the file is damaged in the middle: restore "
+                               f"it from a backup, or delete that line (the run's checkpoints do not depend on it)"
+                               ) from None
         records.append(record)
     return records, clean
 

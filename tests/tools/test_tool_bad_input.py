@@ -35,8 +35,8 @@ def train(work: Path, *extra: str) -> str:
         port = s.getsockname()[1]
     env = dict(os.environ, MASTER_PORT=str(port), OMP_NUM_THREADS="2")
     env.pop("GROWLENGTH_FAULT", None)
-    cmd = [sys.executable, str(ROOT / "launcher" / "pretrain.py"), "--ds_config", str(ROOT / "ds_configs" / "zero2.json"),
-           *TRAIN_ARGS, *extra]
+    cmd = [sys.executable, str(ROOT / "launcher" / "pretrain.py"), "--ds_config",
+           str(ROOT / "ds_configs" / "zero2.json"), *TRAIN_ARGS, *extra]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
