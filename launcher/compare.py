@@ -148,8 +148,11 @@ def ds_config_for(s: Setup) -> str:
     """The ds_config every run uses: the given one, or for a wall-clock budget the same with WarmupLR."""
     if s.budget_seconds is None:
         return s.ds_config
-    cfg = json.loads((ROOT / s.ds_config).read_text() if not Path(s.ds_config).is_absolute()
-                     else Path(s.ds_config).read_text())
+    from launcher.ds_config import DSConfigError, load_ds_config
+    try:
+        cfg = load_ds_config(str(ROOT / s.ds_config if not Path(s.ds_config).is_absolute() else s.ds_config))
+    except DSConfigError as e:
+        raise EvidenceError(str(e)) from None
     params = {k: v for k, v in cfg.get("scheduler", {}).get("params", {}).items()
               if k in ("warmup_min_lr", "warmup_max_lr", "warmup_type")}
     cfg["scheduler"] = {"type": "WarmupLR", "params": params}

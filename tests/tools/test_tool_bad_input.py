@@ -265,3 +265,12 @@ def test_plot_and_compare_refuse_an_unwritable_out(work, tmp_path, caplog):
     report.write_text("[1, 2]")
     assert plot.main([str(work / "run"), "--out", str(tmp_path / "p"), "--eval-json", str(report)]) == 2
     assert "not a launcher.evaluate report (no results list)" in caplog.text
+
+
+def test_compare_names_a_bad_ds_config_before_any_run(tmp_path, caplog):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"bf16": {"enabled": true}, "zero_optimization": {"stage": 7}}')
+    rc = compare.main(["--budget-seconds", "5", "--out", str(tmp_path / "cmp"), "--lengths", "32,64",
+                       "--shares", "0.5,0.5", "--tokens-per-step", "512", "--ds-config", str(bad)])
+    assert rc == 2 and f"--ds_config {bad} has 2 problems" in caplog.text
+    assert not (tmp_path / "cmp" / "runs").exists()
