@@ -17,7 +17,8 @@ import pytest
 
 from launcher import compare, evaluate, export_hf, plot
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics, truncate_after
-from launcher.runs import EvidenceError, atomic_path, find_data_prefix, find_tokenizer, load_run, write_json
+from launcher.runs import (EvidenceError, atomic_path, find_data_prefix, find_tokenizer, load_run, replace_dir,
+                          write_json)
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = "growlength_state.json"
@@ -250,6 +251,20 @@ def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
     assert target.read_text() == "old report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
     write_json(target, {"new": 1})
     assert json.loads(target.read_text()) == {"new": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+def test_replace_dir_keeps_the_old_directory_until_the_new_one_is_in_place(tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    with pytest.raises(FileNotFoundError):  # the new directory cannot be moved in (here: it does not exist)
+        replace_dir(tmp_path / ".hf.tmp-missing", out)
+    assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    new = tmp_path / ".hf.new"
+    new.mkdir()
+    (new / "config.json").write_text("new")
+    replace_dir(new, out)
+    assert (out / "config.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_plot_and_compare_refuse_an_unwritable_out(work, tmp_path, caplog):
