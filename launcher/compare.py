@@ -39,7 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.runs import EvidenceError, load_run, parse_lengths
+from launcher.runs import EvidenceError, check_dir_writable, find_data_prefix, load_run, parse_lengths, \
+    write_json, write_text
 
 log = logging.getLogger("growlength")
 
@@ -147,14 +148,15 @@ def ds_config_for(s: Setup) -> str:
     """The ds_config every run uses: the given one, or for a wall-clock budget the same with WarmupLR."""
     if s.budget_seconds is None:
         return s.ds_config
-    cfg = json.loads((ROOT / s.ds_config).read_text() if not Path(s.ds_config).is_absolute()
-                     else Path(s.ds_config).read_text())
+    from launcher.ds_config import DSConfigError, load_ds_config
+    try:
+        cfg = load_ds_config(str(ROOT / s.ds_config if not Path(s.ds_config).is_absolute() else s.ds_config))
+    except DSConfigError as e:
+        raise EvidenceError(str(e)) from None
     params = {k: v for k, v in cfg.get("scheduler", {}).get("params", {}).items()
               if k in ("warmup_min_lr", "warmup_max_lr", "warmup_type")}
     cfg["scheduler"] = {"type": "WarmupLR", "params": params}
-    path = s.out / "ds_config.json"
-    path.write_text(json.dumps(cfg, indent=1))
-    return str(path.resolve())
+    return str(write_json(s.out / "ds_config.json", cfg).resolve())
 
 
 # ---- running ----------------------------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ def checkpoint_curve(run_dir: Path, s: Setup) -> list[dict]:
     for path in ckpt.complete_checkpoints(ckpt.checkpoint_root(run_dir)):
         loaded = load_for_eval(str(path))
         if windows is None:
-            data = ValidationWindows(loaded.state["data_prefix"], "run", s.valid_fraction)
+            data = ValidationWindows(find_data_prefix(loaded.state, loaded.source), "run", s.valid_fraction)
             windows = data.windows(s.long, max(1, s.eval_tokens // s.long))
         loss, _ = perplexity(loaded.model, windows)
         st = loaded.state
@@ -295,6 +297,7 @@ def markdown(summary: dict, command: str, figures: list[str]) -> str:
 
 def compare(s: Setup, command: str = "") -> dict:
     check_setup(s)
+    check_dir_writable(s.out, "--out")  # before the runs: a report that cannot be saved is refused, not lost
     s.out.mkdir(parents=True, exist_ok=True)
     ds_config = ds_config_for(s)
     times = step_seconds(s, ds_config) if s.budget_seconds is not None else None
@@ -311,9 +314,7 @@ def compare(s: Setup, command: str = "") -> dict:
     eval_lengths = sorted(set(s.lengths) | {2 * s.long, 4 * s.long})
     for name in [n for n in PLANS if n in run_dirs]:  # each final model's extrapolation curve (Figure 4)
         rep = evaluate(str(run_dirs[name]), lengths=eval_lengths, tokens=s.eval_tokens, split="run")
-        path = s.out / f"eval_{name}.json"
-        path.write_text(json.dumps(rep, indent=1))
-        reports.append(str(path))
+        reports.append(str(write_json(s.out / f"eval_{name}.json", rep)))
     summary = summarise(s, run_dirs, curves)
     summary["step_seconds"] = times
     summary["plans"] = plans
@@ -323,8 +324,8 @@ def compare(s: Setup, command: str = "") -> dict:
     extra = {n: [(p["tokens_seen"], p["elapsed_s"], p["loss"]) for p in curves[n]] for n in ordered}
     figures = plot_runs([str(run_dirs[n]) for n in ordered], str(s.out), ordered, s.long, eval_reports=reports,
                         extra_val=extra, run_ppl=False)
-    (s.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (s.out / "report.md").write_text(markdown(summary, command, [str(f) for f in figures]))
+    write_json(s.out / "summary.json", summary)
+    write_text(s.out / "report.md", markdown(summary, command, [str(f) for f in figures]))
     return summary
 
 

@@ -8,7 +8,10 @@ valid ones; problems that involve several fields are collected and raised togeth
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,38 +23,164 @@ class ConfigError(ValueError):
     """A run config that cannot be used; the message names the field, the value and the fix."""
 
 
-def doc(help_text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    """A dataclass field with a one-line help text (shown by ``python -m launcher.config``)."""
+def doc(help_text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, **bounds):
+    """A dataclass field with a one-line help text (shown by ``python -m launcher.config``).
+
+    ``bounds`` (``ge``, ``gt``, ``le``, ``lt``, ``choices``) restrict the value, or each element of a list; the
+    type comes from the annotation (``expect`` rewords it in messages). Both are checked by :func:`field_problems`
+    when the section is built."""
+    meta = {"help": help_text, **bounds}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping"}
+
+
+def _kind(value: Any) -> str:
+    """What YAML made of a value, in the user's words."""
+    for tp in (bool, int, float, str, list, dict):
+        if isinstance(value, tp):
+            return _TYPE_NAMES[tp] if tp is not bool else "a boolean"
+    return "null" if value is None else type(value).__name__
+
+
+def _expected(tp: Any) -> str:
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_expected(a) if a is not type(None) else "null" for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list and typing.get_args(tp):
+        return f"a list of {_expected(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+    return _TYPE_NAMES.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _hint(value: Any, tp: Any) -> str:
+    """Why YAML may have produced this value, when that is the likely cause."""
+    if isinstance(value, str):
+        if value.lower() in ("true", "false") and tp is bool:
+            return " (a quoted string: write true or false without quotes)"
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (a string: remove the quotes; YAML reads 1e6 as text, write 1000000 or 1.0e+6)"
+    if isinstance(value, bool) and tp is str:
+        return " (YAML reads yes/no/on/off/true/false as booleans: quote the value)"
+    if isinstance(value, float) and tp is int:
+        return " (write a whole number)"
+    return ""
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, typing.get_origin(tp) or tp)
+
+
+def _bounds_text(meta: dict, optional: bool) -> str:
+    lo = ("[", meta["ge"]) if "ge" in meta else ("(", meta["gt"]) if "gt" in meta else None
+    hi = (meta["le"], "]") if "le" in meta else (meta["lt"], ")") if "lt" in meta else None
+    if lo and hi:
+        text = f"in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+    elif lo:
+        text = f"{'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    else:
+        text = f"{'<=' if hi[1] == ']' else '<'} {hi[0]}"
+    return text + (" or null" if optional else "")
+
+
+def _in_bounds(value: Any, meta: dict) -> bool:
+    return not (("ge" in meta and value < meta["ge"]) or ("gt" in meta and value <= meta["gt"])
+                or ("le" in meta and value > meta["le"]) or ("lt" in meta and value >= meta["lt"]))
+
+
+def check_value(path: str, value: Any, tp: Any, meta: dict | None = None) -> list[str]:
+    """Problems of one value against a type annotation (int, float, bool, str, list, list[X], dict, X | None) and
+    optional bounds; [] when it fits. Sections (dataclasses) check themselves."""
+    meta = meta or {}
+    if dataclasses.is_dataclass(tp):
+        return []
+    optional = False
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if value is None and optional:
+            return []
+        tp = args[0]
+    if not _type_ok(value, tp):
+        expected = meta.get("expect") or _expected(tp) + (" or null" if optional else "")
+        return [f"{path} must be {expected}, got {value!r}{_hint(value, tp)}"]
+    if typing.get_origin(tp) is list and typing.get_args(tp):
+        return [p for i, v in enumerate(value) for p in check_value(f"{path}[{i}]", v, typing.get_args(tp)[0], meta)]
+    if "choices" in meta and value not in meta["choices"]:
+        return [f"{path} must be {' or '.join(map(repr, meta['choices']))}, got {value!r}"]
+    if any(k in meta for k in ("ge", "gt", "le", "lt")) and not _in_bounds(value, meta):
+        return [f"{path} must be {_bounds_text(meta, optional)}, got {value!r}"]
+    return []
+
+
+def field_problems(obj: Any, where: str) -> tuple[list[str], set[str]]:
+    """Every field of the dataclass ``obj`` checked against its annotation and bounds (see :func:`doc`):
+    ``(problems, names of the fields that have one)``."""
+    hints = typing.get_type_hints(type(obj))
+    prefix = f"{where}." if where else ""
+    problems, failed = [], set()
+    for f in dataclasses.fields(obj):
+        found = check_value(prefix + f.name, getattr(obj, f.name), hints[f.name], dict(f.metadata))
+        if found:
+            problems += found
+            failed.add(f.name)
+    return problems, failed
+
+
+class Section:
+    """Base of the config sections: on construction every field is checked against its annotation, then the
+    section's own (cross-field) rules in :meth:`problems` on the fields that passed; all problems are raised
+    together."""
+
+    SECTION = ""  # the YAML section name, for messages
+
+    def __post_init__(self):
+        problems, failed = field_problems(self, self.SECTION)
+        problems += self.problems(failed)
+        if problems:
+            raise ConfigError("\n  ".join(problems))
+
+    def problems(self, failed: set[str]) -> list[str]:
+        """Rules beyond each field's type and bounds; ``failed`` names the fields whose type is wrong (skip them)."""
+        return []
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    SECTION = "data"
     prefix: str | None = doc("Megatron .bin/.idx prefix of the training corpus; null = the built-in corpus", None)
     tokenizer: str | None = doc("the tokenizer that made the data: a sentencepiece .model, an HF tokenizer.json "
                                 "or its directory; null with prefix null = built-in", None)
     builtin_dir: str = doc("where the built-in corpus, tokenizer and dataset are prepared on first use",
                            ".cache/growlength/builtin")
-    builtin_vocab_size: int = doc("vocabulary size of the built-in tokenizer", 8192)
+    builtin_vocab_size: int = doc("vocabulary size of the built-in tokenizer", 8192, ge=1)
     cache_dir: str | None = doc("where sample indices are cached; null = RUN_DIR/../.index-cache", None)
-    valid_fraction: float = doc("share of documents held out for validation (document-level split)", 0.01)
+    valid_fraction: float = doc("share of documents held out for validation (document-level split)", 0.01,
+                                ge=0, lt=1)
     epochs: str = doc("when the plan needs more tokens than the data has: 'repeat' (reshuffled epochs) or 'error'",
-                      "repeat")
+                      "repeat", choices=("repeat", "error"))
 
-    def __post_init__(self):
-        if not 0.0 <= self.valid_fraction < 1.0:
-            raise ConfigError(f"data.valid_fraction must be in [0, 1), got {self.valid_fraction}")
-        if self.epochs not in ("repeat", "error"):
-            raise ConfigError(f"data.epochs must be 'repeat' or 'error', got {self.epochs!r}")
-        if (self.prefix is None) != (self.tokenizer is None):
-            raise ConfigError("data.prefix and data.tokenizer go together: set both (your corpus and the "
-                              "sentencepiece model that made it) or neither (the built-in corpus)")
+    def problems(self, failed: set[str]) -> list[str]:
+        if not failed & {"prefix", "tokenizer"} and (self.prefix is None) != (self.tokenizer is None):
+            return ["data.prefix and data.tokenizer go together: set both (your corpus and the "
+                    "sentencepiece model that made it) or neither (the built-in corpus)"]
+        return []
 
 
 @dataclass
-class ModelSection:
+class ModelSection(Section):
+    SECTION = "model"
     preset: str = doc("model preset: tiny, pythia-70m, pythia-160m, pythia-410m, pythia-1b", "tiny")
     attention: str = doc("attention backend: auto (flash-attn on CUDA when installed, else SDPA), flash, sdpa",
                          "auto")
@@ -64,101 +193,121 @@ class ModelSection:
                                    None)
 
 
+# the keys of one growlength.stages entry: (type, bounds), checked like the fields
+STAGE_KEYS = {"seq_len": (int, {"ge": 1}), "tokens": (int, {"ge": 1}), "share": (float, {"gt": 0, "le": 1}),
+              "time_share": (float, {"gt": 0, "le": 1}), "max_tokens_per_micro_batch": (int, {"ge": 1})}
+BUDGET_KEYS = ("tokens", "share", "time_share")
+
+
 @dataclass
-class GrowLengthConfig:
+class GrowLengthConfig(Section):
+    SECTION = "growlength"
     stages: list = doc("stages shortest first: each {seq_len: N} plus one of tokens: N (absolute), share: F "
                        "(of total_tokens) or time_share: F (of the wall-clock), and optionally "
                        "max_tokens_per_micro_batch: N (this stage's memory cap; needs grad_accum: null to "
                        "accumulate more instead)",
                        factory=lambda: [{"seq_len": 64, "share": 0.5}, {"seq_len": 128, "share": 0.3},
                                         {"seq_len": 256, "share": 0.2}])
-    tokens_per_step: int = doc("global tokens per optimizer step, the same in every stage", 4096)
-    total_tokens: int | None = doc("total token budget when stages give share or time_share", 1_048_576)
+    tokens_per_step: int = doc("global tokens per optimizer step, the same in every stage", 4096, ge=1)
+    total_tokens: int | None = doc("total token budget when stages give share or time_share", 1_048_576, ge=1)
     grad_accum: int | None = doc("gradient accumulation per step in every stage; null = smallest that keeps "
-                                 "micro_batch * seq_len <= max_tokens_per_micro_batch", 1)
-    max_tokens_per_micro_batch: int | None = doc("memory cap on micro_batch * seq_len per rank; null = no cap", None)
+                                 "micro_batch * seq_len <= max_tokens_per_micro_batch", 1, ge=1)
+    max_tokens_per_micro_batch: int | None = doc("memory cap on micro_batch * seq_len per rank; null = no cap", None,
+                                                 ge=1)
     micro_batch_probe: str | None = doc("a launcher.bench_lengths JSON: each stage's micro-batch cap comes from the "
                                         "largest batch that fit at its length (needs grad_accum: null)", None)
     max_time_s: float | None = doc("stop (with a checkpoint) once the training wall-clock, summed over restarts, "
-                                   "reaches this many seconds; for equal-time comparisons", None)
+                                   "reaches this many seconds; for equal-time comparisons", None, gt=0)
+
+    def stage_problems(self) -> tuple[list[str], set[str]]:
+        """Problems of the stage list, and the budget kinds it uses."""
+        if not self.stages:
+            return ["growlength.stages must be a non-empty list, e.g. [{seq_len: 128, share: 1.0}]"], set()
+        problems, kinds = [], set()
+        for i, s in enumerate(self.stages):
+            where = f"growlength.stages[{i}]"
+            if not isinstance(s, dict) or "seq_len" not in s:
+                problems.append(f"{where} must be a mapping with seq_len, got {s!r}")
+                continue
+            extra = set(s) - set(STAGE_KEYS)
+            if extra:
+                problems.append(f"{where} has unknown keys {sorted(extra)}; valid: seq_len, one of tokens, "
+                                f"share, time_share, and optionally max_tokens_per_micro_batch")
+            given = [k for k in BUDGET_KEYS if k in s]
+            if len(given) != 1:
+                problems.append(f"{where} must give exactly one budget (tokens, share or time_share), "
+                                f"got {given or 'none'}")
+            else:
+                kinds.add(given[0])
+            for key in sorted(set(s) & set(STAGE_KEYS)):
+                problems += check_value(f"{where}.{key}", s[key], *STAGE_KEYS[key])
+        if len(kinds) > 1:
+            problems.append(f"growlength.stages mix budget kinds {sorted(kinds)}: use one kind for all stages")
+        return problems, kinds
 
     def budget_kind(self) -> str:
-        kinds = set()
-        for i, s in enumerate(self.stages):
-            if not isinstance(s, dict) or "seq_len" not in s:
-                raise ConfigError(f"growlength.stages[{i}] must be a mapping with seq_len, got {s!r}")
-            extra = set(s) - {"seq_len", "tokens", "share", "time_share", "max_tokens_per_micro_batch"}
-            if extra:
-                raise ConfigError(f"growlength.stages[{i}] has unknown keys {sorted(extra)}; valid: seq_len, one "
-                                  f"of tokens, share, time_share, and optionally max_tokens_per_micro_batch")
-            given = [k for k in ("tokens", "share", "time_share") if k in s]
-            if len(given) != 1:
-                raise ConfigError(f"growlength.stages[{i}] must give exactly one budget (tokens, share or "
-                                  f"time_share), got {given or 'none'}")
-            kinds.add(given[0])
-        if len(kinds) > 1:
-            raise ConfigError(f"growlength.stages mix budget kinds {sorted(kinds)}: use one kind for all stages")
+        problems, kinds = self.stage_problems()
+        if problems:
+            raise ConfigError("\n  ".join(problems))
         return kinds.pop()
 
-    def __post_init__(self):
-        if not isinstance(self.stages, list) or not self.stages:
-            raise ConfigError("growlength.stages must be a non-empty list, e.g. [{seq_len: 128, share: 1.0}]")
-        kind = self.budget_kind()
-        if kind != "tokens" and not self.total_tokens:
-            raise ConfigError(f"growlength.stages give {kind} but growlength.total_tokens is not set")
-        if self.micro_batch_probe and self.grad_accum is not None:
-            raise ConfigError("growlength.micro_batch_probe chooses the accumulation per stage: set "
-                              "growlength.grad_accum: null")
-        if self.grad_accum is not None and self.grad_accum < 1:
-            raise ConfigError(f"growlength.grad_accum must be >= 1 or null, got {self.grad_accum}")
+    def problems(self, failed: set[str]) -> list[str]:
+        if "stages" in failed:
+            return []
+        problems, kinds = self.stage_problems()
+        if len(kinds) == 1 and kinds != {"tokens"} and "total_tokens" not in failed and not self.total_tokens:
+            problems.append(f"growlength.stages give {kinds.pop()} but growlength.total_tokens is not set")
+        if not failed & {"micro_batch_probe", "grad_accum"} and self.micro_batch_probe and self.grad_accum is not None:
+            problems.append("growlength.micro_batch_probe chooses the accumulation per stage: set "
+                            "growlength.grad_accum: null")
+        return problems
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
+    SECTION = "optimisation"
     warmup_fraction: float = doc("LR warmup as a share of all steps (fills the ds_config scheduler's "
-                                 "warmup_num_steps); ignored when warmup_steps is set", 0.05)
-    warmup_steps: int | None = doc("LR warmup in optimizer steps; null = warmup_fraction of all steps", None)
-
-    def __post_init__(self):
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ConfigError(f"optimisation.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+                                 "warmup_num_steps); ignored when warmup_steps is set", 0.05, ge=0, lt=1)
+    warmup_steps: int | None = doc("LR warmup in optimizer steps; null = warmup_fraction of all steps", None, ge=0)
 
 
 @dataclass
-class CheckpointConfig:
-    interval_steps: int = doc("save every N optimizer steps (0 = only at stage ends, on signals and at the end)", 1000)
-    keep_last: int = doc("how many complete checkpoints to keep (older ones are deleted)", 3)
+class CheckpointConfig(Section):
+    SECTION = "checkpointing"
+    interval_steps: int = doc("save every N optimizer steps (0 = only at stage ends, on signals and at the end)", 1000,
+                              ge=0)
+    keep_last: int = doc("how many complete checkpoints to keep (older ones are deleted)", 3, ge=1)
     at_stage_end: bool = doc("save at the end of every stage", True)
     resume: str = doc("'auto' (newest complete checkpoint in RUN_DIR, if any), 'none', or a checkpoint path",
-                      "auto")
+                      "auto", expect="auto, none or the path of a checkpoint or run directory")
     resume_force: bool = doc("resume even if the plan or data fingerprint differs (you own the consequences)",
                              False)
 
-    def __post_init__(self):
-        if self.keep_last < 1:
-            raise ConfigError(f"checkpointing.keep_last must be >= 1, got {self.keep_last}")
-        if self.interval_steps < 0:
-            raise ConfigError(f"checkpointing.interval_steps must be >= 0, got {self.interval_steps}")
+    def problems(self, failed: set[str]) -> list[str]:
+        if "resume" not in failed and self.resume not in ("auto", "none") and not Path(self.resume).exists():
+            return [f"checkpointing.resume {self.resume!r}: no such file or directory; give auto (the newest "
+                    f"complete checkpoint of run_dir), none (start fresh) or the path of a run directory or "
+                    f"checkpoint"]
+        return []
 
 
 @dataclass
-class LoggingConfig:
-    log_interval: int = doc("print a step line every N steps", 10)
-    eval_interval: int = doc("validate every N steps (0 = only at stage ends)", 1000)
-    eval_tokens: int = doc("validation tokens per evaluated length (split over ranks)", 16384)
-    eval_lengths: list = doc("extra lengths to validate at stage ends (the extrapolation curve)", factory=list)
+class LoggingConfig(Section):
+    SECTION = "logging"
+    log_interval: int = doc("print a step line every N steps", 10, ge=1)
+    eval_interval: int = doc("validate every N steps (0 = only at stage ends)", 1000, ge=0)
+    eval_tokens: int = doc("validation tokens per evaluated length (split over ranks)", 16384, ge=1)
+    eval_lengths: list[int] = doc("extra lengths to validate at stage ends (the extrapolation curve)", factory=list,
+                                  ge=1)
     tensorboard: bool = doc("write TensorBoard event files under RUN_DIR/tensorboard", True)
-    peak_tflops: float | None = doc("peak TFLOP/s per device for MFU; null = look up the GPU, else no MFU", None)
-
-    def __post_init__(self):
-        if self.log_interval < 1:
-            raise ConfigError(f"logging.log_interval must be >= 1, got {self.log_interval}")
+    peak_tflops: float | None = doc("peak TFLOP/s per device for MFU; null = look up the GPU, else no MFU", None,
+                                    gt=0)
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     run_dir: str = doc("where metrics, logs and checkpoints go", "runs/tiny-demo")
-    seed: int = doc("seeds model init and data order", 1234)
+    seed: int = doc("seeds model init and data order", 1234, ge=0, lt=2**32)
     data: DataConfig = doc("data section", factory=DataConfig)
     model: ModelSection = doc("model section", factory=ModelSection)
     growlength: GrowLengthConfig = doc("stage plan section", factory=GrowLengthConfig)
@@ -166,6 +315,16 @@ class RunConfig:
                                     factory=OptimConfig)
     checkpointing: CheckpointConfig = doc("checkpoint section", factory=CheckpointConfig)
     logging: LoggingConfig = doc("logging section", factory=LoggingConfig)
+
+    def problems(self, failed: set[str]) -> list[str]:
+        if "run_dir" in failed:
+            return []
+        run_dir = Path(self.run_dir)
+        blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            return [f"run_dir {self.run_dir}: {blocker} is a file, not a directory; choose another run_dir "
+                    f"(or move the file away)"]
+        return []
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -198,7 +357,12 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"command-line override {item!r} is not key=value (e.g. growlength.tokens_per_step=8192)")
         key, raw = item.split("=", 1)
-        set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"command-line override {item!r}: the value is not valid YAML "
+                              f"({str(e).splitlines()[0]}); quote it or fix the brackets") from None
+        set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -209,10 +373,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def from_dict(tree: dict) -> RunConfig:
-    """Build and check a :class:`RunConfig`; unknown keys anywhere are reported together."""
+def from_dict(tree: dict, source: str = "the run config") -> RunConfig:
+    """Build and check a :class:`RunConfig`; unknown keys anywhere, and the problems of every section, are reported
+    together."""
     if not isinstance(tree, dict):
-        raise ConfigError(f"the run config must be a mapping of sections, got {type(tree).__name__}")
+        raise ConfigError(f"{source} must be a mapping of sections (run_dir:, data:, model:, growlength:, ...), "
+                          f"got {_kind(tree)}")
     sections = _section_types()
     unknown = [k for k in tree if k not in _field_names(RunConfig)]
     for name, cls in sections.items():
@@ -223,9 +389,29 @@ def from_dict(tree: dict) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; see the valid ones with: python -m launcher.config")
     kwargs = {k: v for k, v in tree.items() if k not in sections}
+    problems = []
     for name, cls in sections.items():
-        kwargs[name] = cls(**(tree.get(name) or {}))
-    return RunConfig(**kwargs)
+        try:
+            kwargs[name] = cls(**(tree.get(name) or {}))
+        except ConfigError as e:
+            problems += [line.strip() for line in str(e).splitlines()]
+    if not problems:
+        try:
+            return RunConfig(**kwargs)
+        except ConfigError as e:
+            problems += [line.strip() for line in str(e).splitlines()]
+    else:  # the top-level fields too, so that one pass shows everything
+        top = {k: v for k, v in kwargs.items() if k not in sections}
+        problems += check_value_fields(RunConfig, top)
+    raise ConfigError("\n  ".join(problems) if len(problems) == 1 else
+                      f"{len(problems)} problems in the run config:\n  " + "\n  ".join(problems))
+
+
+def check_value_fields(cls, values: dict) -> list[str]:
+    """The type and bound problems of some of ``cls``'s fields, given as a dict (without building ``cls``)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return [p for k, v in values.items() for p in check_value(k, v, hints[k], dict(fields[k].metadata))]
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -233,14 +419,23 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
     tree: dict = {}
     if path:
         p = Path(path)
+        presets = Path(__file__).parent / "configs"
+        if p.is_dir():
+            raise ConfigError(f"--config {path} is a directory; give a YAML file, e.g. one of {presets}")
         if not p.is_file():
-            raise ConfigError(f"--config {path}: no such file; presets are in {Path(__file__).parent / 'configs'}")
+            raise ConfigError(f"--config {path}: no such file; presets are in {presets}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {path} is not valid YAML: {e}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path}: cannot read it ({e}); give a readable UTF-8 YAML file") from None
+        tree = {} if tree is None else tree
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path} must hold a mapping of sections (run_dir:, data:, model:, "
+                              f"growlength:, ...), got {_kind(tree)}")
     tree = _merge(tree, parse_overrides(list(overrides)))
-    return from_dict(tree)
+    return from_dict(tree, f"--config {path}" if path else "the run config")
 
 
 def describe_fields() -> str:

@@ -25,18 +25,81 @@ _SCHEDULER_STEP_KEYS = {
 }
 
 
+# what this DeepSpeed accepts (deepspeed/runtime/config.py DEEPSPEED_OPTIMIZERS, matched lower-cased, and
+# lr_schedules.VALID_LR_SCHEDULES); other names are looked up in torch.optim / torch.optim.lr_scheduler, as
+# DeepSpeed does
+DEEPSPEED_OPTIMIZERS = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon")
+DEEPSPEED_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+ZERO_STAGES = (0, 1, 2, 3)     # DeepSpeed's
+TESTED_ZERO_STAGES = (1, 2)    # what this launcher ships (ds_configs/) and tests
+_SECTIONS = ("zero_optimization", "optimizer", "scheduler", "fp16", "bf16")
+
+
 def load_ds_config(path: str) -> dict:
+    """The user's DeepSpeed JSON, checked by :func:`check_ds_config`; raises :class:`DSConfigError`."""
     p = Path(path)
+    shipped = "the shipped ones are in ds_configs/ (zero2.json, zero1.json, zero2_offload.json)"
+    if p.is_dir():
+        raise DSConfigError(f"--ds_config {path} is a directory; give a JSON file ({shipped})")
     if not p.is_file():
-        raise DSConfigError(f"--ds_config {path}: no such file; the shipped ones are in ds_configs/ "
-                            f"(zero2.json, zero1.json, zero2_offload.json)")
+        raise DSConfigError(f"--ds_config {path}: no such file; {shipped}")
     try:
-        cfg = json.loads(p.read_text())
+        cfg = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DSConfigError(f"--ds_config {path} is not valid JSON: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DSConfigError(f"--ds_config {path}: cannot read it ({e}); {shipped}") from None
     if not isinstance(cfg, dict):
         raise DSConfigError(f"--ds_config {path} must hold a JSON object, got {type(cfg).__name__}")
+    check_ds_config(cfg, path)
     return cfg
+
+
+def _known_torch(module: str, name: str) -> bool:
+    import importlib
+    return isinstance(getattr(importlib.import_module(module), name, None), type)
+
+
+def check_ds_config(cfg: dict, source: str = "ds_config") -> None:
+    """Refuse what DeepSpeed would reject late (or with a traceback) and what this launcher cannot train with:
+    non-object sections, a ZeRO stage outside 0-3, a missing or unknown optimizer, an unknown scheduler, fp16 and
+    bf16 together. Every problem is collected, then raised once, each naming the key and the fix."""
+    errors = [f"{key} must be a JSON object, got {json.dumps(cfg[key])}" for key in _SECTIONS
+              if key in cfg and not isinstance(cfg[key], dict)]
+    errors += [f"{key}.params must be a JSON object, got {json.dumps(cfg[key]['params'])}"
+               for key in ("optimizer", "scheduler")
+               if isinstance(cfg.get(key), dict) and not isinstance(cfg[key].get("params", {}), dict)]
+    zero = cfg.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero:
+        stage = zero["stage"]
+        if isinstance(stage, bool) or stage not in ZERO_STAGES:
+            errors.append(f"zero_optimization.stage is {json.dumps(stage)}: DeepSpeed's ZeRO stages are 0, 1, 2 and 3; "
+                          f"this launcher ships and tests stages {' and '.join(map(str, TESTED_ZERO_STAGES))} "
+                          f"(ds_configs/zero1.json, ds_configs/zero2.json)")
+    opt = cfg.get("optimizer")
+    if opt is None:
+        errors.append('no "optimizer" section: the launcher trains with the optimizer DeepSpeed builds from it; add '
+                      'e.g. "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}} '
+                      '(see ds_configs/zero2.json)')
+    elif isinstance(opt, dict):
+        name = opt.get("type")
+        if not isinstance(name, str) or not (name.lower() in DEEPSPEED_OPTIMIZERS or _known_torch("torch.optim", name)):
+            errors.append(f"optimizer.type is {json.dumps(name)}: not an optimizer DeepSpeed knows; use one of "
+                          f"{', '.join(DEEPSPEED_OPTIMIZERS)} (any case) or a torch.optim class name such as SGD")
+    sched = cfg.get("scheduler")
+    if isinstance(sched, dict):
+        name = sched.get("type")
+        if not isinstance(name, str) or not (name in DEEPSPEED_SCHEDULERS
+                                             or _known_torch("torch.optim.lr_scheduler", name)):
+            errors.append(f"scheduler.type is {json.dumps(name)}: not a scheduler DeepSpeed knows; use one of "
+                          f"{', '.join(DEEPSPEED_SCHEDULERS)} (the launcher fills the step counts of "
+                          f"{', '.join(_SCHEDULER_STEP_KEYS)}), a torch.optim.lr_scheduler class name, or remove "
+                          f"the section for a constant learning rate")
+    if all(isinstance(cfg.get(k), dict) and cfg[k].get("enabled") for k in ("fp16", "bf16")):
+        errors.append("fp16.enabled and bf16.enabled are both true; enable one")
+    if errors:
+        raise DSConfigError(f"--ds_config {source}: " + errors[0] if len(errors) == 1 else
+                            f"--ds_config {source} has {len(errors)} problems:\n  " + "\n  ".join(errors))
 
 
 def warmup_steps(total_steps: int, warmup_steps: int | None, warmup_fraction: float) -> int:
@@ -76,7 +139,7 @@ def fill_ds_config(cfg: dict, plan: StagePlan, warmup: int, source: str = "ds_co
         counts = {"warmup_num_steps": warmup, "total_num_steps": plan.total_steps}
         for key in keys:
             put(params, key, counts[key], f"scheduler.params.{key}")
-    if "fp16" in out and out["fp16"].get("enabled") and out.get("bf16", {}).get("enabled"):
+    if all(isinstance(out.get(k), dict) and out[k].get("enabled") for k in ("fp16", "bf16")):
         errors.append(f"{source}: fp16.enabled and bf16.enabled are both true; enable one")
     if errors:
         raise DSConfigError("the DeepSpeed config contradicts the run config:\n  " + "\n  ".join(errors))

@@ -39,7 +39,7 @@ import torch
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
-from launcher.runs import EvidenceError, parse_lengths, write_json
+from launcher.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
 from model import GPTNeoX
 
 log = logging.getLogger("growlength")
@@ -174,14 +174,10 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
         raise EvidenceError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}")
     loaded = load_for_eval(checkpoint, rope_scaling, rope_factor)
     state = loaded.state
-    prefix = data_prefix or (state or {}).get("data_prefix")
-    if prefix is None:
+    if state is None and data_prefix is None:
         raise EvidenceError(f"--checkpoint {checkpoint} is a Hugging Face directory: give --data-prefix PREFIX "
                             f"(a .bin/.idx made with its tokenizer)")
-    for ext in (".bin", ".idx"):
-        if not Path(prefix + ext).is_file():
-            raise EvidenceError(f"--data-prefix {prefix}: {prefix + ext} not found; give the PREFIX of a "
-                                f"PREFIX.bin/PREFIX.idx pair (python -m data_pipeline.preprocess makes one)")
+    prefix = find_data_prefix(state or {}, loaded.source, data_prefix)  # --data-prefix, else the run's recorded data
     if tokens is None:
         tokens = state["config"]["logging"]["eval_tokens"] if state else DEFAULT_TOKENS
     split, valid_fraction = resolve_split(split, prefix, state, valid_fraction)
@@ -240,10 +236,12 @@ def main(argv=None) -> int:
     p.add_argument("--valid-fraction", type=float, help="override the run's data.valid_fraction for --split run")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype (default fp32)")
     p.add_argument("--tokens-per-batch", type=int, default=8192, help="tokens per forward pass (memory)")
-    p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--out", help="write the report as JSON here (checked before the work, written atomically)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        if args.out:
+            check_writable(args.out)  # before the work: a report that cannot be saved is refused, not lost
         report = evaluate(args.checkpoint, args.data_prefix, parse_lengths(args.lengths), args.rope_scaling,
                           args.rope_factor, args.tokens, args.split, args.valid_fraction, args.dtype,
                           args.tokens_per_batch)
@@ -252,7 +250,11 @@ def main(argv=None) -> int:
         return 2
     print(table(report))
     if args.out:
-        log.info("wrote %s", write_json(args.out, report))
+        try:
+            log.info("wrote %s", write_json(args.out, report))
+        except EvidenceError as e:
+            log.error("%s", e)
+            return 2
     return 0
 
 

@@ -1,9 +1,13 @@
 """Export a trained checkpoint to a Hugging Face GPTNeoXForCausalLM directory (tokenizer included).
 
-    python -m launcher.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR
+    python -m launcher.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--overwrite] [--tokenizer PATH]
 
-The ZeRO shards are consolidated into one fp32 state dict with DeepSpeed's own zero_to_fp32 utilities; the
-model's converter writes config, weights and tokenizer. ``load_trained_model`` is shared with the other tools
+The tokenizer is the run's own copy (RUN_DIR/<tokenizer_in_run>), else the path recorded at training
+(``launcher.runs.find_tokenizer``), so a moved run exports from anywhere. ``--out`` is built in a temporary
+directory beside it and renamed into place; ``--overwrite`` replaces only a previous export (a directory with
+config.json), never the run being exported nor a directory holding it. The ZeRO shards are consolidated into one
+fp32 state dict with DeepSpeed's own zero_to_fp32 utilities; the model's converter writes config, weights and
+tokenizer. ``load_trained_model`` is shared with the other tools
 (evaluate, plot) that read checkpoints.
 """
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -20,9 +24,25 @@ from pathlib import Path
 from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
+from launcher.runs import EvidenceError, check_dir_writable, find_tokenizer, replace_dir, run_dir_of
 from model import GPTNeoX, ModelConfig
 
 log = logging.getLogger("growlength")
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, dict]:
+    """``(checkpoint dir, its growlength state)`` for a run directory, its checkpoints/ or one checkpoint (the newest
+    complete one when several); cheap: reads only the state JSON."""
+    found = ckpt.resolve_resume(str(path), str(path))
+    if found is None:
+        raise ckpt.CheckpointError(f"--checkpoint {path}: no complete checkpoint found; give a RUN_DIR, "
+                                   f"RUN_DIR/checkpoints or RUN_DIR/checkpoints/step_NNNNNNNN")
+    try:
+        state = ckpt.read_state(found)
+    except (OSError, ValueError) as e:  # ValueError: a torn or non-UTF-8 JSON
+        raise ckpt.CheckpointError(f"{found / ckpt.STATE_FILE}: unreadable ({e}); use an earlier checkpoint of "
+                                   f"{found.parent}") from None
+    return found, state
 
 
 def load_trained_model(path: str | Path) -> tuple[GPTNeoX, dict, Path]:
@@ -30,11 +50,15 @@ def load_trained_model(path: str | Path) -> tuple[GPTNeoX, dict, Path]:
     checkpoints directory or one checkpoint; the newest complete checkpoint when several."""
     from launcher import engine as ds  # DeepSpeed lives there
 
-    found = ckpt.resolve_resume(str(path), str(path))
-    state = ckpt.read_state(found)
+    found, state = find_checkpoint(path)
     config = ModelConfig(**state["model"])
     model = GPTNeoX(config)
-    sd = ds.consolidated_fp32_state_dict(str(found.parent), found.name)
+    try:
+        sd = ds.consolidated_fp32_state_dict(str(found.parent), found.name)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise ckpt.CheckpointError(f"{found}: the DeepSpeed model or optimizer files cannot be read "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use an "
+                                   f"earlier checkpoint of {found.parent}") from None
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("inv_freq")]
     if missing or unexpected:
@@ -43,27 +67,47 @@ def load_trained_model(path: str | Path) -> tuple[GPTNeoX, dict, Path]:
     return model.float().eval(), state, found
 
 
-def export(checkpoint: str, out: str, overwrite: bool = False) -> Path:
+def check_out(out_path: Path, run_dir: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that would destroy the run or something that is not a previous export."""
+    out, run = out_path.resolve(), run_dir.resolve()
+    if out == run or run in out.parents or out in run.parents:
+        where = "is" if out == run else "is inside" if run in out.parents else "contains"
+        raise EvidenceError(f"--out {out_path} {where} the run directory {run} being exported; write the export "
+                            f"elsewhere, e.g. --out {run.parent / (run.name + '-hf')}")
+    if not out_path.exists():
+        return
+    if not out_path.is_dir():
+        raise EvidenceError(f"--out {out_path} is a file, not a directory; choose another --out")
+    if any(out_path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"--out {out_path} exists and is not empty; choose another directory or pass "
+                                  f"--overwrite")
+        if not (out_path / "config.json").is_file():
+            raise EvidenceError(f"--out {out_path} holds no config.json, so it is not a previous export; "
+                                f"--overwrite replaces only an export: choose another directory")
+
+
+def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | None = None) -> Path:
     """Write the HF directory at ``out`` (complete or absent: built beside it and renamed)."""
     from model.hf import save_hf
 
     out_path = Path(out)
-    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
-    model, state, found = load_trained_model(checkpoint)
+    found, state = find_checkpoint(checkpoint)
+    check_out(out_path, run_dir_of(found), overwrite)
+    tokenizer_path = find_tokenizer(state, found, tokenizer)
     try:
-        tokenizer = Tokenizer(state["tokenizer"]) if state.get("tokenizer") else None
+        tok = Tokenizer(tokenizer_path) if tokenizer_path else None
     except DatasetError as e:
         raise DatasetError(f"{found}: the tokenizer this run trained with does not open ({e})") from None
+    check_dir_writable(out_path.parent, "--out", out)
+    model, state, found = load_trained_model(found)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
         save_hf(model, tmp)
-        if tokenizer is not None:
-            write_tokenizer(tokenizer, tmp)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
+        if tok is not None:
+            write_tokenizer(tok, tmp)
+        replace_dir(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -90,13 +134,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run directory, its checkpoints/ or one step_NNNNNNNN")
     p.add_argument("--out", required=True, help="the Hugging Face directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export at --out")
+    p.add_argument("--tokenizer", help="the tokenizer to ship (default: the run's copy, else the recorded path)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        export(args.checkpoint, args.out, args.overwrite)
-    except (ckpt.CheckpointError, FileExistsError, DatasetError) as e:
+        export(args.checkpoint, args.out, args.overwrite, args.tokenizer)
+    except (ckpt.CheckpointError, EvidenceError, FileExistsError, DatasetError) as e:
         log.error("%s", e)
+        return 2
+    except OSError as e:
+        log.error("--out %s: cannot write the export (%s); nothing was replaced", args.out, e)
         return 2
     return 0
 

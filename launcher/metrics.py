@@ -31,28 +31,71 @@ def peak_tflops(configured: float | None, device_name: str | None) -> float | No
     return None
 
 
+class MetricsError(ValueError):
+    """A metrics.jsonl that cannot be read; the message names FILE:LINE and the fix."""
+
+
+def _parse(path: Path) -> tuple[list[dict], bool]:
+    """``(records, clean)`` of a metrics file. A last line that is not a whole record (what a kill or a full disk
+    leaves: cut mid-write, NUL-padded, or missing its newline) is dropped with a warning, or kept when it parses
+    but lacks its newline; ``clean`` is False in both cases, so that a rewrite can restore the file. A bad line
+    anywhere else raises :class:`MetricsError`."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    clean = raw.endswith(b"\n") or not raw
+    if lines and not lines[-1]:
+        lines.pop()  # after the final newline
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if n == len(lines):
+                log.warning("%s:%d: dropped a torn last line (%d bytes; the writer was stopped mid-record): %r",
+                            path, n, len(line), line[:80])
+                return records, False
+            raise MetricsError(f"{path}:{n}: not a JSON record ({e}); the file is damaged in the middle: restore "
+                               f"it from a backup, or delete that line (the run's checkpoints do not depend on it)"
+                               ) from None
+        records.append(record)
+    return records, clean
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl ([] when absent); see :func:`_parse` for a torn last line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse(path)[0]
 
 
 def truncate_after(run_dir: str | Path, step: int) -> int:
-    """Drop records past ``step`` (written after the checkpoint we resume from), so every step appears once.
+    """Drop records past ``step`` (written after the checkpoint we resume from), so every step appears once, and a
+    torn last line, so that the records the resumed run appends start on a line of their own.
 
     Returns how many records were dropped. Rewrites the file atomically.
     """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return 0
-    records = read_metrics(run_dir)
+    records, clean = _parse(path)
     # a stage record at the checkpoint's step announces the step after it: the resumed run writes it again
     keep = [r for r in records if r.get("step", 0) < step or (r.get("step") == step and r.get("kind") != "stage")]
-    if len(keep) != len(records):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, path)
+    if len(keep) != len(records) or not clean:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return len(records) - len(keep)
 
 

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from launcher.runs import EvidenceError, Run, load_run  # noqa: E402
+from launcher.runs import EvidenceError, Run, atomic_path, check_dir_writable, load_run  # noqa: E402
 
 log = logging.getLogger("growlength")
 
@@ -110,9 +110,7 @@ def loss_figure(runs: list[Run], x: str, out: Path, val_length: int | None, extr
         lo, hi = ax.get_ylim()
         ax.set_ylim(lo, hi + (hi - lo) * (0.08 + 0.06 * len(runs)))
     fig.suptitle(f"loss vs {label}; dashed lines: GrowLength stage switches (new length)", fontsize=11)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def ppl_curves(runs: list[Run], reports: list[dict]) -> list[tuple[str, list[int], list[float], int | None]]:
@@ -152,8 +150,18 @@ def ppl_figure(curves, out: Path) -> Path:
     ax.set_title("perplexity vs evaluation length; dotted: longest trained length", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best", framealpha=0.9)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Render to a temporary name beside ``out`` and rename: a reader never sees half a PNG."""
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110)
+    except OSError as e:
+        raise EvidenceError(f"{out}: cannot write the figure ({e.strerror}); choose another --out") from None
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -168,11 +176,16 @@ def plot_runs(run_dirs: list[str], out_dir: str, labels: list[str] | None = None
     reports = []
     for path in eval_reports:
         try:
-            reports.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            report = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
             raise EvidenceError(f"--eval-json {path}: not a readable launcher.evaluate report ({e})") from None
+        if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+            raise EvidenceError(f"--eval-json {path}: not a launcher.evaluate report (no results list); give the "
+                                f"file that python -m launcher.evaluate --out wrote")
+        reports.append(report)
     val_length = val_length or common_val_length(runs)
     out = Path(out_dir)
+    check_dir_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     written = [loss_figure(runs, "tokens", out / "loss_vs_tokens.png", val_length, extra_val),
                loss_figure(runs, "time", out / "loss_vs_time.png", val_length, extra_val)]

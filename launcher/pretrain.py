@@ -34,7 +34,7 @@ from launcher.data import TrainData, prepare_data
 from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, warmup_steps
 from launcher import rundir
 from launcher.optim import describe as describe_groups, param_groups
-from launcher.metrics import MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
+from launcher.metrics import MetricsError, MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
 from launcher.plan import PlanError, StagePlan, plan_from_config
 from data_pipeline.errors import DatasetError, SamplePlanError
 from model import GPTNeoX
@@ -50,7 +50,7 @@ class StartupError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, PlanError, DSConfigError, ckpt.CheckpointError, DatasetError, SamplePlanError,
-               FileNotFoundError, StartupError)
+               FileNotFoundError, MetricsError, StartupError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,9 +20,7 @@ class RunDirError(ConfigError):
 
 
 def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` or refuse with one line: a file in the way, or no permission."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run_dir {run_dir} is a file, not a directory: choose another run_dir")
+    """Create ``run_dir`` or refuse with one line (the config already refused a run_dir that is a file)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

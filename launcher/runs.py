@@ -2,14 +2,21 @@
 
 The tools read only ``RUN_DIR/metrics.jsonl`` (DESIGN.md "metrics.jsonl") and checkpoints; this module turns the
 former into step, eval and stage records and checks user-given lengths, with errors that name the file and the fix.
+It also holds what every tool shares: finding a run's tokenizer and data wherever the run directory now is
+(``find_tokenizer``, ``find_data_prefix``), and writing outputs complete or not at all (``check_writable``,
+``atomic_path``, ``write_json``, ``replace_dir``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.metrics import METRICS_FILE
+from launcher.metrics import METRICS_FILE, MetricsError, read_metrics
 
 
 class EvidenceError(ValueError):
@@ -74,13 +81,13 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
         raise EvidenceError(f"{run_dir}: no {METRICS_FILE} in this directory; is it a run directory "
                             f"(launcher/pretrain.py run_dir=...) and did the run get past its first step?")
     run = Run(path=path, name=name or path.name)
-    for n, line in enumerate(metrics.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvidenceError(f"{metrics}:{n}: not a JSON line ({e})") from None
+    try:
+        records = read_metrics(path)
+    except MetricsError as e:
+        raise EvidenceError(str(e)) from None
+    except OSError as e:
+        raise EvidenceError(f"{metrics}: cannot read it ({e.strerror})") from None
+    for record in records:
         kind = record.get("kind")
         {"eval": run.evals, "stage": run.stages}.get(kind, run.steps if kind is None else []).append(record)
     if not run.steps:
@@ -91,11 +98,122 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     return run
 
 
-def write_json(path: str | Path, obj) -> Path:
-    """Write a report as JSON, atomically (a temporary name, then a rename), creating its directory."""
+# ---- writing reports: complete or absent ------------------------------------------------------------------------
+def check_writable(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be written: a file where a directory is needed on the way
+    to it, a directory where the file goes, or a place without write permission (probed by creating a file there)."""
+    out = Path(path)
+    if out.is_dir():
+        raise EvidenceError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {out / 'report.json'}")
+    return check_dir_writable(out.parent, flag, path)
+
+
+def check_dir_writable(directory: str | Path, flag: str = "--out", given: str | Path | None = None) -> Path:
+    """The nearest existing ancestor of ``directory`` must be a writable directory (the rest is created later)."""
+    directory = Path(directory)
+    given = directory if given is None else given
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise EvidenceError(f"{flag} {given}: {existing} is a file, not a directory; choose another location")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EvidenceError(f"{flag} {given}: cannot write in {existing} ({e.strerror}); choose a writable "
+                            f"location") from None
+    return existing
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yields a temporary path beside ``path`` with the same suffix (matplotlib picks the format from it); on success
+    it is renamed over ``path``, on failure removed: readers see the old file or the new one, never a part."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(out)
-    return out
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (a temporary name beside it, then a rename), creating its directory."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        raise EvidenceError(f"{path}: cannot write it ({e.strerror}); choose another --out") from None
+    return Path(path)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write a report as JSON, atomically (a temporary name, then a rename), creating its directory."""
+    return write_text(path, json.dumps(obj, indent=1))
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the complete directory ``tmp`` at ``out``, replacing what is there: the old one is renamed aside first
+    and deleted only once the new one is in place, so an interruption leaves one of them complete."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- a run stands on its own: where its tokenizer and data are -------------------------------------------------
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """RUN_DIR of a checkpoint directory (RUN_DIR/checkpoints/step_N), wherever the run directory now is."""
+    return Path(checkpoint).resolve().parent.parent
+
+
+def find_tokenizer(state: dict, checkpoint: str | Path, flag: str | None = None) -> str:
+    """The tokenizer of a checkpoint: ``--tokenizer`` > the run's own copy (RUN_DIR/<tokenizer_in_run>) > the
+    absolute path recorded at training (``tokenizer_resolved``) > the path as given then (``tokenizer``).
+    Raises :class:`EvidenceError` naming every place looked at and the flag to point at it."""
+    if flag:
+        if not Path(flag).exists():
+            raise EvidenceError(f"--tokenizer {flag}: no such file or directory")
+        return str(flag)
+    in_run = state.get("tokenizer_in_run")
+    candidates = ([str(run_dir_of(checkpoint) / in_run)] if in_run else []) + \
+        [p for p in (state.get("tokenizer_resolved"), state.get("tokenizer")) if p]
+    found = next((c for c in candidates if Path(c).exists()), None)
+    if found is None:
+        raise EvidenceError(f"{checkpoint}: the tokenizer it was trained with is not found (looked at "
+                            f"{', '.join(dict.fromkeys(candidates)) or 'nothing: no path recorded'}); point at it "
+                            f"with --tokenizer PATH")
+    return found
+
+
+def _has_data(prefix: str) -> bool:
+    return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
+
+
+def find_data_prefix(state: dict, checkpoint: str | Path, flag: str | None = None) -> str:
+    """The training data of a checkpoint: ``--data-prefix`` > the absolute prefix recorded at training
+    (``data_prefix_resolved``) > the prefix as given then (``data_prefix``); PREFIX.bin and PREFIX.idx must exist."""
+    if flag:
+        if not _has_data(flag):
+            missing = next(ext for ext in (".bin", ".idx") if not Path(flag + ext).is_file())
+            raise EvidenceError(f"--data-prefix {flag}: {flag + missing} not found; give the PREFIX of a "
+                                f"PREFIX.bin/PREFIX.idx pair (python -m data_pipeline.preprocess makes one)")
+        return flag
+    candidates = [p for p in (state.get("data_prefix_resolved"), state.get("data_prefix")) if p]
+    found = next((c for c in candidates if _has_data(c)), None)
+    if found is None:
+        raise EvidenceError(f"{checkpoint}: the training data is not found (looked for PREFIX.bin/.idx at "
+                            f"{', '.join(dict.fromkeys(candidates)) or 'nothing: no prefix recorded'}); point at it "
+                            f"with --data-prefix PREFIX")
+    return found

@@ -16,12 +16,6 @@ def snapshot(d: Path) -> dict:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def test_run_dir_that_is_a_file(run):
-    run.run_dir.write_text("not a directory")
-    assert_refused(run(), f"run_dir {run.run_dir} is a file, not a directory")
-    assert run.run_dir.read_text() == "not a directory"
-
-
 def test_a_second_run_in_a_locked_run_dir_is_refused(run):
     run.run_dir.mkdir()
     lock = rundir.RunLock(run.run_dir)  # what a live run holds
