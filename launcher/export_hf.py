@@ -1,4 +1,5 @@
-"""Export a trained checkpoint to a Hugging Face GPTNeoXForCausalLM directory (tokenizer included).
+"""Export a trained checkpoint to a Hugging Face directory (tokenizer included): GPTNeoXForCausalLM or
+LlamaForCausalLM, by the family of the checkpoint's model.
 
     python -m launcher.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR
 
@@ -17,12 +18,12 @@ import tempfile
 from pathlib import Path
 
 from launcher import checkpoint as ckpt
-from model import GPTNeoX, ModelConfig
+from model import CausalLM, ModelConfig
 
 log = logging.getLogger("growlength")
 
 
-def load_trained_model(path: str | Path) -> tuple[GPTNeoX, dict, Path]:
+def load_trained_model(path: str | Path) -> tuple[CausalLM, dict, Path]:
     """``(model in fp32 on the CPU, the checkpoint's growlength state, checkpoint dir)`` for a run directory, its
     checkpoints directory or one checkpoint; the newest complete checkpoint when several."""
     from launcher import engine as ds  # DeepSpeed lives there
@@ -30,9 +31,9 @@ def load_trained_model(path: str | Path) -> tuple[GPTNeoX, dict, Path]:
     found = ckpt.resolve_resume(str(path), str(path))
     state = ckpt.read_state(found)
     config = ModelConfig(**state["model"])
-    model = GPTNeoX(config)
+    model = CausalLM(config)
     sd = ds.consolidated_fp32_state_dict(str(found.parent), found.name)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_weights(sd)
     missing = [k for k in missing if not k.endswith("inv_freq")]
     if missing or unexpected:
         raise ckpt.CheckpointError(f"{found}: weights do not match the saved model config "

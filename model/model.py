@@ -58,6 +58,14 @@ class CausalLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
+    def load_weights(self, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """load_state_dict(strict=False) -> (missing, unexpected) keys, where a tied LM head stored only as the
+        embedding (as save_pretrained writes it) does not count as missing."""
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        if self.config.tie_word_embeddings:
+            missing = [k for k in missing if k != "embed_out.weight"]
+        return missing, list(unexpected)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) long. Returns logits (B, T, padded_vocab_size) in the model's dtype when labels
         is None; else the mean cross-entropy over labels != -100 as an fp32 scalar. labels: (B, T) long,
