@@ -33,11 +33,10 @@ def load_trained_model(path: str | Path) -> tuple[CausalLM, dict, Path]:
     config = ModelConfig(**state["model"])
     model = CausalLM(config)
     sd = ds.consolidated_fp32_state_dict(str(found.parent), found.name)
-    missing, unexpected = model.load_weights(sd)
-    missing = [k for k in missing if not k.endswith("inv_freq")]
-    if missing or unexpected:
-        raise ckpt.CheckpointError(f"{found}: weights do not match the saved model config "
-                                   f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    try:
+        model.load_weights(sd, f"{found} (its saved model config)")
+    except ValueError as e:
+        raise ckpt.CheckpointError(str(e)) from None
     return model.float().eval(), state, found
 
 

@@ -58,13 +58,18 @@ class CausalLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def load_weights(self, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-        """load_state_dict(strict=False) -> (missing, unexpected) keys, where a tied LM head stored only as the
-        embedding (as save_pretrained writes it) does not count as missing."""
-        missing, unexpected = self.load_state_dict(sd, strict=False)
-        if self.config.tie_word_embeddings:
-            missing = [k for k in missing if k != "embed_out.weight"]
-        return missing, list(unexpected)
+    def load_weights(self, sd: dict[str, torch.Tensor], source: str) -> None:
+        """Load a full state dict of this architecture. A tied LM head stored only as the embedding (as
+        save_pretrained writes it) is complete. Raises ValueError naming `source` and the keys that do not fit."""
+        own = self.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in sd.items()
+                  if k in own and v.shape != own[k].shape]
+        missing = [k for k in own if k not in sd and not (k == "embed_out.weight" and self.config.tie_word_embeddings)]
+        unexpected = [k for k in sd if k not in own]
+        if shapes or missing or unexpected:
+            raise ValueError(f"{source}: weights do not match a {self.config.family} model of this config: "
+                             f"wrong shapes {shapes[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.load_state_dict(sd, strict=False)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) long. Returns logits (B, T, padded_vocab_size) in the model's dtype when labels
