@@ -66,7 +66,7 @@ class ModelConfig:
     rope_scaling_factor: float = 1.0
     """Factor for rope_scaling: positions / factor (linear) or base * factor^(r/(r-2)) (ntk); >= 1."""
     use_parallel_residual: bool | None = None
-    """x + attn(ln1(x)) + mlp(ln2(x)) instead of sequential attention then MLP; None = True (gpt-neox), False (llama)."""
+    """x + attn(ln1(x)) + mlp(ln2(x)) instead of attention then MLP; None = True (gpt-neox), False (llama)."""
     tie_word_embeddings: bool = False
     """LM head shares the input embedding's weight (llama only, e.g. SmolLM2; Pythia's are untied)."""
     layer_norm_eps: float = 1e-5
