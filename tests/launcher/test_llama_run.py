@@ -61,7 +61,7 @@ def test_export_gives_a_llama_that_transformers_loads_with_our_logits(llama_run,
 
     out = export(str(llama_run), str(tmp_path / "hf"))
     ours, _, _ = load_trained_model(llama_run)
-    assert ours.embed_out.weight is ours.embed_in.weight  # tied, also after ZeRO's consolidation
+    assert ours.embed_out.weight is ours.embed_in.weight  # still one tensor after loading the consolidated ZeRO state
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 2
     text = "The with statement is used to wrap the execution of a block with methods defined by a context manager"
