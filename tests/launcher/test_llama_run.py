@@ -2,6 +2,7 @@
 GrowLength run of tiny-llama, export to LlamaForCausalLM, evaluate / bench_lengths on it, init_from_hf from a
 Llama directory, and the refusals of a family that disagrees."""
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -28,11 +29,13 @@ def launch(run_dir, tokenized, sp_model, *extra):
                            "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}.items():
             mp.setenv(key, value)
         mp.delenv("GROWLENGTH_FAULT", raising=False)
-        return pretrain.main(["--ds_config", DS_CONFIG, f"run_dir={run_dir}", f"data.prefix={tokenized}",
-                              f"data.tokenizer={sp_model}", "data.valid_fraction=0.1",
-                              f"data.cache_dir={run_dir}/../index-cache", "checkpointing.interval_steps=0",
-                              "logging.log_interval=1", "logging.tensorboard=false", "logging.eval_tokens=1024",
-                              *PLAN, *extra])
+        return pretrain.main(args(run_dir, tokenized, sp_model, *extra))
+
+
+def args(run_dir, tokenized, sp_model, *extra):
+    return ["--ds_config", DS_CONFIG, f"run_dir={run_dir}", f"data.prefix={tokenized}", f"data.tokenizer={sp_model}",
+            "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache", "checkpointing.interval_steps=0",
+            "logging.log_interval=1", "logging.tensorboard=false", "logging.eval_tokens=1024", *PLAN, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +141,29 @@ def test_init_from_hf_settings_that_cannot_apply_are_refused(tmp_path, tokenized
     save_hf(CausalLM(ModelConfig.from_preset("tiny-llama", vocab_size=1000)), tmp_path / "hf")
     with pytest.raises(ConfigError, match=match):
         prepared(tmp_path, tokenized, sp_model, init_from_hf=str(tmp_path / "hf"), **model)
+
+
+def test_resuming_a_tied_llama_at_the_stage_boundary_gives_the_same_losses(llama_run, tmp_path, tokenized,
+                                                                           sp_model):
+    """In a subprocess: DeepSpeed keeps process-group state that a second engine in this process cannot reuse."""
+    import subprocess
+    import sys
+
+    from launcher import checkpoint as ckpt
+
+    boundary = ckpt.resolve_resume("auto", llama_run).parent / ckpt.tag_for(4)
+    run_dir = tmp_path / "resumed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("GROWLENGTH_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(MASTER_PORT=str(port))
+    root = Path(pretrain.__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "launcher/pretrain.py", *args(run_dir, tokenized, sp_model),
+                           "model.preset=tiny-llama", f"checkpointing.resume={boundary}"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = {r["step"]: r["loss"] for r in read_metrics(llama_run) if "kind" not in r}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run_dir) if "kind" not in r}
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
