@@ -181,16 +181,21 @@ class DataConfig(Section):
 @dataclass
 class ModelSection(Section):
     SECTION = "model"
-    preset: str = doc("model preset: tiny, pythia-70m, pythia-160m, pythia-410m, pythia-1b", "tiny")
+    preset: str = doc("model preset: tiny, pythia-70m, pythia-160m, pythia-410m, pythia-1b (gpt-neox); tiny-llama, "
+                      "smollm2-135m, smollm2-360m, tinyllama-1.1b (llama)", "tiny")
+    family: str | None = doc("gpt-neox or llama; null = the preset's (a preset implies its family, and a different "
+                             "value is an error)", None, choices=("gpt-neox", "llama"))
     attention: str = doc("attention backend: auto (flash-attn on CUDA when installed, else SDPA), flash, sdpa",
                          "auto")
     activation_checkpointing: bool = doc("recompute each block's activations in backward (long stages, big models)",
                                          False)
-    rotary_pct: float | None = doc("share of each head's dims that are rotated (Pythia: 0.25); null = preset", None)
-    rope_base: float | None = doc("RoPE base; null = preset (10000)", None)
-    overrides: dict = doc("any other ModelConfig fields, e.g. {num_layers: 4, hidden_size: 256}", factory=dict)
-    init_from_hf: str | None = doc("start from a Hugging Face GPT-NeoX/Pythia directory instead of random init",
-                                   None)
+    rotary_pct: float | None = doc("share of each head's dims that are rotated (Pythia: 0.25, Llama: 1); "
+                                   "null = preset", None)
+    rope_base: float | None = doc("RoPE base (HF rope_theta); null = preset (10000; SmolLM2 100000)", None)
+    overrides: dict = doc("any other ModelConfig fields, e.g. {num_layers: 4, hidden_size: 256, num_kv_heads: 2}",
+                          factory=dict)
+    init_from_hf: str | None = doc("start from a Hugging Face GPT-NeoX/Pythia or Llama directory instead of random "
+                                   "init (its config.json replaces the preset)", None)
 
 
 # the keys of one growlength.stages entry: (type, bounds), checked like the fields

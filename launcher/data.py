@@ -20,9 +20,9 @@ from data_pipeline.loader import StageLoader
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
 from data_pipeline.tokenizer import Tokenizer
 from launcher import engine as ds
-from launcher.config import ConfigError, RunConfig
+from launcher.config import ConfigError, ModelSection, RunConfig
 from launcher.plan import Stage, StagePlan, micro_batch_for
-from model import GPTNeoX, ModelConfig
+from model import CausalLM, ModelConfig
 
 log = logging.getLogger("growlength")
 
@@ -104,20 +104,23 @@ class TrainData:
         for i in range(0, len(mine), bs):
             yield torch.from_numpy(mine[i:i + bs])
 
-    def build_model(self) -> GPTNeoX:
+    def build_model(self) -> CausalLM:
         torch.manual_seed(self.cfg.seed)
-        m = self.cfg.model
-        if m.init_from_hf:
-            from model.hf import load_hf
-            return load_hf(m.init_from_hf, **runtime_overrides(m))  # the config prepare_data read from it
-        return GPTNeoX(self.model_config)
+        model = CausalLM(self.model_config)
+        if self.cfg.model.init_from_hf:
+            from model.hf import load_hf_weights
+            try:
+                load_hf_weights(model, self.cfg.model.init_from_hf)
+            except ValueError as e:
+                raise ConfigError(f"model.init_from_hf: {e}") from e
+        return model
 
     def step_time_probe(self, seq_lens: list[int], dtype: torch.dtype = torch.float32) -> list[float]:
         """Seconds per optimizer step at each length (forward + backward of this rank's share of
         ``tokens_per_step``), measured on a throw-away copy of the model in the training dtype; the slowest rank
         counts. Only the ratios between lengths matter for a time-share plan with a token total."""
         g = self.cfg.growlength
-        model = GPTNeoX(self.model_config).to(device=ds.device(), dtype=dtype)
+        model = CausalLM(self.model_config).to(device=ds.device(), dtype=dtype)
         out = []
         for i, seq_len in enumerate(seq_lens):
             mb, accum = micro_batch_for(seq_len, g.tokens_per_step, self.world, g.grad_accum,
@@ -136,29 +139,6 @@ class TrainData:
         return out
 
 
-def runtime_overrides(m) -> dict:
-    """The model-section fields that change how a pretrained model runs, never what it computes."""
-    return {k: getattr(m, k) for k in ("attention", "activation_checkpointing") if getattr(m, k) is not None}
-
-
-def hf_model_config(hf_dir: str, overrides: dict) -> ModelConfig:
-    """The ModelConfig of a Hugging Face checkpoint directory, from its config.json alone (no weights read), so
-    the run's plan, probe and checkpoints describe the model that ``init_from_hf`` loads."""
-    import dataclasses
-    import json
-
-    from model.hf import config_from_hf
-
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"model.init_from_hf {hf_dir}: no config.json there; give a Hugging Face GPT-NeoX "
-                          f"directory (save_pretrained's layout)")
-    try:
-        return dataclasses.replace(config_from_hf(json.loads(path.read_text())), **overrides)
-    except ValueError as e:
-        raise ConfigError(f"model.init_from_hf {hf_dir}: {e}") from e
-
-
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
     d = cfg.data
     if d.prefix is None:
@@ -174,22 +154,43 @@ def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
     tokenizer = Tokenizer(str(tokenizer_path))
     dataset = IndexedDataset(str(prefix))
     check_vocab(dataset, tokenizer, str(prefix))
-    m = cfg.model
-    if m.init_from_hf:
-        model_config = hf_model_config(m.init_from_hf, runtime_overrides(m))
-        if model_config.vocab_size < tokenizer.vocab_size:
-            raise DatasetError(f"model.init_from_hf {m.init_from_hf} has vocabulary {model_config.vocab_size} "
-                               f"but the tokenizer {tokenizer_path} has {tokenizer.vocab_size}: give the "
-                               f"checkpoint's own tokenizer as data.tokenizer (and preprocess with it)")
-    else:
-        overrides = dict(m.overrides)
-        for key in ("attention", "activation_checkpointing", "rotary_pct", "rope_base"):
-            value = getattr(m, key)
-            if value is not None:
-                overrides[key] = value
-        try:
-            model_config = ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
-        except ValueError as e:  # the model's own checks, reported as a config error of the model section
-            raise ConfigError(f"model section: {e}") from e
+    try:
+        model_config = model_config_for(cfg.model, tokenizer)
+    except (ConfigError, DatasetError):
+        raise
+    except ValueError as e:  # the model's own checks, reported as a config error of the model section
+        raise ConfigError(f"model section: {e}") from e
     return TrainData(cfg=cfg, prefix=str(prefix), tokenizer_path=str(tokenizer_path), tokenizer=tokenizer,
                      fingerprint=data_fingerprint(str(prefix)), model_config=model_config, rank=rank, world=world)
+
+
+def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
+    """The run's ModelConfig: the preset with the section's settings, or the architecture of model.init_from_hf's
+    config.json (read only; its weights are loaded by build_model)."""
+    runtime = dict(attention=m.attention, activation_checkpointing=m.activation_checkpointing)
+    if not m.init_from_hf:
+        overrides = {**m.overrides, **runtime}
+        for key in ("family", "rotary_pct", "rope_base"):
+            if getattr(m, key) is not None:
+                overrides[key] = getattr(m, key)
+        return ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
+    from model.hf import read_hf_config
+    fixed = [k for k in ("rotary_pct", "rope_base", "overrides") if getattr(m, k)]
+    if fixed:
+        raise ConfigError(f"model.init_from_hf {m.init_from_hf}: the architecture comes from its config.json; "
+                          f"drop model.{', model.'.join(fixed)}")
+    try:
+        config = read_hf_config(m.init_from_hf, **runtime)
+    except FileNotFoundError:
+        raise ConfigError(f"model.init_from_hf {m.init_from_hf}: no config.json there; give a Hugging Face "
+                          f"GPT-NeoX or Llama directory (save_pretrained's layout)") from None
+    except ValueError as e:
+        raise ConfigError(f"model.init_from_hf {m.init_from_hf}: {e}") from None
+    if m.family is not None and m.family != config.family:
+        raise ConfigError(f"model.family={m.family} but model.init_from_hf {m.init_from_hf} holds a {config.family} "
+                          f"model: drop model.family or point init_from_hf at a {m.family} directory")
+    if config.vocab_size < tokenizer.vocab_size:
+        raise DatasetError(f"model.init_from_hf {m.init_from_hf} has vocabulary {config.vocab_size} but the "
+                           f"tokenizer {tokenizer.path} has {tokenizer.vocab_size}: give the checkpoint's own "
+                           f"tokenizer as data.tokenizer (and preprocess with it)")
+    return config

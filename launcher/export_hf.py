@@ -1,4 +1,5 @@
-"""Export a trained checkpoint to a Hugging Face GPTNeoXForCausalLM directory (tokenizer included).
+"""Export a trained checkpoint to a Hugging Face directory (tokenizer included): GPTNeoXForCausalLM or
+LlamaForCausalLM, by the family of the checkpoint's model.
 
     python -m launcher.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--overwrite] [--tokenizer PATH]
 
@@ -25,7 +26,7 @@ from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
 from launcher.runs import EvidenceError, check_dir_writable, find_tokenizer, replace_dir, run_dir_of
-from model import GPTNeoX, ModelConfig
+from model import CausalLM, ModelConfig
 
 log = logging.getLogger("growlength")
 
@@ -45,25 +46,24 @@ def find_checkpoint(path: str | Path) -> tuple[Path, dict]:
     return found, state
 
 
-def load_trained_model(path: str | Path) -> tuple[GPTNeoX, dict, Path]:
+def load_trained_model(path: str | Path) -> tuple[CausalLM, dict, Path]:
     """``(model in fp32 on the CPU, the checkpoint's growlength state, checkpoint dir)`` for a run directory, its
     checkpoints directory or one checkpoint; the newest complete checkpoint when several."""
     from launcher import engine as ds  # DeepSpeed lives there
 
     found, state = find_checkpoint(path)
     config = ModelConfig(**state["model"])
-    model = GPTNeoX(config)
+    model = CausalLM(config)
     try:
         sd = ds.consolidated_fp32_state_dict(str(found.parent), found.name)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         raise ckpt.CheckpointError(f"{found}: the DeepSpeed model or optimizer files cannot be read "
                                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use an "
                                    f"earlier checkpoint of {found.parent}") from None
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("inv_freq")]
-    if missing or unexpected:
-        raise ckpt.CheckpointError(f"{found}: weights do not match the saved model config "
-                                   f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    try:
+        model.load_weights(sd, f"{found} (its saved model config)")
+    except ValueError as e:
+        raise ckpt.CheckpointError(str(e)) from None
     return model.float().eval(), state, found
 
 

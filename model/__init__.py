@@ -1,11 +1,13 @@
-"""Pythia-architecture (GPT-NeoX) RoPE decoder, single-device code.
+"""RoPE decoders of two families, GPT-NeoX (Pythia) and Llama, over one attention and one RoPE module.
 
-    from model import GPTNeoX, ModelConfig
-    model = GPTNeoX(ModelConfig.from_preset("pythia-70m", vocab_size=sp.vocab_size()))
+    from model import CausalLM, ModelConfig
+    model = CausalLM(ModelConfig.from_preset("pythia-70m", vocab_size=sp.vocab_size()))      # gpt-neox
+    model = CausalLM(ModelConfig.from_preset("smollm2-135m", vocab_size=sp.vocab_size()))    # llama
 
-Hugging Face interchange (needs transformers) lives in `model.hf`: save_hf, load_hf.
+Hugging Face interchange (needs transformers) lives in `model.hf`: save_hf, load_hf (GPTNeoXForCausalLM and
+LlamaForCausalLM). `GPTNeoX` is CausalLM's earlier name.
 """
-from .config import PRESETS, ModelConfig
-from .model import GPTNeoX
+from .config import FAMILIES, PRESETS, ModelConfig
+from .model import CausalLM, GPTNeoX
 
-__all__ = ["GPTNeoX", "ModelConfig", "PRESETS"]
+__all__ = ["CausalLM", "FAMILIES", "GPTNeoX", "ModelConfig", "PRESETS"]

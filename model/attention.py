@@ -69,12 +69,14 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(hd)) v.
+    """Causal softmax(q k^T / sqrt(hd)) v, with grouped-query attention when k, v have fewer heads.
 
-    q, k, v: (B, T, nh, hd), flash-attn's layout. Returns (B, T, nh, hd).
+    q: (B, T, nh, hd), k, v: (B, T, nkv, hd) with nh % nkv == 0 (query head h reads key/value head
+    h // (nh / nkv), as Llama's GQA); flash-attn's layout. Returns (B, T, nh, hd). Both kernels take the shared
+    heads as they are, without materialising nh copies of k and v.
     """
     if backend == "flash":
         return _flash_attn_func()(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True)  # (B, nh, T, hd)
+                                         is_causal=True, enable_gqa=k.shape[2] != q.shape[2])  # (B, nh, T, hd)
     return out.transpose(1, 2)  # (B, T, nh, hd)

@@ -1,27 +1,47 @@
-"""ModelConfig: the Pythia / GPT-NeoX architecture's knobs, presets, and their validation."""
+"""ModelConfig: the knobs of both decoder families (GPT-NeoX / Pythia and Llama), presets, and their validation."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
 
+FAMILIES = ("gpt-neox", "llama")
 ROPE_SCALINGS = ("none", "linear", "ntk")
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 
-# Pythia's published dimensions (Biderman et al. 2023, Table 1; EleutherAI/pythia configs/*.yml).
-# All use rotary_pct 0.25, rope_base 10000, parallel residual, LayerNorm eps 1e-5, intermediate = 4 * hidden.
+# A preset implies its family. Pythia's published dimensions (Biderman et al. 2023, Table 1; EleutherAI/pythia
+# configs/*.yml): rotary_pct 0.25, rope_base 10000, parallel residual, LayerNorm eps 1e-5, intermediate = 4 * d.
+# The Llama presets copy the shapes of the published Hugging Face config.json files (HuggingFaceTB/SmolLM2-135M,
+# HuggingFaceTB/SmolLM2-360M, TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T): full rotary, RMSNorm eps 1e-5,
+# SwiGLU, grouped-query attention, no biases; SmolLM2 ties its embeddings, TinyLlama does not.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4),
-    "pythia-70m": dict(hidden_size=512, num_layers=6, num_heads=8),
-    "pythia-160m": dict(hidden_size=768, num_layers=12, num_heads=12),
-    "pythia-410m": dict(hidden_size=1024, num_layers=24, num_heads=16),
-    "pythia-1b": dict(hidden_size=2048, num_layers=16, num_heads=8),
+    "tiny": dict(family="gpt-neox", hidden_size=64, num_layers=2, num_heads=4),
+    "pythia-70m": dict(family="gpt-neox", hidden_size=512, num_layers=6, num_heads=8),
+    "pythia-160m": dict(family="gpt-neox", hidden_size=768, num_layers=12, num_heads=12),
+    "pythia-410m": dict(family="gpt-neox", hidden_size=1024, num_layers=24, num_heads=16),
+    "pythia-1b": dict(family="gpt-neox", hidden_size=2048, num_layers=16, num_heads=8),
+    "tiny-llama": dict(family="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=176, tie_word_embeddings=True),
+    "smollm2-135m": dict(family="llama", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                         intermediate_size=1536, rope_base=100000.0, tie_word_embeddings=True),
+    "smollm2-360m": dict(family="llama", hidden_size=960, num_layers=32, num_heads=15, num_kv_heads=5,
+                         intermediate_size=2560, rope_base=100000.0, tie_word_embeddings=True),
+    "tinyllama-1.1b": dict(family="llama", hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+                           intermediate_size=5632, rope_base=10000.0),
 }
+
+
+def _swiglu_width(d: int, multiple_of: int = 256) -> int:
+    """Meta's Llama rule: 2/3 of 4d (a SwiGLU MLP has three matrices, so this keeps 4d's parameter count),
+    rounded up to a multiple of 256; 1536, 2560, 5632 for d = 576, 960, 2048."""
+    width = 8 * d // 3
+    return -(-width // multiple_of) * multiple_of
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a GPT-NeoX (Pythia) decoder. There is no block size: any sequence length runs."""
+    """Architecture of a RoPE decoder of either family. There is no block size: any sequence length runs.
+    Fields left None take the family's default (see each field)."""
 
     vocab_size: int
     """Tokenizer vocabulary size (kept for export); the embedding has `padded_vocab_size` rows."""
@@ -30,43 +50,61 @@ class ModelConfig:
     num_layers: int
     """Number of transformer blocks."""
     num_heads: int
-    """Attention heads; head_dim = hidden_size / num_heads."""
+    """Query heads; head_dim = hidden_size / num_heads."""
+    family: str = "gpt-neox"
+    """gpt-neox (Pythia: LayerNorm, GELU MLP, biases, partial rotary) | llama (RMSNorm, SwiGLU, no biases, GQA)."""
+    num_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention, llama only); None = num_heads (multi-head attention)."""
     intermediate_size: int | None = None
-    """MLP inner width; None means 4 * hidden_size (Pythia)."""
-    rotary_pct: float = 0.25
-    """Fraction of each head's dims that get rotary embeddings, in (0, 1] (Pythia: 0.25)."""
+    """MLP inner width; None = 4 * d (gpt-neox) or 8d/3 rounded up to a multiple of 256 (llama, Meta's rule)."""
+    rotary_pct: float | None = None
+    """Fraction of each head's dims that get rotary embeddings, in (0, 1]; None = 0.25 (gpt-neox) or 1.0 (llama)."""
     rope_base: float = 10000.0
-    """RoPE base theta."""
+    """RoPE base theta (Hugging Face: rope_theta)."""
     rope_scaling: str = "none"
     """Position scaling for evaluation beyond the trained length: none | linear (interpolation) | ntk."""
     rope_scaling_factor: float = 1.0
     """Factor for rope_scaling: positions / factor (linear) or base * factor^(r/(r-2)) (ntk); >= 1."""
-    use_parallel_residual: bool = True
-    """x + attn(ln1(x)) + mlp(ln2(x)) (Pythia) instead of sequential attention then MLP."""
+    use_parallel_residual: bool | None = None
+    """x + attn(ln1(x)) + mlp(ln2(x)) instead of attention then MLP; None = True (gpt-neox), False (llama)."""
+    tie_word_embeddings: bool = False
+    """LM head shares the input embedding's weight (llama only, e.g. SmolLM2; Pythia's are untied)."""
     layer_norm_eps: float = 1e-5
-    """LayerNorm epsilon."""
+    """Epsilon of the norms (LayerNorm for gpt-neox, RMSNorm for llama)."""
     attention: str = "auto"
     """Attention backend: auto (flash-attn on CUDA fp16/bf16 when installed, else SDPA) | flash | sdpa."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory on long stages)."""
     init_std: float | None = None
-    """Std of the normal init of embeddings, qkv, MLP-in and the LM head; None = Pythia's small_init sqrt(2/(5d))."""
+    """Std of the normal init of embeddings, input projections and the LM head; None = sqrt(2/(5d)) (Pythia's
+    small_init) for gpt-neox, 0.02 (Hugging Face's initializer_range) for llama."""
     output_init_std: float | None = None
-    """Std for attention-out and MLP-out weights; None = Pythia's wang_init 2/(num_layers*sqrt(d))."""
+    """Std for the two projections that write into the residual stream; None = 2/(L*sqrt(d)) (Pythia's
+    wang_init) for gpt-neox, 0.02/sqrt(2L) (GPT-2's scaled init) for llama."""
     vocab_pad_multiple: int = 128
     """The embedding and LM head are padded to a multiple of this (speed); 1 disables padding."""
 
     def __post_init__(self):
-        if self.intermediate_size is None:
-            self.intermediate_size = 4 * self.hidden_size
         problems = []
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "vocab_pad_multiple"):
+        if self.family not in FAMILIES:
+            raise ValueError(f"invalid ModelConfig:\n  family={self.family!r}: choose one of {', '.join(FAMILIES)}")
+        llama = self.family == "llama"
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.rotary_pct is None:
+            self.rotary_pct = 1.0 if llama else 0.25
+        if self.use_parallel_residual is None:
+            self.use_parallel_residual = not llama
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name}={value!r}: must be a positive integer")
         if problems:  # later checks divide by these
             raise ValueError("invalid ModelConfig:\n  " + "\n  ".join(problems))
+        if self.intermediate_size is None:
+            self.intermediate_size = _swiglu_width(self.hidden_size) if llama else 4 * self.hidden_size
+        if not isinstance(self.intermediate_size, int) or self.intermediate_size < 1:
+            problems.append(f"intermediate_size={self.intermediate_size!r}: must be a positive integer")
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}: "
                             f"choose num_heads dividing hidden_size")
@@ -79,6 +117,10 @@ class ModelConfig:
                     f"rotary dims = int(head_dim {self.head_dim} * rotary_pct {self.rotary_pct}) = {rd}: RoPE "
                     f"rotates pairs, so this must be even and >= 2; change rotary_pct or hidden_size/num_heads "
                     f"so that head_dim * rotary_pct is an even integer")
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}: each "
+                            f"key/value head serves num_heads / num_kv_heads query heads; choose a divisor")
+        problems += self._family_problems()
         if self.rope_base <= 0:
             problems.append(f"rope_base={self.rope_base}: must be > 0 (Pythia uses 10000)")
         if self.rope_scaling == "ntk" and self.rotary_dim <= 2:
@@ -96,9 +138,25 @@ class ModelConfig:
         for name in ("init_std", "output_init_std"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                problems.append(f"{name}={value}: must be > 0, or None for Pythia's default")
+                problems.append(f"{name}={value}: must be > 0, or None for the family's default")
         if problems:
             raise ValueError("invalid ModelConfig:\n  " + "\n  ".join(problems))
+
+    def _family_problems(self) -> list[str]:
+        """What the chosen family's architecture cannot express (the Hugging Face classes cannot either)."""
+        if self.family == "llama":
+            return [msg for bad, msg in (
+                (self.rotary_pct != 1.0, f"rotary_pct={self.rotary_pct}: family llama rotates every dim of each "
+                                         f"head; drop rotary_pct (or set 1.0)"),
+                (self.use_parallel_residual, "use_parallel_residual=True: family llama is sequential "
+                                             "(attention, then MLP); drop use_parallel_residual"),
+            ) if bad]
+        return [msg for bad, msg in (
+            (self.num_kv_heads != self.num_heads, f"num_kv_heads={self.num_kv_heads}: family gpt-neox has no "
+                                                  f"grouped-query attention; drop num_kv_heads or use family llama"),
+            (self.tie_word_embeddings, "tie_word_embeddings=True: family gpt-neox (Pythia) keeps its embeddings "
+                                       "untied; drop it or use family llama"),
+        ) if bad]
 
     @property
     def head_dim(self) -> int:
@@ -116,12 +174,16 @@ class ModelConfig:
 
     @property
     def effective_init_std(self) -> float:
-        return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.hidden_size))
+        if self.init_std is not None:
+            return self.init_std
+        return 0.02 if self.family == "llama" else math.sqrt(2.0 / (5.0 * self.hidden_size))
 
     @property
     def effective_output_init_std(self) -> float:
         if self.output_init_std is not None:
             return self.output_init_std
+        if self.family == "llama":
+            return 0.02 / math.sqrt(2.0 * self.num_layers)
         return 2.0 / (self.num_layers * math.sqrt(self.hidden_size))
 
     def to_dict(self) -> dict:
@@ -129,11 +191,18 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, vocab_size: int, **overrides) -> "ModelConfig":
-        """A preset's dimensions (see PRESETS) with `vocab_size` from the tokenizer, plus any field overrides."""
+        """A preset's dimensions (see PRESETS) with `vocab_size` from the tokenizer, plus any field overrides.
+        An override of `family` must name the preset's own family."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
         valid = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
         bad = sorted(set(overrides) - valid)
         if bad:
             raise ValueError(f"unknown ModelConfig field(s) {bad}: valid fields are {sorted(valid)}")
+        family = PRESETS[name]["family"]
+        if overrides.get("family", family) != family:
+            same = [n for n, p in PRESETS.items() if p["family"] == overrides["family"]]
+            raise ValueError(f"family={overrides['family']!r} disagrees with preset {name!r}, a {family} model: "
+                             f"drop the family setting (a preset implies it) or choose a {overrides['family']} "
+                             f"preset: {', '.join(same) or 'none'}")
         return cls(vocab_size=vocab_size, **{**PRESETS[name], **overrides})

@@ -1,16 +1,23 @@
-"""Interchange with Hugging Face `GPTNeoXForCausalLM` (export for users, import to continue pretraining Pythia).
+"""Interchange with Hugging Face `GPTNeoXForCausalLM` and `LlamaForCausalLM` (export for users, import to continue
+pretraining Pythia, SmolLM2, TinyLlama, ...).
 
 transformers is imported lazily inside the functions that need it: it is an export/test dependency, not a
-training one. Our module names equal HF's, so the weight mapping is a prefix rename:
+training one. Inside a block our module names equal HF's, so the weight mapping is a rename of the top level:
 
-    ours                       HF
-    embed_in.weight            gpt_neox.embed_in.weight
-    layers.{i}.*               gpt_neox.layers.{i}.*
-    final_layer_norm.*         gpt_neox.final_layer_norm.*
-    embed_out.weight           embed_out.weight
+    ours                       GPTNeoXForCausalLM             LlamaForCausalLM
+    embed_in.weight            gpt_neox.embed_in.weight       model.embed_tokens.weight
+    layers.{i}.*               gpt_neox.layers.{i}.*          model.layers.{i}.*
+    final_layer_norm.*         gpt_neox.final_layer_norm.*    model.norm.weight
+    embed_out.weight           embed_out.weight               lm_head.weight (absent when tied)
+
+RoPE scaling: `linear` is HF's linear rope type (written as `rope_parameters`, which transformers 5 reads, and
+for Llama also as the older `rope_scaling` + `rope_theta`, which transformers 4 reads). Our `ntk` is static
+NTK-aware scaling, exactly a larger base, so it is exported as that `rope_theta` (HF's `dynamic` type is another
+method: it rescales only past max_position_embeddings, by an amount that depends on the length).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,106 +26,151 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .model import GPTNeoX
+from .model import CausalLM
 
 log = logging.getLogger(__name__)
 
-_HF_HEAD = "embed_out.weight"
+HF_MODEL_TYPES = {"gpt-neox": "gpt_neox", "llama": "llama"}
+HF_ARCHITECTURES = {"gpt-neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
+_LLAMA_TOP = {"embed_in.weight": "model.embed_tokens.weight", "final_layer_norm.weight": "model.norm.weight",
+              "embed_out.weight": "lm_head.weight"}
+_HF_LEFTOVERS = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")  # buffers, not weights
 
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
-    """Our state dict (e.g. consolidated fp32 from a DeepSpeed checkpoint) -> GPTNeoXForCausalLM's keys.
-    `config` is accepted for symmetry and future layout changes; the mapping does not need it today."""
+    """Our state dict (e.g. consolidated fp32 from a DeepSpeed checkpoint) -> the HF class's keys (GPT-NeoX when
+    `config` is None). A tied LM head is written once, as the embedding, as save_pretrained does."""
+    if config is None or config.family == "gpt-neox":
+        return {key if key == "embed_out.weight" else "gpt_neox." + key: value for key, value in sd.items()}
     out = {}
     for key, value in sd.items():
-        out[key if key == "embed_out.weight" else "gpt_neox." + key] = value
+        if key == "embed_out.weight" and config.tie_word_embeddings:
+            continue
+        out[_LLAMA_TOP.get(key, "model." + key)] = value
     return out
 
 
-def hf_to_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GPTNeoXForCausalLM's state dict -> ours. Drops HF's non-parameter leftovers (old attention.bias /
-    masked_bias / rotary inv_freq buffers in some Pythia checkpoints) and accepts the head as embed_out or lm_head."""
+def hf_to_state_dict(hf_sd: dict[str, torch.Tensor], family: str = "gpt-neox") -> dict[str, torch.Tensor]:
+    """The HF class's state dict -> ours. Drops HF's non-parameter leftovers (old attention.bias / masked_bias /
+    rotary inv_freq buffers in some checkpoints); GPT-NeoX's head may be named embed_out or lm_head."""
     out = {}
+    if family == "gpt-neox":
+        for key, value in hf_sd.items():
+            if key in ("embed_out.weight", "lm_head.weight"):
+                out["embed_out.weight"] = value
+            elif key.startswith("gpt_neox.") and not key.endswith(_HF_LEFTOVERS):
+                out[key[len("gpt_neox."):]] = value
+        return out
+    ours = {hf: our for our, hf in _LLAMA_TOP.items()}
     for key, value in hf_sd.items():
-        if key in ("embed_out.weight", "lm_head.weight"):
-            out["embed_out.weight"] = value
-        elif key.startswith("gpt_neox."):
-            k = key[len("gpt_neox."):]
-            if k.endswith(("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")):
-                continue
-            out[k] = value
+        if key in ours:
+            out[ours[key]] = value
+        elif key.startswith("model.") and not key.endswith(_HF_LEFTOVERS):
+            out[key[len("model."):]] = value
     return out
 
 
-def hf_config_dict(config: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 3,
-                   max_position_embeddings: int = 2048) -> dict:
-    """config.json contents for GPTNeoXForCausalLM equivalent to `config`.
-
-    rope_scaling: 'linear' maps to HF's linear rope type; 'ntk' (static NTK-aware) has no HF type, but it is
-    exactly a larger rope_theta, so it is exported as that."""
+def _exported_rope(config: ModelConfig) -> tuple[float, dict]:
+    """(rope_theta, rope_parameters) as transformers reads them; ntk is folded into rope_theta (module doc)."""
     rope_theta = config.rope_base
     if config.rope_scaling == "ntk":
         r = config.rotary_dim
         rope_theta = config.rope_base * config.rope_scaling_factor ** (r / (r - 2))
-    rope_parameters = {"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": config.rotary_pct}
+    rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     if config.rope_scaling == "linear":
         rope_parameters.update(rope_type="linear", factor=config.rope_scaling_factor)
-    return {
-        "architectures": ["GPTNeoXForCausalLM"],
-        "model_type": "gpt_neox",
+    return rope_theta, rope_parameters
+
+
+def hf_config_dict(config: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 3,
+                   max_position_embeddings: int = 2048) -> dict:
+    """config.json contents for the HF class of `config.family` (GPTNeoXForCausalLM or LlamaForCausalLM)
+    equivalent to `config`."""
+    rope_theta, rope_parameters = _exported_rope(config)
+    common = {
+        "architectures": [HF_ARCHITECTURES[config.family]],
+        "model_type": HF_MODEL_TYPES[config.family],
         "vocab_size": config.padded_vocab_size,
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads,
         "intermediate_size": config.intermediate_size,
-        "hidden_act": "gelu",
-        "rotary_pct": config.rotary_pct,
-        "rotary_emb_base": rope_theta,
-        "rope_parameters": rope_parameters,
         "max_position_embeddings": max_position_embeddings,
         "initializer_range": config.effective_init_std,
-        "layer_norm_eps": config.layer_norm_eps,
-        "use_parallel_residual": config.use_parallel_residual,
-        "tie_word_embeddings": False,
-        "attention_bias": True,
+        "tie_word_embeddings": config.tie_word_embeddings,
         "attention_dropout": 0.0,
-        "hidden_dropout": 0.0,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
         "torch_dtype": "float32",
         "use_cache": True,
     }
+    if config.family == "llama":
+        return {**common,
+                "num_key_value_heads": config.num_kv_heads,
+                "head_dim": config.head_dim,
+                "hidden_act": "silu",
+                "rms_norm_eps": config.layer_norm_eps,
+                "rope_theta": rope_theta,
+                "rope_scaling": rope_parameters if config.rope_scaling == "linear" else None,
+                "rope_parameters": rope_parameters,
+                "attention_bias": False,
+                "mlp_bias": False,
+                "pretraining_tp": 1}
+    return {**common,
+            "hidden_act": "gelu",
+            "rotary_pct": config.rotary_pct,
+            "rotary_emb_base": rope_theta,
+            "rope_parameters": {**rope_parameters, "partial_rotary_factor": config.rotary_pct},
+            "layer_norm_eps": config.layer_norm_eps,
+            "use_parallel_residual": config.use_parallel_residual,
+            "attention_bias": True,
+            "hidden_dropout": 0.0}
 
 
-def config_from_hf(hf: dict, vocab_size: int | None = None) -> ModelConfig:
-    """ModelConfig from an HF GPT-NeoX config.json dict. The HF embedding size is kept exactly (Pythia's 50304
-    is already a multiple of 128; otherwise padding is disabled so the weights fit)."""
-    if hf.get("model_type") != "gpt_neox":
-        raise ValueError(f"model_type={hf.get('model_type')!r}: only gpt_neox (Pythia) checkpoints can be imported")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _hf_rope(hf: dict) -> tuple[str, float, dict]:
+    """(our rope_scaling, its factor, the rope dict) from an HF config.json, in transformers' precedence
+    (rope_scaling over rope_parameters)."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise ValueError(f"rope type {rope_type!r} in config.json is not supported: only default and linear")
+    factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    return ("linear" if rope_type == "linear" else "none"), factor, rope
+
+
+def config_from_hf(hf: dict, vocab_size: int | None = None) -> ModelConfig:
+    """ModelConfig from an HF GPT-NeoX or Llama config.json dict. The HF embedding size is kept exactly (Pythia's
+    50304 is already a multiple of 128; otherwise padding is disabled so the weights fit)."""
+    model_type = hf.get("model_type")
+    if model_type not in HF_MODEL_TYPES.values():
+        raise ValueError(f"model_type={model_type!r}: only gpt_neox (Pythia) and llama checkpoints can be "
+                         f"imported")
+    scaling, factor, rope = _hf_rope(hf)
+    V = hf["vocab_size"]
+    dims = dict(vocab_size=vocab_size or V, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+                num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+                rope_scaling=scaling, rope_scaling_factor=factor, vocab_pad_multiple=128 if V % 128 == 0 else V)
+    if model_type == "llama":
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias") \
+                or head_dim * hf["num_attention_heads"] != hf["hidden_size"] \
+                or rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("config.json differs from the Llama architecture this model implements (hidden_act "
+                             "silu, no attention or MLP bias, head_dim = hidden_size / num_attention_heads, full "
+                             "rotary are required)")
+        return ModelConfig(family="llama", num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                           rope_base=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                           tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                           layer_norm_eps=hf.get("rms_norm_eps", 1e-6), **dims)
     if hf.get("hidden_act", "gelu") != "gelu" or not hf.get("attention_bias", True) \
             or hf.get("tie_word_embeddings", False):
         raise ValueError("config.json differs from Pythia's architecture (hidden_act gelu, attention_bias true, "
                          "untied embeddings are required)")
-    V = hf["vocab_size"]
-    return ModelConfig(
-        vocab_size=vocab_size or V,
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"],
-        rotary_pct=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
-        rope_base=rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)),
-        rope_scaling="linear" if rope_type == "linear" else "none",
-        rope_scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
-        use_parallel_residual=hf.get("use_parallel_residual", True),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
-        vocab_pad_multiple=128 if V % 128 == 0 else V,
-    )
+    return ModelConfig(family="gpt-neox", rotary_pct=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
+                       rope_base=rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)),
+                       use_parallel_residual=hf.get("use_parallel_residual", True),
+                       layer_norm_eps=hf.get("layer_norm_eps", 1e-5), **dims)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -179,11 +231,12 @@ def save_tokenizer(sp_model_path: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 # ---------------------------------------------------------------- model directories
-def save_hf(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_model_path: str | os.PathLike | None = None,
+def save_hf(model: CausalLM, out_dir: str | os.PathLike, tokenizer_model_path: str | os.PathLike | None = None,
             max_position_embeddings: int = 2048) -> Path:
-    """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads as GPTNeoXForCausalLM
-    with our logits: config.json, model.safetensors (fp32, Pythia's key names), and with a sentencepiece
-    model also the tokenizer files. `max_position_embeddings` is metadata for HF users (RoPE has no limit)."""
+    """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads as GPTNeoXForCausalLM or
+    LlamaForCausalLM (by the model's family) with our logits: config.json, model.safetensors (fp32, HF's key
+    names), and with a sentencepiece model also the tokenizer files. `max_position_embeddings` is metadata for HF
+    users (RoPE has no limit)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -200,27 +253,30 @@ def save_hf(model: GPTNeoX, out_dir: str | os.PathLike, tokenizer_model_path: st
     save_file(state_dict_to_hf(sd, model.config), str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_model_path is not None:
         save_tokenizer(tokenizer_model_path, out, model_max_length=max_position_embeddings)
-    log.info("saved Hugging Face GPTNeoXForCausalLM directory %s", out)
+    log.info("saved Hugging Face %s directory %s", config["architectures"][0], out)
     return out
 
 
-def load_hf(hf_dir: str | os.PathLike, **overrides) -> GPTNeoX:
-    """A GPT-NeoX / Pythia directory (config.json + model.safetensors or pytorch_model.bin, sharded or not)
-    -> our GPTNeoX in fp32. `overrides` are ModelConfig fields (e.g. attention, activation_checkpointing,
-    rope_scaling for evaluation)."""
-    import dataclasses
-
+def read_hf_config(hf_dir: str | os.PathLike, **overrides) -> ModelConfig:
+    """The ModelConfig of an HF GPT-NeoX or Llama directory (its config.json only: cheap). `overrides` are
+    ModelConfig fields (e.g. attention, activation_checkpointing, rope_scaling for evaluation)."""
     d = Path(hf_dir)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d}/config.json not found: pass a directory written by save_pretrained")
-    hf_config = json.loads((d / "config.json").read_text())
-    config = dataclasses.replace(config_from_hf(hf_config), **overrides)
-    model = GPTNeoX(config)
-    missing, unexpected = model.load_state_dict(hf_to_state_dict(_read_hf_weights(d)), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{d}: weights do not match a GPT-NeoX model of this config.json: "
-                         f"missing {missing}, unexpected {unexpected}")
+    return dataclasses.replace(config_from_hf(json.loads((d / "config.json").read_text())), **overrides)
+
+
+def load_hf_weights(model: CausalLM, hf_dir: str | os.PathLike) -> CausalLM:
+    """Load the weights of an HF directory (model.safetensors or pytorch_model.bin, sharded or not) into `model`,
+    built from that directory's read_hf_config."""
+    sd = hf_to_state_dict(_read_hf_weights(Path(hf_dir)), model.config.family)
+    model.load_weights(sd, f"{hf_dir} (config.json)")
     return model
+
+
+def load_hf(hf_dir: str | os.PathLike, **overrides) -> CausalLM:
+    """A GPT-NeoX / Pythia or Llama directory -> our model of that family in fp32 (see read_hf_config)."""
+    return load_hf_weights(CausalLM(read_hf_config(hf_dir, **overrides)), hf_dir)
 
 
 def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:

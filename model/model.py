@@ -1,11 +1,11 @@
-"""GPT-NeoX / Pythia decoder, single-device code, readable top to bottom.
+"""The decoder both families share, single-device code, readable top to bottom.
 
-Block (parallel residual, Pythia):   x = x + attn(ln1(x)) + mlp(ln2(x))
-Block (sequential):                  h = x + attn(ln1(x));  x = h + mlp(ln2(h))
-Attention: fused qkv (per head [q | k | v], GPT-NeoX's layout), partial RoPE on the first rotary_dim dims of
-q and k, causal softmax attention, output projection. MLP: Linear(d, 4d) -> exact GELU -> Linear(4d, d).
-All linears have biases, except the untied LM head. Module names follow Hugging Face's GPTNeoXForCausalLM so
-that the weight mapping in model/hf.py is a rename.
+    embed_in -> L x Block (the family's: model/gpt_neox.py or model/llama.py) -> final norm -> embed_out -> loss
+
+Everything but the block and the norm is common: the RoPE tables (model/rope.py), the attention kernels
+(model/attention.py, which the blocks call), activation checkpointing, init, the chunked fp32 loss, greedy
+generation, parameter and FLOP counts. Top-level names are GPT-NeoX's (embed_in, final_layer_norm, embed_out)
+for both families; model/hf.py maps them to each Hugging Face class.
 """
 from __future__ import annotations
 
@@ -14,89 +14,62 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import causal_attention, check_flash_requested, resolve_backend
+from . import gpt_neox, llama
+from .attention import check_flash_requested, resolve_backend
 from .config import ModelConfig
-from .rope import RotaryCache, apply_rotary
+from .rope import RotaryCache
+
+FAMILY_MODULES = {"gpt-neox": gpt_neox, "llama": llama}  # each defines Block, Norm and OUTPUT_PROJECTIONS
 
 
-class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-        """x: (B, T, d) -> (B, T, d)."""
-        B, T, d = x.shape
-        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)  # (B, T, nh, 3, hd)
-        qk, v = qkv.split([2, 1], dim=3)  # split, not indexing: its backward is one cat, no zero-filled grads
-        q, k = apply_rotary(qk, cos, sin).unbind(dim=3)  # each (B, T, nh, hd), strided views
-        v = v.squeeze(3)  # (B, T, nh, hd)
-        y = causal_attention(q, k, v, backend)  # (B, T, nh, hd)
-        return self.dense(y.reshape(B, T, d))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, d) -> (B, T, d)."""
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.use_parallel_residual = config.use_parallel_residual
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = Attention(config)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-        """x: (B, T, d) -> (B, T, d)."""
-        attn = self.attention(self.input_layernorm(x), cos, sin, backend)
-        if self.use_parallel_residual:
-            return x + attn + self.mlp(self.post_attention_layernorm(x))
-        h = x + attn
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class GPTNeoX(nn.Module):
-    """Pythia-architecture causal LM. No block size: RoPE tables grow to whatever length is fed."""
+class CausalLM(nn.Module):
+    """A RoPE causal LM of `config.family`. No block size: RoPE tables grow to whatever length is fed."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         check_flash_requested(config.attention)
         self.config = config
+        family = FAMILY_MODULES[config.family]
         d, V = config.hidden_size, config.padded_vocab_size
         self.embed_in = nn.Embedding(V, d)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.final_layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.embed_out = nn.Linear(d, V, bias=False)  # untied from embed_in, as in Pythia
+        self.layers = nn.ModuleList(family.Block(config) for _ in range(config.num_layers))
+        self.final_layer_norm = family.Norm(d, eps=config.layer_norm_eps)
+        self.embed_out = nn.Linear(d, V, bias=False)
+        if config.tie_word_embeddings:  # one Parameter in both places (SmolLM2); Pythia's are untied
+            self.embed_out.weight = self.embed_in.weight
         self.rotary = RotaryCache(config.rotary_dim, config.rope_base, config.rope_scaling,
                                   config.rope_scaling_factor)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Pythia's init: small_init N(0, sqrt(2/(5d))) for embeddings, qkv, MLP-in and the LM head;
-        wang_init N(0, 2/(L*sqrt(d))) for the two projections that write into the residual stream;
-        zero biases; LayerNorm weight 1, bias 0."""
+        """Normal init N(0, init_std) for embeddings, input projections and the LM head; N(0, output_init_std)
+        for the two projections per block that write into the residual stream; zero biases; norm weight 1, bias 0.
+        The stds are the family's (Pythia's small_init / wang_init, or Llama's 0.02 / 0.02 / sqrt(2L))."""
         std, out_std = self.config.effective_init_std, self.config.effective_output_init_std
-        for name, p in self.named_parameters():
+        outputs = FAMILY_MODULES[self.config.family].OUTPUT_PROJECTIONS
+        for name, p in self.named_parameters():  # a tied head is listed once, as embed_in.weight
             if "layernorm" in name or "layer_norm" in name:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             elif name.endswith("bias"):
                 p.zero_()
-            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+            elif name.endswith(outputs):
                 p.normal_(0.0, out_std)
             else:
                 p.normal_(0.0, std)
+
+    def load_weights(self, sd: dict[str, torch.Tensor], source: str) -> None:
+        """Load a full state dict of this architecture. A tied LM head stored only as the embedding (as
+        save_pretrained writes it) is complete. Raises ValueError naming `source` and the keys that do not fit."""
+        own = self.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in sd.items()
+                  if k in own and v.shape != own[k].shape]
+        missing = [k for k in own if k not in sd and not (k == "embed_out.weight" and self.config.tie_word_embeddings)]
+        unexpected = [k for k in sd if k not in own]
+        if shapes or missing or unexpected:
+            raise ValueError(f"{source}: weights do not match a {self.config.family} model of this config: "
+                             f"wrong shapes {shapes[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.load_state_dict(sd, strict=False)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) long. Returns logits (B, T, padded_vocab_size) in the model's dtype when labels
@@ -125,11 +98,13 @@ class GPTNeoX(nn.Module):
         return input_ids
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count; exclude_embeddings drops the input embedding and the (untied) LM head, as Pythia's
-        "non-embedding parameters" do."""
+        """Parameter count (a tied head counted once); exclude_embeddings drops the input embedding and an untied
+        LM head, as Pythia's "non-embedding parameters" do."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.embed_in.weight.numel() + self.embed_out.weight.numel()
+            n -= self.embed_in.weight.numel()
+            if not self.config.tie_word_embeddings:
+                n -= self.embed_out.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -139,16 +114,23 @@ class GPTNeoX(nn.Module):
             forward  = 2 * N_matmul + 4 * L * d * seq_len
             training = 3 * forward  = 6 * N_matmul + 12 * L * d * seq_len
 
-        N_matmul = L * (4 d^2 + 2 d d_ff) + d * V_padded (qkv, attention out, MLP in/out, LM head; the
-        embedding lookup, biases and norms do no matmul). The attention term counts QK^T and AV for the full
-        T x T score matrix (causal masking not discounted) and is what grows with the GrowLength stage.
-        Activation checkpointing's recomputation is not counted (model FLOPs, not hardware FLOPs).
+        N_matmul = L * (2 d^2 + 2 d * kv + m * d * d_ff) + d * V_padded: the q and output projections (d x d),
+        k and v (d x kv, kv = num_kv_heads * head_dim: d without GQA), the MLP's m matrices (2 for GELU, 3 for
+        SwiGLU) and the LM head (tied or not, it is a matmul; the embedding lookup, biases and norms are not).
+        The attention term counts QK^T and AV over all num_heads query heads (GQA shares k and v, not the work)
+        for the full T x T score matrix (causal masking not discounted); it is what grows with the GrowLength
+        stage. Activation checkpointing's recomputation is not counted (model FLOPs, not hardware FLOPs).
         """
         c = self.config
-        n_matmul = c.num_layers * (4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.intermediate_size) \
-            + c.hidden_size * c.padded_vocab_size
-        forward = 2 * n_matmul + 4 * c.num_layers * c.hidden_size * seq_len
+        d, kv = c.hidden_size, c.num_kv_heads * c.head_dim
+        mlp_matrices = 3 if c.family == "llama" else 2
+        n_matmul = c.num_layers * (2 * d * d + 2 * d * kv + mlp_matrices * d * c.intermediate_size) \
+            + d * c.padded_vocab_size
+        forward = 2 * n_matmul + 4 * c.num_layers * d * seq_len
         return 3.0 * forward
+
+
+GPTNeoX = CausalLM  # the name before the Llama family existed; kept so that existing imports keep working
 
 
 def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

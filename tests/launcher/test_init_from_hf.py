@@ -106,7 +106,7 @@ def test_continue_pretraining_a_pythia_layout_checkpoint_and_export(pythia_dir, 
 
 
 def test_export_refuses_a_run_whose_tokenizer_is_gone(trained, tmp_path, caplog):
-    """A moved run whose recorded tokenizer no longer opens: exit 2 with the path, and no --out written."""
+    """A moved run whose own tokenizer copy no longer opens: exit 2 with the path, and no --out written."""
     import shutil
 
     from launcher import checkpoint as ckpt
@@ -116,11 +116,11 @@ def test_export_refuses_a_run_whose_tokenizer_is_gone(trained, tmp_path, caplog)
     shutil.copytree(trained, run)
     found = ckpt.resolve_resume(str(run), str(run))
     state = json.loads((found / ckpt.STATE_FILE).read_text())
-    state["tokenizer"] = str(tmp_path / "gone")
-    (found / ckpt.STATE_FILE).write_text(json.dumps(state))
+    copy = run / state["tokenizer_in_run"]
+    (copy / "tokenizer.json" if copy.is_dir() else copy).write_text("{not json")
     assert export_hf.main(["--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 2
     assert "the tokenizer this run trained with does not open" in caplog.text
-    assert "gone: tokenizer model not found" in caplog.text
+    assert str(run / "tokenizer") in caplog.text
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
@@ -138,7 +138,7 @@ def test_init_from_hf_inputs_are_checked_before_anything_is_built(pythia_dir, pr
 
     assert prepare(pythia_dir).model_config.hidden_size == 64  # the checkpoint's config, not the preset's
     with pytest.raises(ConfigError, match=r"model\.init_from_hf .*nowhere: no config\.json there; give a Hugging "
-                                          r"Face GPT-NeoX directory"):
+                                          r"Face GPT-NeoX or Llama directory"):
         prepare(tmp_path / "nowhere")
     small = tmp_path / "small-vocab"
     shutil.copytree(pythia_dir, small)

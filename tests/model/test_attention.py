@@ -143,3 +143,42 @@ def test_flash_on_cpu_tensors_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     with pytest.raises(RuntimeError, match=r"flash-attn package is not installed \(pip install flash-attn\)"):
         attention_mod.resolve_backend("flash", torch.device("cpu"), torch.float32)
+
+
+# ---------------------------------------------------------------- grouped-query attention (Llama)
+@pytest.mark.parametrize("nkv", [1, 2, 4])
+def test_sdpa_gqa_matches_naive_attention_on_repeated_kv_heads(nkv):
+    torch.manual_seed(0)
+    q = torch.randn(2, 37, 4, 16)
+    k, v = torch.randn(2, 37, nkv, 16), torch.randn(2, 37, nkv, 16)
+    # query head h reads kv head h // (nh / nkv): kv head j repeated nh / nkv times in place
+    ref = naive_causal_attention(q, k.repeat_interleave(4 // nkv, dim=2), v.repeat_interleave(4 // nkv, dim=2))
+    torch.testing.assert_close(causal_attention(q, k, v, "sdpa"), ref, rtol=1e-5, atol=1e-5)
+
+
+def stand_in_gqa_flash_attn(calls):
+    """flash-attn 2's documented GQA: k, v may have fewer heads than q, a divisor of them."""
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
+        assert causal and q.shape[2] % k.shape[2] == 0 and k.shape == v.shape
+        calls.append((q.shape[2], k.shape[2]))
+        g = q.shape[2] // k.shape[2]
+        return naive_causal_attention(q, k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2))
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func, __name__="flash_attn")
+
+
+def test_llama_flash_glue_passes_shared_kv_heads_and_matches_sdpa(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "flash_attn", stand_in_gqa_flash_attn(calls))
+    monkeypatch.setattr(attention_mod, "FLASH_NEEDS_CUDA_HALF", False)
+    torch.manual_seed(0)
+    sdpa = GPTNeoX(ModelConfig.from_preset("tiny-llama", vocab_size=300, attention="sdpa"))
+    flash = GPTNeoX(ModelConfig.from_preset("tiny-llama", vocab_size=300, attention="flash"))
+    flash.load_state_dict(sdpa.state_dict())
+    x = torch.randint(0, 300, (2, 50))
+    ref, out = sdpa(x, labels=x), flash(x, labels=x)
+    assert calls == [(4, 2)] * 2  # k and v reach the kernel with their 2 heads, not repeated to 4
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ref.backward()
+    out.backward()
+    torch.testing.assert_close(flash.layers[0].self_attn.k_proj.weight.grad,
+                               sdpa.layers[0].self_attn.k_proj.weight.grad, rtol=1e-4, atol=1e-6)
