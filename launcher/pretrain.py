@@ -473,9 +473,10 @@ def check_validation(data: TrainData, plan: StagePlan, cfg: RunConfig) -> None:
             raise DatasetError(f"{where} {length}: {e}") from e
 
 
-def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: Preemption) -> int:
-    run_dir = Path(cfg.run_dir)
-    # ---- rank 0 locks the run directory and chooses the checkpoint; every rank takes its answer ----
+def start_decision(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> tuple[rundir.RunLock | None, dict]:
+    """Rank 0 locks the run directory and chooses the checkpoint; every rank takes its answer (ranks listing a
+    shared filesystem could disagree), and a refusal on rank 0 is raised on every rank instead of leaving the others
+    waiting at the next collective. Returns rank 0's lock (None elsewhere) and ``{"path", "warnings"}``."""
     lock, decision = None, {"error": None, "path": None, "warnings": []}
     if rank == 0:
         try:
@@ -486,7 +487,15 @@ def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: 
             decision["error"] = f"{type(e).__name__}: {e}"
     decision = ds.broadcast_object(decision)
     if decision["error"]:
+        if lock is not None:
+            lock.release()
         raise StartupError(decision["error"])
+    return lock, decision
+
+
+def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: Preemption) -> int:
+    run_dir = Path(cfg.run_dir)
+    lock, decision = start_decision(cfg, run_dir, rank, world)
     try:
         return _run(cfg, ds_config_path, rank, world, preemption, run_dir, decision)
     finally:

@@ -45,3 +45,15 @@ def tokenized(tmp_path_factory, corpus_jsonl, sp_model):
     prefix = str(tmp_path_factory.mktemp("data") / "corpus")
     preprocess([corpus_jsonl], prefix, sp_model, workers=2, quiet=True)
     return prefix
+
+
+@pytest.fixture(autouse=True)
+def _clean_torch_state():
+    """Every test starts and ends with torch's default dtype and no process group (a test that fails half-way
+    must not leak either into the next)."""
+    import torch
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
