@@ -115,3 +115,16 @@ def test_per_stage_caps_from_a_memory_probe():
     plan = plan_from_config(g, world_size=1, stage_caps=[8192, 2048])
     assert [(s.micro_batch_size, s.grad_accum) for s in plan.stages] == [(64, 2), (2, 8)]
     assert all(s.micro_batch_size * s.seq_len * s.grad_accum == 16384 for s in plan.stages)
+
+
+def test_a_stage_cap_in_the_plan_wins_over_the_probe_and_the_section_cap():
+    g = GrowLengthConfig(stages=[{"seq_len": 128, "tokens": 8192},
+                                 {"seq_len": 512, "tokens": 8192, "max_tokens_per_micro_batch": 1024}],
+                         tokens_per_step=4096, grad_accum=None, max_tokens_per_micro_batch=2048)
+    plan = plan_from_config(g, world_size=2)
+    # stage 0: the section's cap 2048 -> 16 x 128 x accum 1 x 2 ranks; stage 1: its own cap 1024 -> 2 x 512 x 2 x 2
+    assert [(s.micro_batch_size, s.grad_accum) for s in plan.stages] == [(16, 1), (2, 2)]
+    probed = plan_from_config(g, world_size=2, stage_caps=[512, 4096])  # a probe replaces the section's cap only
+    assert [(s.micro_batch_size, s.grad_accum) for s in probed.stages] == [(4, 4), (2, 2)]
+    with pytest.raises(Exception, match=r"growlength.stages\[0\].max_tokens_per_micro_batch must be >= 1"):
+        GrowLengthConfig(stages=[{"seq_len": 128, "tokens": 8192, "max_tokens_per_micro_batch": 0}])
