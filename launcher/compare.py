@@ -32,13 +32,13 @@ import json
 import logging
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher import steptime
 from launcher.runs import EvidenceError, load_run, parse_lengths
 
 log = logging.getLogger("growlength")
@@ -101,19 +101,39 @@ def check_setup(s: Setup) -> None:
 
 
 # ---- plans ------------------------------------------------------------------------------------------------------
-def step_seconds(s: Setup, ds_config: str, steps_per_length: int = 4) -> dict[int, float]:
+def calibration_stages(s: Setup, rounds: int, steps_per_round: int) -> list[dict]:
+    """The calibration run's stages: a warm-up round of one step per length, then ``rounds`` rounds visiting the
+    lengths in turn (A B C, A B C, ...) with ``steps_per_round`` steps each, as launcher.steptime measures."""
+    warm = [{"seq_len": L, "tokens": s.tokens_per_step} for L in s.lengths]
+    return warm + [{"seq_len": L, "tokens": steps_per_round * s.tokens_per_step}
+                   for _ in range(rounds) for L in s.lengths]
+
+
+def calibration_times(s: Setup, step_records: list[dict]) -> steptime.StepTimes:
+    """Per-round step seconds of a calibration run (stage k of round r is stage 1 + r * len(lengths) + k; the warm-up
+    round, stages 0 .. len(lengths) - 1, is dropped), summarised by launcher.steptime."""
+    n = len(s.lengths)
+    by_stage: dict[int, list[float]] = {}
+    for r in step_records:
+        by_stage.setdefault(r["stage"], []).append(r["tokens_per_step"] / r["tokens_per_s"])
+    rounds = (max(by_stage) + 1) // n - 1
+    return steptime.summarize([{L: by_stage[(1 + i) * n + k] for k, L in enumerate(s.lengths)} for i in range(rounds)])
+
+
+def step_seconds(s: Setup, ds_config: str, rounds: int = 3, steps_per_round: int = 2) -> dict[int, float]:
     """Seconds per optimizer step at each length, measured on the real launcher and engine: one short calibration
-    run through every length (``steps_per_length`` steps each); the median of each stage's steps after its first."""
-    plan = [{"seq_len": L, "tokens": steps_per_length * s.tokens_per_step} for L in s.lengths]
-    run_dir = launch(s, "calibration", plan, ds_config, warmup=1,
+    run whose stages interleave the lengths (:func:`calibration_stages`); the median per length
+    (launcher.steptime), with a warning when the machine was noisy."""
+    run_dir = launch(s, "calibration", calibration_stages(s, rounds, steps_per_round), ds_config, warmup=1,
                      extra=["checkpointing.at_stage_end=false", "checkpointing.interval_steps=0",
                             "logging.eval_lengths=[]", "growlength.max_time_s=null"])
-    times = {}
-    for L in s.lengths:
-        recs = [r for r in load_run(run_dir).steps if r["seq_len"] == L][1:]
-        times[L] = statistics.median(r["tokens_per_step"] / r["tokens_per_s"] for r in recs)
-    log.info("step times of the real engine: %s", ", ".join(f"L={L}: {t:.3f}s" for L, t in times.items()))
-    return times
+    times = calibration_times(s, load_run(run_dir).steps)
+    log.info("step times of the real engine (%d interleaved rounds of %d steps per length):\n%s", rounds,
+             steps_per_round, steptime.table(times))
+    warning = times.warning("the planned wall-clock shares may be off: rerun on a quiet machine")
+    if warning:
+        log.warning("calibration: %s", warning)
+    return {L: times.median(L) for L in s.lengths}
 
 
 def stage_plans(s: Setup, times: dict[int, float] | None) -> dict[str, list[dict]]:
