@@ -129,7 +129,8 @@ def time_lengths(preset: str, vocab_size: int, lengths: list[int], tokens_per_ba
     torch.manual_seed(seed)
     model = steptime.run_guarded(lambda: _model(preset, vocab_size, device, dtype))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = {L: torch.randint(0, vocab_size, (tokens_per_batch // L, L + 1), device=device) for L in lengths}
+    batches = {L: steptime.run_guarded(  # (micro_batch, L + 1) each
+        lambda L=L: torch.randint(0, vocab_size, (tokens_per_batch // L, L + 1), device=device), L) for L in lengths}
     try:
         times = steptime.measure({L: (lambda x=x: _train_step(model, opt, x)) for L, x in batches.items()},
                                  rounds=repeats, steps_per_round=steps, warmup=warmup,

@@ -141,9 +141,11 @@ class TrainData:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            steps = {L: functools.partial(step, torch.randint(0, self.model_config.vocab_size, (mb, L + 1),
-                                                              device=device), accum)
-                     for L, (mb, accum) in shapes.items()}
+            def batch(L: int, mb: int) -> torch.Tensor:  # (mb, L + 1); may be the first allocation that fails
+                return steptime.run_guarded(
+                    lambda: torch.randint(0, self.model_config.vocab_size, (mb, L + 1), device=device), L)
+
+            steps = {L: functools.partial(step, batch(L, mb), accum) for L, (mb, accum) in shapes.items()}
             times = steptime.measure(steps, rounds=rounds, warmup=1,
                                      synchronize=torch.cuda.synchronize if device.type == "cuda" else None)
         except steptime.OutOfMemory as e:
