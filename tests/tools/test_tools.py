@@ -240,6 +240,28 @@ def test_compare_equal_wall_clock_within_one_step(tmp_path, tokenized, sp_model)
         step_s = max(x["tokens_per_step"] / x["tokens_per_s"] for x in steps)
         assert steps[-1]["elapsed_s"] < budget + 2 * step_s, name  # and it did not run on past it
     assert json.loads((out / "ds_config.json").read_text())["scheduler"]["type"] == "WarmupLR"
+    # calibration: 3 rounds, each a fresh launcher run over 32 then 64, 1 warm-up + 3 timed steps per stage
+    calib = [load_run(out / "runs" / f"calibration-{r}").steps for r in range(3)]
+    assert all([x["seq_len"] for x in steps] == [32] * 4 + [64] * 4 for steps in calib)
+    expected = {L: sorted(x["tokens_per_step"] / x["tokens_per_s"] for steps in calib for x in steps
+                          if x["seq_len"] == L and x["step"] not in (1, 5)) for L in (32, 64)}
+    assert [len(v) for v in expected.values()] == [9, 9]  # 3 rounds x 3 timed steps
+    assert summary["step_seconds"] == {str(L): pytest.approx(v[4]) for L, v in expected.items()}  # their medians
+
+
+def test_compare_calibration_rounds_take_medians_and_flag_noise():
+    """Step records of two calibration rounds (as load_run gives them): the warm-up step of each stage is dropped,
+    one slow step leaves the median alone and flags its length."""
+    s = compare.Setup(out=Path("."), budget_seconds=1.0, budget_tokens=None, lengths=[32, 64], shares=[0.5, 0.5],
+                      tokens_per_step=512)
+    assert compare.calibration_stages(s, 3) == [{"seq_len": 32, "tokens": 2048}, {"seq_len": 64, "tokens": 2048}]
+
+    def records(seconds):  # seconds per step: 4 at L=32 (stage 0), then 4 at L=64 (stage 1)
+        return [{"stage": i // 4, "seq_len": 32 if i < 4 else 64, "tokens_per_step": 512, "tokens_per_s": 512 / t}
+                for i, t in enumerate(seconds)]
+    times = compare.calibration_times(s, [records([9, 1, 1, 1, 9, 2, 2, 2]), records([9, 1, 3, 1, 9, 2, 2, 2])])
+    assert times.median(32) == pytest.approx(1.0) and times.median(64) == pytest.approx(2.0)
+    assert times.noisy() == [32] and times.lengths[64].max == pytest.approx(2.0)  # the 9 s warm-ups do not count
 
 
 def test_compare_bad_inputs(tmp_path, caplog):
@@ -249,5 +271,7 @@ def test_compare_bad_inputs(tmp_path, caplog):
     assert "not a positive integer" in caplog.text
     assert compare.main(["--budget-tokens", "100000", "--out", str(tmp_path), "--shares", "0.5,0.5"]) == 2
     assert "one positive share per length" in caplog.text
+    assert compare.main(["--budget-seconds", "5", "--out", str(tmp_path), "--calibration-rounds", "0"]) == 2
+    assert "--calibration-rounds 0: must be at least 1" in caplog.text
     with pytest.raises(SystemExit):  # argparse: exactly one budget
         compare.main(["--budget-tokens", "1", "--budget-seconds", "1", "--out", str(tmp_path)])
