@@ -179,7 +179,8 @@ def measure_memory(preset: str, vocab_size: int, seq_len: int, micro_batch: int,
         del model, opt, x
         if cuda:
             torch.cuda.empty_cache()
-    return {"seq_len": seq_len, "micro_batch": micro_batch, "peak_bytes": int(peak), "device": "cuda" if cuda else "cpu"}
+    return {"seq_len": seq_len, "micro_batch": micro_batch, "peak_bytes": int(peak),
+            "device": "cuda" if cuda else "cpu"}
 
 
 def _worker(job: dict) -> dict:

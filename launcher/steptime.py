@@ -192,6 +192,7 @@ def table(times: StepTimes) -> str:
     lines = [f"{'seq_len':>7} {'median s':>9} {'min-max s':>17} {'max/min':>7} {'ratio':>6} {'ratio range':>11}"]
     for L, t in times.lengths.items():
         lo, hi = times.ratio_range(L)
-        lines.append(f"{L:>7} {t.median:>9.4f} {f'{t.min:.4f}-{t.max:.4f}':>17} {t.spread:>6.2f}{'!' if t.noisy else ' '}"
-                     f" {times.ratio(L):>6.2f} {f'{lo:.2f}-{hi:.2f}':>11}")
+        span, flag = f"{t.min:.4f}-{t.max:.4f}", "!" if t.noisy else " "
+        lines.append(f"{L:>7} {t.median:>9.4f} {span:>17} {t.spread:>6.2f}{flag} {times.ratio(L):>6.2f} "
+                     f"{f'{lo:.2f}-{hi:.2f}':>11}")
     return "\n".join(lines)

@@ -148,8 +148,8 @@ def probe_data(tokens_per_step: int):
     from launcher.config import from_dict
     from launcher.data import TrainData
     from model import ModelConfig
-    cfg = from_dict({"growlength": {"tokens_per_step": tokens_per_step, "total_tokens": 1 << 20,
-                                    "stages": [{"seq_len": 32, "time_share": 0.5}, {"seq_len": 64, "time_share": 0.5}]}})
+    stages = [{"seq_len": 32, "time_share": 0.5}, {"seq_len": 64, "time_share": 0.5}]
+    cfg = from_dict({"growlength": {"tokens_per_step": tokens_per_step, "total_tokens": 1 << 20, "stages": stages}})
     return TrainData(cfg=cfg, prefix="unused", tokenizer_path="unused", tokenizer=None, fingerprint="",
                      model_config=ModelConfig.from_preset("tiny", vocab_size=300), rank=0, world=1)
 
@@ -167,5 +167,6 @@ def test_time_share_probe_out_of_memory_is_a_config_error(one_rank):
     """2**38 tokens per step at L=32 is a (2**33, 33) int64 batch, 2.2 TB: the real CPU allocator refuses it."""
     from launcher.config import ConfigError
     with pytest.raises(ConfigError, match=r"step-time probe for time_share stages ran out of memory at seq_len 32 "
-                                          r"\(.*can't allocate memory.*\): lower growlength.max_tokens_per_micro_batch"):
+                                          r"\(.*can't allocate memory.*\): lower "
+                                          r"growlength.max_tokens_per_micro_batch"):
         probe_data(1 << 38).step_time_probe([32, 64])
