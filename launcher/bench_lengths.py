@@ -1,23 +1,36 @@
 """What each sequence length costs on this hardware at a fixed number of tokens per batch (the paper's Tables 1-3).
 
     python -m launcher.bench_lengths --preset tiny --lengths 128,256,512,1024 --tokens-per-batch 8192
-        [--memory-cap-gb G] [--vocab-size V] [--dtype bf16|fp32] [--steps 5] [--json OUT]
+        [--memory-cap-gb G] [--vocab-size V] [--dtype bf16|fp32] [--steps 2] [--repeats 3] [--json OUT]
 
-Per length L, with micro_batch = tokens_per_batch / L: the median time of a training step (forward, backward and an
+Per length L, with micro_batch = tokens_per_batch / L: the step time of a training step (forward, backward and an
 AdamW update of the model in ``--dtype``; DeepSpeed's ZeRO bookkeeping is not included, it is the same at every
 length), the peak memory of that step, and the largest tokens per batch (a multiple of L) that fits. Ratios are to
 the longest length, as in the paper.
 
-Memory, honestly measured:
+Time (launcher.steptime, the launcher's own measurer): one model in one process, a warm-up step per length, then
+``--repeats`` rounds that visit the lengths in turn (A B C, A B C, ...) with ``--steps`` timed steps each. The table
+gives the median, min-max and max/min per length and the ratio with its range over rounds; a length whose max/min is
+above 1.2 is flagged (``!`` in the table, ``"noisy": true`` in the JSON) with a warning to raise ``--repeats``.
+On CUDA the clock is read after ``torch.cuda.synchronize()``.
+
+Memory, honestly measured, of a training step in steady state: the second of two steps, which runs with the
+optimizer's moments and the allocator slack the first one left, as every later step of a run does (on this CPU a
+single step after allocating the moments reads 4% lower for pythia-70m). When the search measures a larger batch,
+the first step runs at the ``--tokens-per-batch`` micro-batch, which is cheaper and gave the same peak within 0.3%
+(pythia-70m, L=128: 8 then 64 sequences against 64 then 64):
   GPU  ``torch.cuda.max_memory_allocated`` (weights, gradients, optimizer state, activations), reset per
-       measurement; the largest batch is found by doubling micro_batch until CUDA runs out of memory, then
-       bisecting between the last fit and the first failure.
+       measurement; the largest batch is found by doubling micro_batch from the measured one until CUDA runs out of
+       memory, then bisecting between the last fit and the first failure.
   CPU  there is no allocator counter, so each measurement runs in a fresh subprocess and reports the growth of the
        process's peak resident set (Linux VmHWM, which the kernel keeps per process) from just before the model
-       is built to the end of the steps: weights, gradients, optimizer state, activations and the allocator's
+       is built to the end of the step: weights, gradients, optimizer state, activations and the allocator's
        slack, but not the Python/torch runtime. The largest batch against ``--memory-cap-gb`` is predicted from
-       two measurements (peak is affine in the micro-batch at a fixed length) and then verified by measuring it,
-       stepping down while the measurement exceeds the cap.
+       an affine fit (peak = fixed + tokens x per-token cost at each length; the fixed part, weights and optimizer
+       state, is the same at every length, so one extra measurement at the first length serves all of them) and
+       then verified by measuring it, stepping down while the measurement exceeds the cap.
+A batch that does not fit (CUDA out of memory, or an allocator error) is a result in the search and a clear error
+at the measured ``--tokens-per-batch``.
 
 For the launcher, :func:`max_tokens_per_micro_batch` and :func:`stage_micro_batches` turn a saved report into
 per-stage micro-batches (``micro_batch * seq_len <= max tokens that fit``, tokens per step unchanged).
@@ -28,12 +41,12 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from launcher import steptime
 from launcher.runs import EvidenceError, parse_lengths, write_json
 
 log = logging.getLogger("growlength")
@@ -41,6 +54,7 @@ log = logging.getLogger("growlength")
 DEFAULT_VOCAB = {"tiny": 8192}  # the built-in tokenizer; Pythia presets use Pythia's 50277
 PYTHIA_VOCAB = 50277
 MiB = 1 << 20
+NOISY_HINT = f"max/min above {steptime.NOISY_SPREAD:g}: the machine was noisy; rerun with more --repeats"
 
 
 # ---- using a probe in the launcher (pure Python: no torch) ------------------------------------------------------
@@ -79,7 +93,8 @@ def stage_micro_batches(probe: dict | str | Path, seq_lens: list[int], tokens_pe
             for L in seq_lens}
 
 
-# ---- one measurement --------------------------------------------------------------------------------------------
+
+# ---- one process's work (in a fresh subprocess on CPU) ------------------------------------------------------------
 def _peak_rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -88,15 +103,55 @@ def _peak_rss_bytes() -> int:
     raise OSError("VmHWM not in /proc/self/status (not Linux?)")
 
 
-def measure(preset: str, vocab_size: int, seq_len: int, micro_batch: int, dtype: str, steps: int,
-            warmup: int = 1, seed: int = 0) -> dict:
-    """Train ``steps`` steps of a fresh model on random tokens (micro_batch, seq_len): median step seconds and peak
-    memory in bytes (see the module docstring for what the peak is on GPU and CPU). Raises torch.OutOfMemoryError
-    on a GPU that cannot fit it."""
+def _dtype(name: str):
     import torch
-    from model import GPTNeoX, ModelConfig
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
-    DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+def _model(preset: str, vocab_size: int, device, dtype: str):
+    from model import GPTNeoX, ModelConfig
+    return GPTNeoX(ModelConfig.from_preset(preset, vocab_size=vocab_size)).to(device, _dtype(dtype))
+
+
+def _train_step(model, opt, x) -> None:
+    """One training step on x (micro_batch, seq_len + 1): forward, backward, AdamW update."""
+    model(x[:, :-1], labels=x[:, 1:]).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def time_lengths(preset: str, vocab_size: int, lengths: list[int], tokens_per_batch: int, dtype: str, steps: int,
+                 repeats: int, warmup: int = 1, seed: int = 0) -> list[dict[int, list[float]]]:
+    """Timed steps per round (``[{seq_len: [seconds]}]``), every length on one model in this process, interleaved
+    (launcher.steptime.measure). Raises steptime.OutOfMemory naming the length that did not fit."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(seed)
+    model = steptime.run_guarded(lambda: _model(preset, vocab_size, device, dtype))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = {L: steptime.run_guarded(  # (micro_batch, L + 1) each
+        lambda L=L: torch.randint(0, vocab_size, (tokens_per_batch // L, L + 1), device=device), L) for L in lengths}
+    try:
+        times = steptime.measure({L: (lambda x=x: _train_step(model, opt, x)) for L, x in batches.items()},
+                                 rounds=repeats, steps_per_round=steps, warmup=warmup,
+                                 synchronize=torch.cuda.synchronize if cuda else None)
+    finally:
+        del model, opt, batches
+        if cuda:
+            torch.cuda.empty_cache()
+    return [{L: list(t.rounds[r]) for L, t in times.lengths.items()} for r in range(repeats)]
+
+
+def measure_memory(preset: str, vocab_size: int, seq_len: int, micro_batch: int, dtype: str, seed: int = 0,
+                   warmup_micro_batch: int | None = None) -> dict:
+    """Peak memory in bytes of a training step of a fresh model on random tokens (micro_batch, seq_len), in steady
+    state: after a first step at ``warmup_micro_batch`` (default: the same), which allocates the optimizer's moments
+    and leaves the allocator's slack (see the module docstring for what the peak is on GPU and CPU). Raises
+    steptime.OutOfMemory."""
+    import torch
+
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
@@ -104,59 +159,81 @@ def measure(preset: str, vocab_size: int, seq_len: int, micro_batch: int, dtype:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:  # load kernels and libraries first (a throw-away 1x8 step), so the baseline excludes one-time costs
-        warm = GPTNeoX(ModelConfig.from_preset("tiny", vocab_size=128)).to(DTYPES[dtype])
+        warm = _model("tiny", 128, device, dtype)
         w = torch.randint(0, 128, (1, 9))
         warm(w[:, :-1], labels=w[:, 1:]).backward()
         del warm, w
         base = _peak_rss_bytes()
     torch.manual_seed(seed)
-    model = GPTNeoX(ModelConfig.from_preset(preset, vocab_size=vocab_size)).to(device, DTYPES[dtype])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), device=device)
-    times = []
+    model = opt = x = None
+
+    def step() -> None:
+        nonlocal model, opt, x
+        model = _model(preset, vocab_size, device, dtype)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), device=device)
+        _train_step(model, opt, x[:warmup_micro_batch or micro_batch])
+        _train_step(model, opt, x)  # the steady one: optimizer moments and the first step's allocator slack exist
+        if cuda:
+            torch.cuda.synchronize()
+
     try:
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            model(x[:, :-1], labels=x[:, 1:]).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        steptime.run_guarded(step, seq_len)
         peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()) - base
     finally:
         del model, opt, x
         if cuda:
             torch.cuda.empty_cache()
-    return {"seq_len": seq_len, "micro_batch": micro_batch, "step_s": statistics.median(times),
-            "peak_bytes": int(peak), "device": "cuda" if cuda else "cpu"}
+    return {"seq_len": seq_len, "micro_batch": micro_batch, "peak_bytes": int(peak),
+            "device": "cuda" if cuda else "cpu"}
 
 
-def measure_isolated(**kwargs) -> dict:
-    """:func:`measure` in a fresh process (CPU: the peak RSS then belongs to this measurement alone)."""
+def _worker(job: dict) -> dict:
+    """``--_worker`` mode: one job in this fresh process; an allocation failure comes back as ``{"oom": ...}``."""
+    kind = job.pop("kind")
+    try:
+        if kind == "memory":
+            return measure_memory(**job)
+        rounds = time_lengths(**job)
+        return {"rounds": [{str(L): t for L, t in r.items()} for r in rounds]}
+    except steptime.OutOfMemory as e:
+        return {"oom": {"seq_len": e.seq_len, "detail": e.detail}}
+
+
+def run_isolated(job: dict) -> dict:
+    """:func:`_worker` in a fresh process (CPU: the peak RSS then belongs to this job alone, and the memory it used
+    goes back to the system when it ends). A process killed by SIGKILL (the kernel's OOM killer) counts as out of
+    memory."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "launcher.bench_lengths", "--_measure", json.dumps(kwargs)],
+    proc = subprocess.run([sys.executable, "-m", "launcher.bench_lengths", "--_worker", json.dumps(job)],
                           cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode == -9:
+        return {"oom": {"seq_len": job.get("seq_len"), "detail": "the process was killed (SIGKILL: the kernel's "
+                                                                    "out-of-memory killer?)"}}
     if proc.returncode != 0:
-        raise RuntimeError(f"measurement {kwargs} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"measurement {job} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# ---- the largest batch that fits --------------------------------------------------------------------------------
-def max_batch_gpu(preset, vocab_size, seq_len, dtype, start_mb: int) -> int:
-    """Double the micro-batch until CUDA OOM, then bisect; returns the largest micro-batch that ran."""
-    import torch
+def _too_big(what: str, oom: dict, device: str) -> EvidenceError:
+    where = f"at seq_len {oom['seq_len']}" if oom.get("seq_len") else "(the model alone)"
+    return EvidenceError(f"{what} does not fit in {device} memory {where}: {oom['detail']}; lower "
+                         f"--tokens-per-batch (or use a smaller --preset or --vocab-size)")
 
+
+# ---- the largest batch that fits --------------------------------------------------------------------------------
+def max_batch_gpu(preset, vocab_size, seq_len, dtype, fits_mb: int) -> int:
+    """Double the micro-batch from ``fits_mb`` (measured to fit) until CUDA runs out of memory, then bisect; returns
+    the largest micro-batch that ran."""
     def fits(mb: int) -> bool:
         try:
-            measure(preset, vocab_size, seq_len, mb, dtype, steps=1, warmup=0)
+            measure_memory(preset, vocab_size, seq_len, mb, dtype, warmup_micro_batch=min(mb, fits_mb))
             return True
-        except torch.OutOfMemoryError:
+        except steptime.OutOfMemory:
             return False
 
-    lo, hi = 0, max(1, start_mb)
+    lo, hi = fits_mb, 2 * fits_mb
     while fits(hi):
         lo, hi = hi, hi * 2
     while hi - lo > 1:
@@ -165,32 +242,42 @@ def max_batch_gpu(preset, vocab_size, seq_len, dtype, start_mb: int) -> int:
     return lo
 
 
-def max_batch_cpu(preset, vocab_size, seq_len, dtype, first: dict, cap_bytes: int) -> tuple[int, list[dict]]:
-    """Largest micro-batch whose measured peak stays under ``cap_bytes``: affine fit through two measurements,
-    then verified by measuring the prediction (and stepping down while it is over the cap)."""
-    second = measure_isolated(preset=preset, vocab_size=vocab_size, seq_len=seq_len,
-                              micro_batch=2 * first["micro_batch"], dtype=dtype, steps=1)
-    per_mb = max(1.0, (second["peak_bytes"] - first["peak_bytes"]) / first["micro_batch"])
-    fixed = first["peak_bytes"] - per_mb * first["micro_batch"]
-    mb = max(0, int((cap_bytes - fixed) // per_mb))
-    checks = [second]
+def _memory_isolated(preset, vocab_size, seq_len, dtype, micro_batch, warmup_micro_batch=None) -> dict:
+    return run_isolated(dict(kind="memory", preset=preset, vocab_size=vocab_size, seq_len=seq_len,
+                             micro_batch=micro_batch, dtype=dtype, warmup_micro_batch=warmup_micro_batch))
+
+
+def max_batch_cpu(preset, vocab_size, seq_len, dtype, first: dict, cap_bytes: int,
+                  fixed_bytes: float | None = None) -> tuple[int, list[dict], float]:
+    """Largest micro-batch whose measured peak stays under ``cap_bytes``: affine fit (peak = fixed + micro_batch x
+    per-micro-batch cost), then verified by measuring the prediction and stepping down while it is over the cap.
+
+    ``fixed_bytes`` (weights, gradients, optimizer state: the same at every length), when another length already
+    measured it, saves the second measurement here. Returns (micro_batch, the measurements made, fixed_bytes)."""
+    checks = []
+    per_mb = (first["peak_bytes"] - fixed_bytes) / first["micro_batch"] if fixed_bytes is not None else 0.0
+    if per_mb <= 0:  # no shared fit yet (or it does not hold at this length): a second point here
+        second = _memory_isolated(preset, vocab_size, seq_len, dtype, 2 * first["micro_batch"], first["micro_batch"])
+        if "oom" in second:
+            return first["micro_batch"], [second], first["peak_bytes"]
+        checks.append(second)
+        per_mb = max(1.0, (second["peak_bytes"] - first["peak_bytes"]) / first["micro_batch"])
+        fixed_bytes = first["peak_bytes"] - per_mb * first["micro_batch"]
+    mb = max(0, int((cap_bytes - fixed_bytes) // per_mb))
     for _ in range(4):
         if mb < 1:
-            return 0, checks
-        check = measure_isolated(preset=preset, vocab_size=vocab_size, seq_len=seq_len, micro_batch=mb,
-                                 dtype=dtype, steps=1)
+            return 0, checks, fixed_bytes
+        check = _memory_isolated(preset, vocab_size, seq_len, dtype, mb, min(mb, first["micro_batch"]))
         checks.append(check)
-        if check["peak_bytes"] <= cap_bytes:
-            return mb, checks
-        mb = int(mb * cap_bytes / check["peak_bytes"] * 0.97)
-    return mb, checks
+        if "oom" not in check and check["peak_bytes"] <= cap_bytes:
+            return mb, checks, fixed_bytes
+        mb = int(mb * 0.8) if "oom" in check else int(mb * cap_bytes / check["peak_bytes"] * 0.97)
+    return 0, checks, fixed_bytes  # four measurements over the cap: report nothing rather than an unmeasured guess
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------------------
-def bench(preset: str, lengths: list[int], tokens_per_batch: int, memory_cap_gb: float | None = None,
-          vocab_size: int | None = None, dtype: str = "bf16", steps: int = 5) -> dict:
-    import torch
-
+def check_args(preset: str, lengths: list[int], tokens_per_batch: int, memory_cap_gb: float | None, steps: int,
+               repeats: int) -> None:
     if tokens_per_batch <= 0:
         raise EvidenceError(f"--tokens-per-batch {tokens_per_batch}: must be positive")
     bad = [L for L in lengths if tokens_per_batch % L]
@@ -199,53 +286,108 @@ def bench(preset: str, lengths: list[int], tokens_per_batch: int, memory_cap_gb:
                             f"micro-batch is tokens_per_batch / seq_len; use a multiple of {max(lengths)}")
     if memory_cap_gb is not None and memory_cap_gb <= 0:
         raise EvidenceError(f"--memory-cap-gb {memory_cap_gb}: must be positive")
+    if steps < 1 or repeats < 1:
+        raise EvidenceError(f"--steps {steps} --repeats {repeats}: both must be at least 1 (timed steps per length "
+                            f"per round, and rounds)")
     from model.config import PRESETS
     if preset not in PRESETS:
         raise EvidenceError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+
+
+def time_rows(times: steptime.StepTimes, tokens_per_batch: int) -> dict[int, dict]:
+    """The timing fields of each length's row (the JSON keeps step_s and step_time_ratio, the median's)."""
+    rows = {}
+    for L in times.lengths:
+        row = {"seq_len": L, "micro_batch": tokens_per_batch // L, "tokens_per_batch": tokens_per_batch,
+               **times.row(L)}
+        row["tokens_per_s"] = tokens_per_batch / row["step_s"]
+        if row["noisy"]:
+            row["hint"] = NOISY_HINT
+        rows[L] = row
+    return rows
+
+
+def bench(preset: str, lengths: list[int], tokens_per_batch: int, memory_cap_gb: float | None = None,
+          vocab_size: int | None = None, dtype: str = "bf16", steps: int = 2, repeats: int = 3) -> dict:
+    import torch
+
+    check_args(preset, lengths, tokens_per_batch, memory_cap_gb, steps, repeats)
     vocab_size = vocab_size or DEFAULT_VOCAB.get(preset, PYTHIA_VOCAB)
     cuda = torch.cuda.is_available()
-    rows = []
-    for L in lengths:
-        mb = tokens_per_batch // L
-        kw = dict(preset=preset, vocab_size=vocab_size, seq_len=L, micro_batch=mb, dtype=dtype)
-        m = measure(steps=steps, **kw) if cuda else measure_isolated(steps=steps, **kw)
-        row = {**m, "tokens_per_batch": tokens_per_batch, "tokens_per_s": tokens_per_batch / m["step_s"]}
+    device = "cuda" if cuda else "cpu"
+    t_start = time.perf_counter()
+    job = dict(preset=preset, vocab_size=vocab_size, lengths=lengths, tokens_per_batch=tokens_per_batch, dtype=dtype,
+               steps=steps, repeats=repeats)
+    try:
+        rounds = time_lengths(**job) if cuda else run_isolated(dict(kind="time", **job))
+    except steptime.OutOfMemory as e:
+        rounds = {"oom": {"seq_len": e.seq_len, "detail": e.detail}}
+    if "oom" in rounds:
+        raise _too_big(f"a batch of --tokens-per-batch {tokens_per_batch}", rounds["oom"], device)
+    if not cuda:
+        rounds = [{int(L): t for L, t in r.items()} for r in rounds["rounds"]]
+    times = steptime.summarize(rounds)
+    rows = time_rows(times, tokens_per_batch)
+    log.info("step times (%d rounds x %d timed steps per length, interleaved, %.0fs):\n%s", repeats, steps,
+             time.perf_counter() - t_start, steptime.table(times))
+    fixed = None
+    for L, row in rows.items():
+        mb = row["micro_batch"]
+        if cuda:
+            try:
+                m = measure_memory(preset, vocab_size, L, mb, dtype)
+            except steptime.OutOfMemory as e:
+                raise _too_big(f"micro_batch {mb}", {"seq_len": L, "detail": e.detail}, device) from None
+        else:
+            m = _memory_isolated(preset, vocab_size, L, dtype, mb)
+            if "oom" in m:
+                raise _too_big(f"micro_batch {mb}", m["oom"], device)
+        row.update(peak_bytes=m["peak_bytes"], device=m["device"])
         if cuda:
             row["max_micro_batch"] = max_batch_gpu(preset, vocab_size, L, dtype, mb)
         elif memory_cap_gb:
-            row["max_micro_batch"], row["probe_checks"] = max_batch_cpu(preset, vocab_size, L, dtype, m,
-                                                                        int(memory_cap_gb * (1 << 30)))
+            row["max_micro_batch"], row["probe_checks"], fixed = max_batch_cpu(
+                preset, vocab_size, L, dtype, m, int(memory_cap_gb * (1 << 30)), fixed)
         if "max_micro_batch" in row:
             row["max_tokens_per_batch"] = row["max_micro_batch"] * L
-        rows.append(row)
-        log.info("L=%d: %.3fs/step, peak %.1f MiB%s", L, m["step_s"], m["peak_bytes"] / MiB,
+        log.info("L=%d: peak %.1f MiB%s", L, m["peak_bytes"] / MiB,
                  f", max {row['max_tokens_per_batch']:,} tokens" if "max_tokens_per_batch" in row else "")
+    rows = list(rows.values())
     longest = rows[-1]
     for r in rows:
-        r["step_time_ratio"] = r["step_s"] / longest["step_s"]
         r["memory_ratio"] = r["peak_bytes"] / longest["peak_bytes"] if longest["peak_bytes"] > 0 else None
         if longest.get("max_tokens_per_batch"):
             r["max_tokens_ratio"] = r["max_tokens_per_batch"] / longest["max_tokens_per_batch"]
+    warning = times.warning()
+    if warning:
+        log.warning("%s", warning)
     return {"preset": preset, "vocab_size": vocab_size, "dtype": dtype, "tokens_per_batch": tokens_per_batch,
-            "device": "cuda" if cuda else "cpu", "memory_cap_gb": memory_cap_gb,
-            "threads": torch.get_num_threads(), "steps": steps, "lengths": rows}
+            "device": device, "memory_cap_gb": memory_cap_gb, "threads": torch.get_num_threads(), "steps": steps,
+            "repeats": repeats, "warmup": 1, "noisy_lengths": times.noisy(), "warning": warning,
+            "elapsed_s": time.perf_counter() - t_start, "lengths": rows}
 
 
 def table(report: dict) -> str:
-    """The paper's Tables 1-3 side by side: time, memory and the largest batch per length, ratios to the longest."""
+    """The paper's Tables 1-3 side by side: time (median, max/min, ratio with its range over rounds), memory and the
+    largest batch per length, ratios to the longest."""
     cap = "" if report["device"] == "cuda" else (f", cap {report['memory_cap_gb']:g} GB" if report["memory_cap_gb"]
                                                  else ", no --memory-cap-gb: max tokens not probed")
     lines = [f"{report['preset']} ({report['dtype']}, {report['device']}{cap}), {report['tokens_per_batch']:,} tokens "
-             f"per batch; ratios are to L={report['lengths'][-1]['seq_len']}",
-             f"{'seq_len':>7} {'mb':>5} {'step s':>8} {'ratio':>6} {'tok/s':>9} {'peak MiB':>9} {'ratio':>6} "
-             f"{'max tokens':>11} {'ratio':>6}", "-" * 75]
+             f"per batch; {report['repeats']} rounds x {report['steps']} timed steps per length, interleaved; "
+             f"ratios are to L={report['lengths'][-1]['seq_len']}",
+             f"{'seq_len':>7} {'mb':>5} {'step s':>8} {'max/min':>8} {'ratio':>6} {'range':>9} {'tok/s':>9} "
+             f"{'peak MiB':>9} {'ratio':>6} {'max tokens':>11} {'ratio':>6}", "-" * 94]
     for r in report["lengths"]:
         mem_ratio = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") is not None else "n/a"
         max_tok = f"{r['max_tokens_per_batch']:,}" if r.get("max_tokens_per_batch") is not None else "n/a"
         max_ratio = f"{r['max_tokens_ratio']:.2f}" if r.get("max_tokens_ratio") is not None else "n/a"
-        lines.append(f"{r['seq_len']:>7} {r['micro_batch']:>5} {r['step_s']:>8.4f} {r['step_time_ratio']:>6.2f} "
-                     f"{r['tokens_per_s']:>9,.0f} {r['peak_bytes'] / MiB:>9.1f} {mem_ratio:>6} {max_tok:>11} "
-                     f"{max_ratio:>6}")
+        spread = f"{r['step_s_spread']:.2f}" + ("!" if r["noisy"] else " ")
+        span = f"{r['step_time_ratio_min']:.2f}-{r['step_time_ratio_max']:.2f}"
+        lines.append(f"{r['seq_len']:>7} {r['micro_batch']:>5} {r['step_s']:>8.4f} {spread:>8} "
+                     f"{r['step_time_ratio']:>6.2f} {span:>9} {r['tokens_per_s']:>9,.0f} "
+                     f"{r['peak_bytes'] / MiB:>9.1f} {mem_ratio:>6} {max_tok:>11} {max_ratio:>6}")
+    lines.append("step s: median of the timed steps; range: the ratio's lowest and highest over rounds"
+                 + (f"; ! {NOISY_HINT}" if report["noisy_lengths"] else ""))
     return "\n".join(lines)
 
 
@@ -257,17 +399,19 @@ def main(argv=None) -> int:
     p.add_argument("--memory-cap-gb", type=float, help="CPU: memory the largest batch must fit in (GiB)")
     p.add_argument("--vocab-size", type=int, help="default: 8192 for tiny (built-in tokenizer), else 50277")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="model dtype (ds_configs train bf16)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per length (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per length in each round")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all lengths (after one warm-up step each); "
+                                                          "raise it when a length is flagged noisy")
     p.add_argument("--json", help="write the report here")
-    p.add_argument("--_measure", help=argparse.SUPPRESS)  # worker mode: one isolated measurement
+    p.add_argument("--_worker", help=argparse.SUPPRESS)  # worker mode: one isolated job (a memory or timing run)
     args = p.parse_args(argv)
-    if args._measure:
-        print(json.dumps(measure(**json.loads(args._measure))))
+    if args._worker:
+        print(json.dumps(_worker(json.loads(args._worker))))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         report = bench(args.preset, parse_lengths(args.lengths), args.tokens_per_batch, args.memory_cap_gb,
-                       args.vocab_size, args.dtype, args.steps)
+                       args.vocab_size, args.dtype, args.steps, args.repeats)
     except EvidenceError as e:
         log.error("%s", e)
         return 2

@@ -15,8 +15,9 @@ Budgets:
                       checked after each step, so a run overshoots by less than one step). The learning rate is
                       warmup then constant (DeepSpeed's WarmupLR) so that where the clock stops no plan's schedule is
                       cut short. Plans are sized from the step time per length of the real launcher and engine, measured
-                      first by a short calibration run (a few steps at every length; OUT/runs/calibration) so
-                      that GrowLength's stages take ``--shares`` of S; the last stage and the fixed runs are
+                      first by ``--calibration-rounds`` short calibration runs (each a round of a few steps at every
+                      length, OUT/runs/calibration-R; medians by launcher.steptime) so that GrowLength's stages take
+                      ``--shares`` of S; the last stage and the fixed runs are
                       oversized so the clock ends every run (the report shows the wall-clock of each switch, i.e.
                       the shares achieved).
 
@@ -32,13 +33,13 @@ import json
 import logging
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher import steptime
 from launcher.runs import EvidenceError, check_dir_writable, find_data_prefix, load_run, parse_lengths, \
     write_json, write_text
 
@@ -68,6 +69,7 @@ class Setup:
     tokenizer: str | None = None
     ds_config: str = "ds_configs/zero2.json"
     extra: list = field(default_factory=list)
+    calibration_rounds: int = 3
 
     @property
     def short(self) -> int:
@@ -95,6 +97,8 @@ def check_setup(s: Setup) -> None:
     if bad:
         raise EvidenceError(f"--tokens-per-step {s.tokens_per_step} is not a multiple of seq_len * ranks for "
                             f"lengths {bad}; use a multiple of {s.long * s.ranks}")
+    if s.calibration_rounds < 1:
+        raise EvidenceError(f"--calibration-rounds {s.calibration_rounds}: must be at least 1")
     unknown = set(s.plans) - set(PLANS)
     if unknown or "fixed-long" not in s.plans:
         raise EvidenceError(f"--plans {list(s.plans)}: choose from {', '.join(PLANS)}; fixed-long is the reference "
@@ -102,19 +106,43 @@ def check_setup(s: Setup) -> None:
 
 
 # ---- plans ------------------------------------------------------------------------------------------------------
-def step_seconds(s: Setup, ds_config: str, steps_per_length: int = 4) -> dict[int, float]:
-    """Seconds per optimizer step at each length, measured on the real launcher and engine: one short calibration
-    run through every length (``steps_per_length`` steps each); the median of each stage's steps after its first."""
-    plan = [{"seq_len": L, "tokens": steps_per_length * s.tokens_per_step} for L in s.lengths]
-    run_dir = launch(s, "calibration", plan, ds_config, warmup=1,
-                     extra=["checkpointing.at_stage_end=false", "checkpointing.interval_steps=0",
-                            "logging.eval_lengths=[]", "growlength.max_time_s=null"])
-    times = {}
-    for L in s.lengths:
-        recs = [r for r in load_run(run_dir).steps if r["seq_len"] == L][1:]
-        times[L] = statistics.median(r["tokens_per_step"] / r["tokens_per_s"] for r in recs)
-    log.info("step times of the real engine: %s", ", ".join(f"L={L}: {t:.3f}s" for L, t in times.items()))
-    return times
+def calibration_stages(s: Setup, steps_per_round: int) -> list[dict]:
+    """One calibration round: every length in turn (shortest first, as a plan must grow), each stage one warm-up
+    step after its switch and then ``steps_per_round`` timed steps."""
+    return [{"seq_len": L, "tokens": (1 + steps_per_round) * s.tokens_per_step} for L in s.lengths]
+
+
+def calibration_times(s: Setup, rounds: list[list[dict]]) -> steptime.StepTimes:
+    """launcher.steptime's summary of the calibration runs' step records (one list per run, i.e. per round); each
+    stage's first step, the warm-up after its switch, is dropped."""
+    timed = []
+    for records in rounds:
+        by_stage: dict[int, list[float]] = {}
+        for r in records:
+            by_stage.setdefault(r["stage"], []).append(r["tokens_per_step"] / r["tokens_per_s"])
+        timed.append({L: by_stage[k][1:] for k, L in enumerate(s.lengths)})
+    return steptime.summarize(timed)
+
+
+def step_seconds(s: Setup, ds_config: str, steps_per_round: int = 3) -> dict[int, float]:
+    """Seconds per optimizer step at each length, measured on the real launcher and engine: ``s.calibration_rounds``
+    short calibration runs (OUT/runs/calibration-R), each a round over every length (:func:`calibration_stages`) in
+    a fresh launcher process, so every round starts from the same process state; the median per length
+    (launcher.steptime), with a warning when the machine was noisy."""
+    rounds = []
+    for r in range(s.calibration_rounds):
+        run_dir = launch(s, f"calibration-{r}", calibration_stages(s, steps_per_round), ds_config, warmup=1,
+                         extra=["checkpointing.at_stage_end=false", "checkpointing.interval_steps=0",
+                                "logging.eval_lengths=[]", "growlength.max_time_s=null"])
+        rounds.append(load_run(run_dir).steps)
+    times = calibration_times(s, rounds)
+    log.info("step times of the real engine (%d rounds of %d timed steps per length):\n%s", s.calibration_rounds,
+             steps_per_round, steptime.table(times))
+    warning = times.warning("the planned wall-clock shares may be off: rerun with more --calibration-rounds or on a "
+                            "quiet machine")
+    if warning:
+        log.warning("calibration: %s", warning)
+    return {L: times.median(L) for L in s.lengths}
 
 
 def stage_plans(s: Setup, times: dict[int, float] | None) -> dict[str, list[dict]]:
@@ -348,6 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-prefix", help="training corpus PREFIX (default: the built-in corpus)")
     p.add_argument("--tokenizer", help="sentencepiece model of --data-prefix")
     p.add_argument("--ds-config", default="ds_configs/zero2.json")
+    p.add_argument("--calibration-rounds", type=int, default=3,
+                   help="--budget-seconds: calibration runs, each timing every length once in turn")
     p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.overrides=...)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -361,7 +391,7 @@ def main(argv=None) -> int:
               tokens_per_step=args.tokens_per_step, seed=args.seed, plans=tuple(args.plans.split(",")),
               points=args.points, eval_tokens=args.eval_tokens, valid_fraction=args.valid_fraction,
               data_prefix=args.data_prefix, tokenizer=args.tokenizer, ds_config=args.ds_config,
-              extra=args.overrides)
+              extra=args.overrides, calibration_rounds=args.calibration_rounds)
     try:
         s.lengths = parse_lengths(args.lengths)
         if (s.data_prefix is None) != (s.tokenizer is None):

@@ -5,7 +5,9 @@ at a barrier and then memory-map the same files.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from data_pipeline.loader import StageLoader
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
 from data_pipeline.tokenizer import Tokenizer
 from launcher import engine as ds
+from launcher import steptime
 from launcher.config import ConfigError, ModelSection, RunConfig
 from launcher.plan import Stage, StagePlan, micro_batch_for
 from model import CausalLM, ModelConfig
@@ -115,27 +118,59 @@ class TrainData:
                 raise ConfigError(f"model.init_from_hf: {e}") from e
         return model
 
-    def step_time_probe(self, seq_lens: list[int], dtype: torch.dtype = torch.float32) -> list[float]:
-        """Seconds per optimizer step at each length (forward + backward of this rank's share of
-        ``tokens_per_step``), measured on a throw-away copy of the model in the training dtype; the slowest rank
-        counts. Only the ratios between lengths matter for a time-share plan with a token total."""
+    def step_time_probe(self, seq_lens: list[int], dtype: torch.dtype = torch.float32, rounds: int = 3) -> list[float]:
+        """Seconds per optimizer step at each length: this rank's share of ``tokens_per_step`` (forward + backward
+        of every micro-batch, then an AdamW update), on a throw-away copy of the model in the training dtype.
+
+        launcher.steptime's measurer: a warm-up step per length, then ``rounds`` rounds over the lengths in turn;
+        the median per length; on CUDA the clock is read after a synchronize. The slowest rank's median counts.
+        Only the ratios between lengths matter for a time-share plan with a token total. (The engine's own ZeRO
+        step cannot be timed here: the plan this probe sizes is what the engine's scheduler is built from.)"""
         g = self.cfg.growlength
-        model = CausalLM(self.model_config).to(device=ds.device(), dtype=dtype)
-        out = []
-        for i, seq_len in enumerate(seq_lens):
-            mb, accum = micro_batch_for(seq_len, g.tokens_per_step, self.world, g.grad_accum,
-                                        g.max_tokens_per_micro_batch, f"growlength.stages[{i}]")
-            x = torch.randint(0, self.model_config.vocab_size, (mb, seq_len + 1), device=ds.device())
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
+        device = ds.device()
+        shapes = {L: micro_batch_for(L, g.tokens_per_step, self.world, g.grad_accum, g.max_tokens_per_micro_batch,
+                                     f"growlength.stages[{i}]") for i, L in enumerate(seq_lens)}
+        times = oom = None
+        try:
+            model = steptime.run_guarded(lambda: CausalLM(self.model_config).to(device=device, dtype=dtype))
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step(x: torch.Tensor, accum: int) -> None:  # x: (micro_batch, seq_len + 1)
                 for _ in range(accum):
                     model(x[:, :-1], labels=x[:, 1:]).backward()
-                times.append(time.perf_counter() - t0)
-            out.append(min(times[1:]))
-        del model
-        out = ds.all_reduce_max(out)
-        log.info("step-time probe: %s", ", ".join(f"L={n}: {t:.6f}s" for n, t in zip(seq_lens, out)))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def batch(L: int, mb: int) -> torch.Tensor:  # (mb, L + 1); may be the first allocation that fails
+                return steptime.run_guarded(
+                    lambda: torch.randint(0, self.model_config.vocab_size, (mb, L + 1), device=device), L)
+
+            steps = {L: functools.partial(step, batch(L, mb), accum) for L, (mb, accum) in shapes.items()}
+            times = steptime.measure(steps, rounds=rounds, warmup=1,
+                                     synchronize=torch.cuda.synchronize if device.type == "cuda" else None)
+        except steptime.OutOfMemory as e:
+            oom = e  # every rank learns of it below, so no rank is left waiting in the collective
+        finally:
+            model = opt = steps = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        n = len(seq_lens)
+        mine = times.medians() + [t.spread for t in times.lengths.values()] if times else [math.inf] * 2 * n
+        worst = ds.all_reduce_max(mine)
+        out, spreads = worst[:n], worst[n:]
+        if math.inf in out:
+            where = f"at seq_len {oom.seq_len} ({oom.detail})" if oom else "on another rank"
+            raise ConfigError(f"the step-time probe for time_share stages ran out of memory {where}: lower "
+                              f"growlength.max_tokens_per_micro_batch (more accumulation), or give the stages "
+                              f"tokens/share budgets instead of time_share")
+        log.info("step-time probe: %s (median of %d rounds; max/min %s)",
+                 ", ".join(f"L={L}: {t:.6f}s" for L, t in zip(seq_lens, out)), rounds,
+                 ", ".join(f"{s:.2f}" for s in spreads))
+        noisy = [f"L={L} {s:.2f}x" for L, s in zip(seq_lens, spreads) if s > steptime.NOISY_SPREAD]
+        if noisy and self.rank == 0:
+            log.warning("step-time probe: the machine was noisy (max/min above %g at %s): the time_share plan "
+                        "rests on medians of %d steps; give the stages tokens/share budgets for an exact plan",
+                        steptime.NOISY_SPREAD, ", ".join(noisy), rounds)
         return out
 
 

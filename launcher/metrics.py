@@ -9,26 +9,56 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 log = logging.getLogger("growlength")
 
 METRICS_FILE = "metrics.jsonl"
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by device-name substring; the first match wins.
-GPU_PEAK_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-                   ("L40", 181.0), ("A6000", 155.0), ("A10G", 125.0), ("A10", 125.0), ("L4", 121.0),
-                   ("4090", 165.0), ("3090", 71.0), ("V100", 125.0), ("T4", 65.0)]
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s per GPU, from NVIDIA's datasheets, keyed by the model token
+# of torch.cuda.get_device_name() and a variant token (None = the name without one). The names distinguish the
+# variants: "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" say so. V100 and T4
+# have no bf16 tensor cores: their fp16 peak is given. AWS's A10G is absent on purpose (no NVIDIA datasheet; its
+# clocks differ from the A10's): pass --peak-tflops.
+GPU_PEAK_TFLOPS: dict[tuple[str, str | None], float] = {
+    ("B200", None): 2250.0, ("GB200", None): 2500.0,
+    ("H200", None): 989.5, ("H200", "NVL"): 835.5, ("GH200", None): 989.5,
+    ("H100", None): 989.5, ("H100", "PCIe"): 756.5, ("H100", "NVL"): 835.5,
+    ("H800", None): 989.5, ("H800", "PCIe"): 756.5,
+    ("A100", None): 312.0, ("A800", None): 312.0, ("A30", None): 165.0, ("A40", None): 149.7,
+    ("L40S", None): 362.05, ("L40", None): 181.05, ("L4", None): 121.0, ("A10", None): 125.0,
+    ("A6000", None): 154.8, ("4090", None): 165.2, ("3090", None): 71.0,
+    ("V100", None): 125.0, ("T4", None): 65.0,
+}
+_VARIANTS = ("PCIe", "NVL")
+_hinted: set[str] = set()
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    """The table's peak for a CUDA device name, matched on whole tokens ("A10" is not "A100" nor "A10G")."""
+    tokens = re.split(r"[\s\-_/]+", device_name)
+    variant = next((v for v in _VARIANTS if v in tokens), None)
+    for token in tokens:
+        for key in ((token, variant), (token, None)):  # a variant the table does not list has the model's peak
+            if key in GPU_PEAK_TFLOPS:
+                return GPU_PEAK_TFLOPS[key]
+    return None
 
 
 def peak_tflops(configured: float | None, device_name: str | None) -> float | None:
+    """Peak TFLOP/s per device for MFU: the configured value, else the GPU table's, else None (MFU is then null;
+    an unknown GPU gets one log line saying how to give its peak)."""
     if configured:
         return configured
-    if device_name:
-        for key, value in GPU_PEAK_TFLOPS:
-            if key in device_name:
-                return value
-    return None
+    if not device_name:
+        return None
+    peak = gpu_peak_tflops(device_name)
+    if peak is None and device_name not in _hinted:
+        _hinted.add(device_name)
+        log.info("GPU %r is not in the peak table (launcher/metrics.py GPU_PEAK_TFLOPS): mfu is null; pass "
+                 "--peak-tflops (logging.peak_tflops) with its dense bf16 TFLOP/s to get MFU", device_name)
+    return peak
 
 
 class MetricsError(ValueError):

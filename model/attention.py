@@ -1,7 +1,9 @@
 """Causal self-attention kernels: flash-attn's `flash_attn_func` or torch SDPA, chosen per forward.
 
-`auto` takes flash-attn when it is installed and the tensors are CUDA fp16/bf16, else SDPA. `flash` where it
-cannot run raises (no silent fallback). The choice is logged once per distinct (setting, backend, reason).
+`auto` takes flash-attn when it imports, the tensors are CUDA fp16/bf16 and the GPU's compute capability is 8.0 or
+newer (flash-attn 2 raises on V100/T4), else SDPA. `flash` where it cannot run raises (no silent fallback). A
+flash-attn that is installed but fails to import (a build for another torch or CUDA) is reported with its own error,
+not as "not installed". The choice is logged once per distinct (setting, backend, reason).
 """
 from __future__ import annotations
 
@@ -21,12 +23,39 @@ _FIX = "set attention='sdpa' (or 'auto' to use flash-attn only where it can run)
 _logged: set[tuple[str, str, str]] = set()
 
 
-def _flash_attn_func():
-    """flash_attn.flash_attn_func, or None when flash-attn is not installed."""
+FLASH_MIN_CAPABILITY = (8, 0)  # flash-attn 2: Ampere, Ada, Hopper and newer
+
+
+def _import_flash():
+    """``(flash_attn.flash_attn_func, None)``, or ``(None, why it is unusable)``."""
     try:
-        return importlib.import_module("flash_attn").flash_attn_func
-    except ImportError:
+        module = importlib.import_module("flash_attn")
+    except ModuleNotFoundError as e:
+        if e.name == "flash_attn":  # the package itself is absent (not a module it imports)
+            return None, "the flash-attn package is not installed (pip install flash-attn)"
+        why = f"{type(e).__name__}: {e}"
+    except ImportError as e:  # e.g. its CUDA extension was built for another torch: "undefined symbol ..."
+        why = f"ImportError: {e}"
+    else:
+        func = getattr(module, "flash_attn_func", None)
+        if func is None:
+            return None, (f"flash_attn {getattr(module, '__version__', '?')} has no flash_attn_func "
+                          f"(flash-attn 2 is needed)")
+        return func, None
+    return None, (f"flash-attn is installed but does not import ({why}); rebuild it for this torch and CUDA "
+                  f"(pip install flash-attn --no-build-isolation --force-reinstall)")
+
+
+def _flash_attn_func():
+    """flash_attn.flash_attn_func, or None when flash-attn is not installed or does not import."""
+    return _import_flash()[0]
+
+
+def _cuda_capability(device: torch.device | None) -> tuple[int, int] | None:
+    """(major, minor) compute capability of ``device`` (None: the current CUDA device); None off CUDA."""
+    if (device is not None and device.type != "cuda") or not torch.cuda.is_available():
         return None
+    return torch.cuda.get_device_capability(device)
 
 
 def flash_unusable_reason(device: torch.device | None = None, dtype: torch.dtype | None = None) -> str | None:
@@ -39,9 +68,11 @@ def flash_unusable_reason(device: torch.device | None = None, dtype: torch.dtype
             return f"the tensors are on {device.type}, flash-attn needs CUDA"
         if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
             return f"the dtype is {dtype}, flash-attn needs float16 or bfloat16"
-    if _flash_attn_func() is None:
-        return "the flash-attn package is not installed (pip install flash-attn)"
-    return None
+    capability = _cuda_capability(device)
+    if capability is not None and tuple(capability) < FLASH_MIN_CAPABILITY:
+        return (f"the GPU has compute capability {capability[0]}.{capability[1]} and flash-attn 2 needs "
+                f"{FLASH_MIN_CAPABILITY[0]}.{FLASH_MIN_CAPABILITY[1]} or newer (Ampere, Ada, Hopper)")
+    return _import_flash()[1]
 
 
 def check_flash_requested(requested: str) -> None:

@@ -182,3 +182,64 @@ def test_llama_flash_glue_passes_shared_kv_heads_and_matches_sdpa(monkeypatch):
     out.backward()
     torch.testing.assert_close(flash.layers[0].self_attn.k_proj.weight.grad,
                                sdpa.layers[0].self_attn.k_proj.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- where flash-attn can run
+def test_auto_takes_sdpa_below_compute_capability_8_and_flash_errors(monkeypatch, caplog):
+    """The capability is injected at its boundary (attention._cuda_capability, what torch.cuda reports); the
+    stand-in flash-attn is installed, so only the capability decides."""
+    monkeypatch.setitem(sys.modules, "flash_attn", stand_in_flash_attn([]))
+    monkeypatch.setattr(attention_mod, "FLASH_NEEDS_CUDA_HALF", False)
+    monkeypatch.setattr(attention_mod, "_logged", set())
+    monkeypatch.setattr(attention_mod, "_cuda_capability", lambda device: (7, 0))  # V100
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="model.attention"):
+        assert attention_mod.resolve_backend("auto", cpu, torch.float32) == "sdpa"
+    assert "compute capability 7.0 and flash-attn 2 needs 8.0 or newer" in caplog.text
+    with pytest.raises(RuntimeError, match=r"attention='flash' was requested but the GPU has compute capability 7.5 "
+                                           r"and flash-attn 2 needs 8.0 or newer .*; set attention='sdpa'"):
+        monkeypatch.setattr(attention_mod, "_cuda_capability", lambda device: (7, 5))  # T4
+        attention_mod.check_flash_requested("flash")
+    for capability in [(8, 0), (8, 9), (9, 0)]:  # A100, L40S, H100
+        monkeypatch.setattr(attention_mod, "_cuda_capability", lambda device, c=capability: c)
+        assert attention_mod.resolve_backend("auto", cpu, torch.float32) == "flash"
+
+
+@pytest.fixture
+def broken_flash_attn(tmp_path, monkeypatch):
+    """A real `flash_attn` package on sys.path whose import fails the way a build for another torch does."""
+    pkg = tmp_path / "flash_attn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        'raise ImportError("/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: '
+        '_ZN3c104cuda9SetDeviceEi")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    monkeypatch.setattr(attention_mod, "FLASH_NEEDS_CUDA_HALF", False)
+    monkeypatch.setattr(attention_mod, "_logged", set())
+
+
+def test_broken_flash_attn_build_is_reported_with_its_import_error(broken_flash_attn, caplog):
+    cpu = torch.device("cpu")
+    with pytest.raises(RuntimeError, match=r"attention='flash' was requested but flash-attn is installed but does "
+                                           r"not import \(ImportError: .*undefined symbol: _ZN3c104cuda9SetDeviceEi\); "
+                                           r"rebuild it"):
+        attention_mod.resolve_backend("flash", cpu, torch.float32)
+    with caplog.at_level(logging.INFO, logger="model.attention"):
+        assert attention_mod.resolve_backend("auto", cpu, torch.float32) == "sdpa"
+    assert "undefined symbol" in caplog.text and "not installed" not in caplog.text
+
+
+def test_missing_extension_module_is_not_called_not_installed(tmp_path, monkeypatch):
+    """flash_attn imports, but the compiled module it needs is absent: a ModuleNotFoundError of another name."""
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text("import flash_attn_2_cuda_missing_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    monkeypatch.setattr(attention_mod, "FLASH_NEEDS_CUDA_HALF", False)
+    reason = attention_mod.flash_unusable_reason(torch.device("cpu"), torch.float32)
+    assert reason.startswith("flash-attn is installed but does not import (ModuleNotFoundError: No module named "
+                             "'flash_attn_2_cuda_missing_here')")
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(__version__="1.0.9", __name__="flash_attn"))
+    assert attention_mod.flash_unusable_reason(torch.device("cpu"), torch.float32) == \
+        "flash_attn 1.0.9 has no flash_attn_func (flash-attn 2 is needed)"

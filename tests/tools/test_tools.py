@@ -4,6 +4,7 @@ One module-scoped training (2 stages, 32 -> 64, 12 steps, checkpoints every 4) i
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -140,11 +141,20 @@ def test_bench_lengths_table_json_and_stage_micro_batches(tmp_path, capsys):
     rows = report["lengths"]
     assert [r["seq_len"] for r in rows] == [32, 64] and [r["micro_batch"] for r in rows] == [8, 4]
     assert rows[-1]["step_time_ratio"] == 1.0 and rows[-1]["memory_ratio"] == 1.0
+    assert report["repeats"] == 3 and report["steps"] == 1
     cap = 0.4 * (1 << 30)
     for r in rows:
-        assert r["step_s"] > 0 and 0 < r["peak_bytes"] < cap
+        assert 0 < r["step_s_min"] <= r["step_s"] <= r["step_s_max"] and r["timed_steps"] == 3  # 3 rounds x 1
+        assert r["step_s_spread"] == pytest.approx(r["step_s_max"] / r["step_s_min"])
+        assert r["noisy"] == (r["step_s_spread"] > 1.2) == (r["seq_len"] in report["noisy_lengths"]) == ("hint" in r)
+        assert r["step_time_ratio"] == pytest.approx(r["step_s"] / rows[-1]["step_s"])
+        assert r["step_time_ratio_min"] <= r["step_time_ratio_max"]
+        assert 0 < r["peak_bytes"] < cap
         assert r["max_tokens_per_batch"] == r["max_micro_batch"] * r["seq_len"] > r["tokens_per_batch"]
         assert r["probe_checks"][-1]["peak_bytes"] <= cap  # the answer was measured, not only predicted
+    # the fixed part of memory (weights, optimizer) is shared: only the first length needs a second fit point
+    assert [c["micro_batch"] for c in rows[0]["probe_checks"]][0] == 2 * rows[0]["micro_batch"]
+    assert len(rows[1]["probe_checks"]) < len(rows[0]["probe_checks"])
     assert "max tokens" in capsys.readouterr().out
     limit = bench_lengths.max_tokens_per_micro_batch(report, 48)  # between probed lengths: the longer one's value
     assert limit % 48 == 0 and limit <= rows[1]["max_tokens_per_batch"]
@@ -155,12 +165,43 @@ def test_bench_lengths_table_json_and_stage_micro_batches(tmp_path, capsys):
         bench_lengths.max_tokens_per_micro_batch(report, 128)
 
 
-def test_bench_lengths_bad_inputs():
+def test_bench_lengths_table_and_json_flag_a_noisy_length():
+    """One 5x slow step at L=32 on a fake clock: the row keeps its median and ratio, and is flagged with the hint."""
+    from launcher import steptime
+    cost = {32: 1.0, 64: 2.0}
+    clock = type("Clock", (), {"now": 0.0, "__call__": lambda self: self.now})()
+    calls = []
+
+    def step(L):
+        def run():
+            calls.append(L)
+            clock.now += 5.0 if len(calls) == 5 else cost[L]  # warm-up 32, 64; round 0: 32, 64; round 1: 32 slow
+        return run
+
+    times = steptime.measure({L: step(L) for L in cost}, rounds=3, clock=clock)
+    rows = bench_lengths.time_rows(times, 256)
+    assert rows[32]["step_s"] == 1.0 and rows[32]["step_time_ratio"] == 0.5 and rows[32]["step_s_max"] == 5.0
+    assert rows[32]["noisy"] and "--repeats" in rows[32]["hint"] and not rows[64]["noisy"] and "hint" not in rows[64]
+    report = {"preset": "tiny", "dtype": "fp32", "device": "cpu", "memory_cap_gb": None, "tokens_per_batch": 256,
+              "repeats": 3, "steps": 1, "noisy_lengths": times.noisy(),
+              "lengths": [dict(r, peak_bytes=1 << 20, memory_ratio=1.0) for r in rows.values()]}
+    lines = bench_lengths.table(report).splitlines()
+    assert lines[3].split()[:6] == ["32", "8", "1.0000", "5.00!", "0.50", "0.50-2.50"]
+    assert lines[4].split()[3] == "1.00" and "noisy; rerun with more --repeats" in lines[-1]
+
+
+def test_bench_lengths_bad_inputs(caplog):
     with pytest.raises(EvidenceError, match="not a multiple of length"):
         bench_lengths.bench("tiny", [48, 64], tokens_per_batch=256)
     with pytest.raises(EvidenceError, match="choose one of"):
         bench_lengths.bench("huge", [64], tokens_per_batch=256)
+    with pytest.raises(EvidenceError, match="--steps 2 --repeats 0: both must be at least 1"):
+        bench_lengths.bench("tiny", [64], tokens_per_batch=256, repeats=0)
     assert bench_lengths.main(["--lengths", "64,-1"]) == 2
+    # 2**37 tokens at L=32 is a (2**32, 33) int64 batch, 1.1 TB: the real CPU allocator refuses the first allocation
+    assert bench_lengths.main(["--lengths", "32", "--tokens-per-batch", str(1 << 37), "--vocab-size", "1000"]) == 2
+    assert re.search(r"a batch of --tokens-per-batch 137438953472 does not fit in cpu memory at seq_len 32: .*can't "
+                     r"allocate memory.*; lower --tokens-per-batch", caplog.text)
 
 
 # ---- compare ----------------------------------------------------------------------------------------------------
@@ -188,7 +229,8 @@ def test_compare_equal_tokens(tmp_path, tokenized, sp_model):
 
 def test_compare_equal_wall_clock_within_one_step(tmp_path, tokenized, sp_model):
     budget = 6.0
-    out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-seconds", str(budget))
+    out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-seconds", str(budget),
+                               "--calibration-rounds", "2")
     for name, r in summary["runs"].items():
         run = load_run(out / "runs" / name)
         steps = run.steps
@@ -199,6 +241,28 @@ def test_compare_equal_wall_clock_within_one_step(tmp_path, tokenized, sp_model)
         step_s = max(x["tokens_per_step"] / x["tokens_per_s"] for x in steps)
         assert steps[-1]["elapsed_s"] < budget + 2 * step_s, name  # and it did not run on past it
     assert json.loads((out / "ds_config.json").read_text())["scheduler"]["type"] == "WarmupLR"
+    # calibration: 2 rounds, each a fresh launcher run over 32 then 64, 1 warm-up + 3 timed steps per stage
+    calib = [load_run(out / "runs" / f"calibration-{r}").steps for r in range(2)]
+    assert all([x["seq_len"] for x in steps] == [32] * 4 + [64] * 4 for steps in calib)
+    expected = {L: sorted(x["tokens_per_step"] / x["tokens_per_s"] for steps in calib for x in steps
+                          if x["seq_len"] == L and x["step"] not in (1, 5)) for L in (32, 64)}
+    assert [len(v) for v in expected.values()] == [6, 6]  # 2 rounds x 3 timed steps
+    assert summary["step_seconds"] == {str(L): pytest.approx((v[2] + v[3]) / 2) for L, v in expected.items()}
+
+
+def test_compare_calibration_rounds_take_medians_and_flag_noise():
+    """Step records of two calibration rounds (as load_run gives them): the warm-up step of each stage is dropped,
+    one slow step leaves the median alone and flags its length."""
+    s = compare.Setup(out=Path("."), budget_seconds=1.0, budget_tokens=None, lengths=[32, 64], shares=[0.5, 0.5],
+                      tokens_per_step=512)
+    assert compare.calibration_stages(s, 3) == [{"seq_len": 32, "tokens": 2048}, {"seq_len": 64, "tokens": 2048}]
+
+    def records(seconds):  # seconds per step: 4 at L=32 (stage 0), then 4 at L=64 (stage 1)
+        return [{"stage": i // 4, "seq_len": 32 if i < 4 else 64, "tokens_per_step": 512, "tokens_per_s": 512 / t}
+                for i, t in enumerate(seconds)]
+    times = compare.calibration_times(s, [records([9, 1, 1, 1, 9, 2, 2, 2]), records([9, 1, 3, 1, 9, 2, 2, 2])])
+    assert times.median(32) == pytest.approx(1.0) and times.median(64) == pytest.approx(2.0)
+    assert times.noisy() == [32] and times.lengths[64].max == pytest.approx(2.0)  # the 9 s warm-ups do not count
 
 
 def test_compare_bad_inputs(tmp_path, caplog):
@@ -208,5 +272,7 @@ def test_compare_bad_inputs(tmp_path, caplog):
     assert "not a positive integer" in caplog.text
     assert compare.main(["--budget-tokens", "100000", "--out", str(tmp_path), "--shares", "0.5,0.5"]) == 2
     assert "one positive share per length" in caplog.text
+    assert compare.main(["--budget-seconds", "5", "--out", str(tmp_path), "--calibration-rounds", "0"]) == 2
+    assert "--calibration-rounds 0: must be at least 1" in caplog.text
     with pytest.raises(SystemExit):  # argparse: exactly one budget
         compare.main(["--budget-tokens", "1", "--budget-seconds", "1", "--out", str(tmp_path)])
