@@ -7,7 +7,7 @@ setup(
     description="Pretrain LLMs on DeepSpeed with progressively growing sequence length (GrowLength).",
     python_requires=">=3.10",
     packages=find_packages(include=["launcher", "launcher.*", "model", "model.*",
-                                    "data_pipeline", "data_pipeline.*"]),
+                                    "data_pipeline", "data_pipeline.*", "evidence", "evidence.*"]),
     package_data={"launcher": ["configs/*.yaml"]},
     # torch is not pinned here: `make` installs the CPU build pinned in the Makefile (TORCH_SPEC) first,
     # and a GPU user installs their own CUDA build before this package.

@@ -219,7 +219,7 @@ class GrowLengthConfig(Section):
                                  "micro_batch * seq_len <= max_tokens_per_micro_batch", 1, ge=1)
     max_tokens_per_micro_batch: int | None = doc("memory cap on micro_batch * seq_len per rank; null = no cap", None,
                                                  ge=1)
-    micro_batch_probe: str | None = doc("a launcher.bench_lengths JSON: each stage's micro-batch cap comes from the "
+    micro_batch_probe: str | None = doc("a evidence.bench_lengths JSON: each stage's micro-batch cap comes from the "
                                         "largest batch that fit at its length (needs grad_accum: null)", None)
     max_time_s: float | None = doc("stop (with a checkpoint) once the training wall-clock, summed over restarts, "
                                    "reaches this many seconds; for equal-time comparisons", None, gt=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 class PlanError(ValueError):
@@ -256,3 +257,41 @@ def plan_from_config(g, world_size: int, step_seconds=None, saved_steps: list[in
     caps = [s.get("max_tokens_per_micro_batch") or (stage_caps[i] if stage_caps is not None else None)
             or g.max_tokens_per_micro_batch for i, s in enumerate(g.stages)]
     return build_plan(seq_lens, steps, g.tokens_per_step, world_size, g.grad_accum, caps)
+
+
+# ---- a memory probe (an evidence.bench_lengths JSON) as per-stage micro-batch caps ------------------------------
+def load_probe(probe: dict | str | Path) -> dict:
+    if isinstance(probe, dict):
+        return probe
+    try:
+        return json.loads(Path(probe).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanError(f"{probe}: not a readable bench_lengths JSON ({e}); write one with "
+                        f"python -m evidence.bench_lengths --json OUT") from None
+
+
+def max_tokens_per_micro_batch(probe: dict | str | Path, seq_len: int, safety: float = 0.9) -> int:
+    """Tokens per micro-batch (per rank) that fit at ``seq_len``, from a bench_lengths report, times ``safety``.
+
+    A length that was not probed takes the value of the next longer probed length (memory per token grows with
+    length, so that is a safe bound); a length longer than every probed one is refused."""
+    lengths = load_probe(probe).get("lengths")
+    if not isinstance(lengths, list) or not all(isinstance(r, dict) and "seq_len" in r for r in lengths):
+        raise PlanError(f"{probe}: not a bench_lengths JSON (no 'lengths' rows with seq_len); write one with "
+                        f"python -m evidence.bench_lengths --json OUT")
+    rows = sorted((r for r in lengths if r.get("max_tokens_per_batch")), key=lambda r: r["seq_len"])
+    longer = [r for r in rows if r["seq_len"] >= seq_len]
+    if not longer:
+        raise PlanError(f"seq_len {seq_len} is longer than every length in the probe "
+                        f"({[r['seq_len'] for r in rows]}); rerun bench_lengths with --lengths up to {seq_len}")
+    fit = longer[0]["max_tokens_per_batch"]
+    return max(seq_len, int(fit * safety) // seq_len * seq_len)
+
+
+def stage_micro_batches(probe: dict | str | Path, seq_lens: list[int], tokens_per_step: int, world_size: int,
+                        safety: float = 0.9) -> dict[int, tuple[int, int]]:
+    """``{seq_len: (micro_batch_size, grad_accum)}`` per stage: the smallest accumulation whose micro-batch fits
+    the probe at that length, keeping ``tokens_per_step`` exact (launcher.plan.micro_batch_for's rule)."""
+    return {L: micro_batch_for(L, tokens_per_step, world_size, None,
+                               max_tokens_per_micro_batch(probe, L, safety), f"stage seq_len {L}")
+            for L in seq_lens}

@@ -32,12 +32,12 @@ from launcher import engine as ds
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.data import TrainData, prepare_data
 from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, warmup_steps
-from launcher import rundir
+from launcher import modeling, rundir
 from launcher.optim import describe as describe_groups, param_groups
 from launcher.metrics import MetricsError, MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
-from launcher.plan import PlanError, StagePlan, plan_from_config
+from launcher.plan import PlanError, StagePlan, max_tokens_per_micro_batch, plan_from_config
 from data_pipeline.errors import DatasetError, SamplePlanError
-from model import GPTNeoX
+from model import CausalLM
 
 log = logging.getLogger("growlength")
 
@@ -188,8 +188,8 @@ class Progress:
     stage_seconds: dict = field(default_factory=dict)  # stage index -> wall-clock spent in it
 
 
-def client_state(cfg: RunConfig, plan: StagePlan, data: TrainData, progress: Progress, loader_state: dict,
-                 world: int) -> dict:
+def client_state(cfg: RunConfig, plan: StagePlan, data: TrainData, model_config, progress: Progress,
+                 loader_state: dict, world: int) -> dict:
     return {"step": progress.step, "stage": plan.stage_at(progress.step).index, "loader": loader_state,
             "tokens_seen": progress.tokens_seen, "elapsed_s": progress.elapsed_s,
             "stage_seconds": progress.stage_seconds, "plan": plan.describe(), "plan_fingerprint": plan.fingerprint(),
@@ -197,7 +197,7 @@ def client_state(cfg: RunConfig, plan: StagePlan, data: TrainData, progress: Pro
             "data_fingerprint": data.fingerprint, "data_prefix": data.prefix,
             "data_prefix_resolved": str(Path(data.prefix).resolve()), "tokenizer": data.tokenizer_path,
             "tokenizer_resolved": str(Path(data.tokenizer_path).resolve()), "tokenizer_in_run": data.tokenizer_in_run,
-            "model": data.model_config.to_dict(), "config": cfg.to_dict()}
+            "model": model_config.to_dict(), "config": cfg.to_dict()}
 
 
 class Trainer:
@@ -209,7 +209,7 @@ class Trainer:
         self.rank, self.world, self.progress = rank, world, progress
         self.run_dir = Path(cfg.run_dir)
         self.device = ds.device()
-        self.model: GPTNeoX = engine.module
+        self.model: CausalLM = engine.module
         self.metrics = MetricsWriter(self.run_dir, rank == 0, cfg.logging.tensorboard)
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak = peak_tflops(cfg.logging.peak_tflops, name)
@@ -390,7 +390,8 @@ class Trainer:
         ckpt.prepare_dir(root, tag, self.rank)
         ds.barrier()
         self.progress.elapsed_s, self.start_time = self.elapsed(), time.perf_counter()
-        state = client_state(self.cfg, self.plan, self.data, self.progress, self.loader.state_dict(), self.world)
+        state = client_state(self.cfg, self.plan, self.data, self.model.config, self.progress,
+                             self.loader.state_dict(), self.world)
         ds.save_checkpoint(self.engine, str(root), tag, {"growlength": state})
         ckpt.save_rng(root / tag, self.rank)
         ds.barrier()
@@ -434,14 +435,12 @@ def probed_caps(cfg: RunConfig) -> list[int] | None:
     probe = cfg.growlength.micro_batch_probe
     if not probe:
         return None
-    from launcher.bench_lengths import max_tokens_per_micro_batch
-    from launcher.runs import EvidenceError
     if not Path(probe).is_file():
         raise ConfigError(f"growlength.micro_batch_probe {probe}: no such file; make one with "
-                          f"python -m launcher.bench_lengths --json {probe}")
+                          f"python -m evidence.bench_lengths --json {probe}")
     try:
         return [max_tokens_per_micro_batch(probe, int(s["seq_len"])) for s in cfg.growlength.stages]
-    except EvidenceError as e:
+    except PlanError as e:
         raise ConfigError(f"growlength.micro_batch_probe {probe}: {e}") from e
 
 
@@ -515,13 +514,15 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     user_ds_config = load_ds_config(ds_config_path)
     dtype = (torch.bfloat16 if user_ds_config.get("bf16", {}).get("enabled") else
              torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
-    plan = plan_from_config(cfg.growlength, world, step_seconds=lambda lens: data.step_time_probe(lens, dtype),
-                            saved_steps=saved_steps, stage_caps=probed_caps(cfg))
+    model_config = modeling.run_model_config(cfg.model, data.tokenizer)
+    plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
+                            step_seconds=lambda lens: modeling.probe_step_times(cfg, model_config, rank, world, lens,
+                                                                                dtype))
     ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
                                             cfg.optimisation.warmup_fraction), source=ds_config_path)
     if saved:  # before anything expensive: the checkpoint must fit this run's plan, data, split and model
-        current = client_state(cfg, plan, data, Progress(), {}, world)
+        current = client_state(cfg, plan, data, model_config, Progress(), {}, world)
         for diff in ckpt.check_compatible(saved, current, resume_from, cfg.checkpointing.resume_force):
             log.warning("resuming despite a difference (--resume-force): %s", diff)
     data.build_index(plan)
@@ -529,9 +530,9 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     log.info("GrowLength plan (%s):\n%s", plan.fingerprint(), plan.table())
     if rank == 0:
         data.tokenizer_in_run = rundir.copy_tokenizer(data.tokenizer, run_dir)
-    model = data.build_model()
-    log.info("model %s: %.2fM parameters, vocab %d (padded %d), attention %s", cfg.model.preset,
-             model.num_params() / 1e6, data.model_config.vocab_size, data.model_config.padded_vocab_size,
+    model = modeling.build_model(cfg, model_config)
+    log.info("model %s: %.2fM parameters, vocab %d (padded %d), attention %s", cfg.model.init_from_hf or
+             cfg.model.preset, model.num_params() / 1e6, model_config.vocab_size, model_config.padded_vocab_size,
              model.config.attention)
     groups = param_groups(model)
     log.info("weight decay %s: %s", user_ds_config.get("optimizer", {}).get("params", {}).get("weight_decay"),

@@ -1,7 +1,7 @@
 """Step time per sequence length, measured so that one slow step on a shared machine cannot decide the answer.
 
-The one measurer behind ``launcher.bench_lengths``, the launcher's ``time_share`` probe
-(``TrainData.step_time_probe``) and ``launcher.compare``'s calibration. It keeps pyperf's and hyperfine's habits:
+The one measurer behind ``evidence.bench_lengths``, the launcher's ``time_share`` probe
+(``launcher.modeling.probe_step_times``) and ``evidence.compare``'s calibration. It keeps pyperf's and hyperfine's habits:
 
   warm-up      ``warmup`` untimed steps at every length first (kernels, allocator pools, caches)
   interleaved  lengths in rounds, A B C, A B C, ..., all in one process, so that a neighbour's job or a clock

@@ -206,7 +206,7 @@ def test_megatron_tokenizer_tooling_data_reads_and_serves_here(tmp_path, corpus_
                      "growlength": {"tokens_per_step": 256, "stages": [{"seq_len": 32, "tokens": 1024},
                                                                        {"seq_len": 64, "tokens": 1024}]}})
     data = prepare_data(cfg, rank=0, world=1)
-    assert data.tokenizer.eod_id == 0 and data.model_config.vocab_size == 1000
+    assert data.tokenizer.eod_id == 0 and data.tokenizer.vocab_size == 1000
     plan = plan_from_config(cfg.growlength, 1)
     from data_pipeline.samples import GrowLengthSamples
     samples = GrowLengthSamples(meg, stages=plan.data_stages(), seed=cfg.seed).build()

@@ -65,7 +65,7 @@ def test_bad_override_and_missing_tokenizer(run, tmp_path):
 
 def test_memory_probe_file(run, tmp_path):
     assert_refused(run("growlength.grad_accum=null", f"growlength.micro_batch_probe={tmp_path}/none.json"),
-                   "none.json: no such file; make one with python -m launcher.bench_lengths", run.run_dir)
+                   "none.json: no such file; make one with python -m evidence.bench_lengths", run.run_dir)
     probe = tmp_path / "probe.json"
     probe.write_text(json.dumps({"lengths": [{"seq_len": 16, "max_tokens_per_batch": 4096}]}))
     assert_refused(run("growlength.grad_accum=null", f"growlength.micro_batch_probe={probe}"),

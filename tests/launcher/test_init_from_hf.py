@@ -73,7 +73,7 @@ def test_continue_pretraining_a_pythia_layout_checkpoint_and_export(pythia_dir, 
     from safetensors.torch import load_file
 
     from data_pipeline.tokenizer import Tokenizer
-    from launcher.export_hf import export, load_trained_model
+    from evidence.export_hf import export, load_trained_model
     from launcher.metrics import read_metrics
 
     tok = Tokenizer(pythia_dir)  # the directory transformers wrote: eos from its tokenizer_config.json
@@ -110,7 +110,7 @@ def test_export_refuses_a_run_whose_tokenizer_is_gone(trained, tmp_path, caplog)
     import shutil
 
     from launcher import checkpoint as ckpt
-    from launcher import export_hf
+    from evidence import export_hf
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -130,13 +130,15 @@ def test_init_from_hf_inputs_are_checked_before_anything_is_built(pythia_dir, pr
     from data_pipeline.errors import DatasetError
     from launcher.config import ConfigError, from_dict
     from launcher.data import prepare_data
+    from launcher.modeling import run_model_config
 
     def prepare(hf_dir):
         cfg = from_dict({"run_dir": str(tmp_path / "run"), "model": {"init_from_hf": str(hf_dir)},
                          "data": {"prefix": prefix, "tokenizer": str(pythia_dir)}})
-        return prepare_data(cfg, rank=0, world=1)
+        data = prepare_data(cfg, rank=0, world=1)
+        return run_model_config(cfg.model, data.tokenizer)
 
-    assert prepare(pythia_dir).model_config.hidden_size == 64  # the checkpoint's config, not the preset's
+    assert prepare(pythia_dir).hidden_size == 64  # the checkpoint's config, not the preset's
     with pytest.raises(ConfigError, match=r"model\.init_from_hf .*nowhere: no config\.json there; give a Hugging "
                                           r"Face GPT-NeoX or Llama directory"):
         prepare(tmp_path / "nowhere")

@@ -59,8 +59,8 @@ def test_tiny_llama_trains_through_two_stages(llama_run):
 
 def test_export_gives_a_llama_that_transformers_loads_with_our_logits(llama_run, tmp_path, sp_model):
     from data_pipeline.tokenizer import Tokenizer
-    from launcher import evaluate
-    from launcher.export_hf import export, load_trained_model
+    from evidence import evaluate
+    from evidence.export_hf import export, load_trained_model
 
     out = export(str(llama_run), str(tmp_path / "hf"))
     ours, _, _ = load_trained_model(llama_run)
@@ -87,20 +87,26 @@ def test_export_gives_a_llama_that_transformers_loads_with_our_logits(llama_run,
 
 
 def test_bench_lengths_measures_a_llama_preset():
-    from launcher import bench_lengths
+    from evidence import bench_lengths
 
-    m = bench_lengths.measure("tiny-llama", vocab_size=1000, seq_len=32, micro_batch=2, dtype="fp32", steps=1)
-    assert m["step_s"] > 0 and (m["seq_len"], m["micro_batch"]) == (32, 2)  # (CPU peak memory needs a fresh process)
+    rounds = bench_lengths.time_lengths("tiny-llama", vocab_size=1000, lengths=[32, 64], tokens_per_batch=128,
+                                        dtype="fp32", steps=1, repeats=1)
+    assert sorted(rounds[0]) == [32, 64] and all(t > 0 for ts in rounds[0].values() for t in ts)
+    m = bench_lengths.measure_memory("tiny-llama", vocab_size=1000, seq_len=32, micro_batch=2, dtype="fp32")
+    assert (m["seq_len"], m["micro_batch"]) == (32, 2)  # (CPU peak memory is meaningful in a fresh process only)
 
 
 def prepared(tmp_path, tokenized, sp_model, **model):
-    """prepare_data for a 1-rank run with these model.* settings (no distributed work: data.prefix is given)."""
+    """(config, ModelConfig) of a 1-rank run with these model.* settings, as the launcher resolves them before it
+    builds anything (no distributed work: data.prefix is given)."""
     from launcher.config import load_config
     from launcher.data import prepare_data
+    from launcher.modeling import run_model_config
 
     overrides = [f"run_dir={tmp_path}/run", f"data.prefix={tokenized}", f"data.tokenizer={sp_model}", *PLAN]
     overrides += [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
-    return prepare_data(load_config(None, overrides), rank=0, world=1)
+    cfg = load_config(None, overrides)
+    return cfg, run_model_config(cfg.model, prepare_data(cfg, rank=0, world=1).tokenizer)
 
 
 def test_init_from_hf_takes_a_llama_directory(tmp_path, tokenized, sp_model):
@@ -109,12 +115,13 @@ def test_init_from_hf_takes_a_llama_directory(tmp_path, tokenized, sp_model):
                                    num_key_value_heads=1, intermediate_size=96, rope_theta=20000.0)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
-    data = prepared(tmp_path, tokenized, sp_model, init_from_hf=str(tmp_path / "hf"), preset="tiny",
-                    activation_checkpointing=True)
-    c = data.model_config  # the directory's architecture, not the preset's; the launcher's own settings kept
+    run_cfg, c = prepared(tmp_path, tokenized, sp_model, init_from_hf=str(tmp_path / "hf"), preset="tiny",
+                          activation_checkpointing=True)
+    from launcher.modeling import build_model
+    # c: the directory's architecture, not the preset's; the launcher's own settings kept
     assert (c.family, c.num_kv_heads, c.intermediate_size, c.rope_base, c.activation_checkpointing) == \
         ("llama", 1, 96, 20000.0, True)
-    model = data.build_model().eval()
+    model = build_model(run_cfg, c).eval()
     x = torch.randint(0, 1000, (1, 40))
     with torch.no_grad():
         assert torch.allclose(model(x), hf(x).logits, rtol=1e-4, atol=1e-5)

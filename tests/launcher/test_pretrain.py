@@ -105,7 +105,7 @@ def test_export_to_hugging_face(reference, tmp_path, sp_model):
     transformers = pytest.importorskip("transformers")
     import torch
     from data_pipeline.tokenizer import Tokenizer
-    from launcher.export_hf import export, load_trained_model
+    from evidence.export_hf import export, load_trained_model
 
     out = export(str(reference[0]), str(tmp_path / "hf"))
     ours, state, found = load_trained_model(reference[0])

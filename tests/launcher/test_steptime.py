@@ -125,7 +125,7 @@ def test_real_cpu_allocator_failure_is_out_of_memory_and_other_errors_pass_throu
     assert not isinstance(info.value, steptime.OutOfMemory)
 
 
-# ---- the launcher's time_share probe (TrainData.step_time_probe) on one gloo rank, in process ------------------------
+# ---- the launcher's time_share probe (launcher.modeling.probe_step_times) on one gloo rank, in process ------------------------
 @pytest.fixture
 def one_rank(monkeypatch):
     """A one-rank gloo process group started the launcher's way (engine.init_distributed), torn down after."""
@@ -144,20 +144,19 @@ def one_rank(monkeypatch):
         engine.close()
 
 
-def probe_data(tokens_per_step: int):
+def probe(tokens_per_step: int, seq_lens: list[int]) -> list[float]:
     from launcher.config import from_dict
-    from launcher.data import TrainData
+    from launcher.modeling import probe_step_times
     from model import ModelConfig
     stages = [{"seq_len": 32, "time_share": 0.5}, {"seq_len": 64, "time_share": 0.5}]
     cfg = from_dict({"growlength": {"tokens_per_step": tokens_per_step, "total_tokens": 1 << 20, "stages": stages}})
-    return TrainData(cfg=cfg, prefix="unused", tokenizer_path="unused", tokenizer=None, fingerprint="",
-                     model_config=ModelConfig.from_preset("tiny", vocab_size=300), rank=0, world=1)
+    return probe_step_times(cfg, ModelConfig.from_preset("tiny", vocab_size=300), 0, 1, seq_lens)
 
 
 def test_time_share_probe_gives_interleaved_medians(one_rank, caplog):
     import logging
     with caplog.at_level(logging.INFO, logger="growlength"):
-        times = probe_data(512).step_time_probe([32, 64])
+        times = probe(512, [32, 64])
     assert len(times) == 2 and all(t > 0 for t in times)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step-time probe:"))
     assert f"L=32: {times[0]:.6f}s, L=64: {times[1]:.6f}s (median of 3 rounds; max/min " in line
@@ -169,4 +168,4 @@ def test_time_share_probe_out_of_memory_is_a_config_error(one_rank):
     with pytest.raises(ConfigError, match=r"step-time probe for time_share stages ran out of memory at seq_len 32 "
                                           r"\(.*can't allocate memory.*\): lower "
                                           r"growlength.max_tokens_per_micro_batch"):
-        probe_data(1 << 38).step_time_probe([32, 64])
+        probe(1 << 38, [32, 64])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher import compare, evaluate, export_hf, plot
+from evidence import compare, evaluate, export_hf, plot
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics, truncate_after
-from launcher.runs import (EvidenceError, atomic_path, find_data_prefix, find_tokenizer, load_run, replace_dir,
+from evidence.runs import (EvidenceError, atomic_path, find_data_prefix, find_tokenizer, load_run, replace_dir,
                           write_json)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -272,7 +272,7 @@ def test_plot_and_compare_refuse_an_unwritable_out(work, tmp_path, caplog):
     report = tmp_path / "not-a-report.json"
     report.write_text("[1, 2]")
     assert plot.main([str(work / "run"), "--out", str(tmp_path / "p"), "--eval-json", str(report)]) == 2
-    assert "not a launcher.evaluate report (no results list)" in caplog.text
+    assert "not a evidence.evaluate report (no results list)" in caplog.text
 
 
 def test_compare_names_a_bad_ds_config_before_any_run(tmp_path, caplog):

@@ -13,9 +13,11 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from launcher import bench_lengths, compare, evaluate, plot
+from launcher.plan import PlanError
+
+from evidence import bench_lengths, compare, evaluate, plot
 from launcher.metrics import read_metrics
-from launcher.runs import EvidenceError, load_run, parse_lengths
+from evidence.runs import EvidenceError, load_run, parse_lengths
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAN = ["growlength.tokens_per_step=512",
@@ -94,7 +96,7 @@ def test_evaluate_bad_inputs(run_dir, tmp_path, caplog):
     with pytest.raises(EvidenceError, match="--data-prefix .*nope.bin not found"):
         evaluate.evaluate(str(run_dir), data_prefix=str(tmp_path / "nope"), lengths=[64])
     # the CLI, as a user runs it: exit code 2 and the reason on stderr
-    proc = subprocess.run([sys.executable, "-m", "launcher.evaluate", "--checkpoint", str(tmp_path / "missing")],
+    proc = subprocess.run([sys.executable, "-m", "evidence.evaluate", "--checkpoint", str(tmp_path / "missing")],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "no such file or directory" in proc.stderr
 
@@ -161,7 +163,7 @@ def test_bench_lengths_table_json_and_stage_micro_batches(tmp_path, capsys):
     plan = bench_lengths.stage_micro_batches(report, [32, 64], tokens_per_step=1 << 20, world_size=2)
     for L, (mb, accum) in plan.items():
         assert mb * L * accum * 2 == 1 << 20 and mb * L <= bench_lengths.max_tokens_per_micro_batch(report, L)
-    with pytest.raises(EvidenceError, match="longer than every length in the probe"):
+    with pytest.raises(PlanError, match="longer than every length in the probe"):
         bench_lengths.max_tokens_per_micro_batch(report, 128)
 
 

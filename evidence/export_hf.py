@@ -1,10 +1,10 @@
 """Export a trained checkpoint to a Hugging Face directory (tokenizer included): GPTNeoXForCausalLM or
 LlamaForCausalLM, by the family of the checkpoint's model.
 
-    python -m launcher.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--overwrite] [--tokenizer PATH]
+    python -m evidence.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--overwrite] [--tokenizer PATH]
 
 The tokenizer is the run's own copy (RUN_DIR/<tokenizer_in_run>), else the path recorded at training
-(``launcher.runs.find_tokenizer``), so a moved run exports from anywhere. ``--out`` is built in a temporary
+(``evidence.runs.find_tokenizer``), so a moved run exports from anywhere. ``--out`` is built in a temporary
 directory beside it and renamed into place; ``--overwrite`` replaces only a previous export (a directory with
 config.json), never the run being exported nor a directory holding it. The ZeRO shards are consolidated into one
 fp32 state dict with DeepSpeed's own zero_to_fp32 utilities; the model's converter writes config, weights and
@@ -25,7 +25,7 @@ from pathlib import Path
 from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
-from launcher.runs import EvidenceError, check_dir_writable, find_tokenizer, replace_dir, run_dir_of
+from evidence.runs import EvidenceError, check_dir_writable, find_tokenizer, replace_dir, run_dir_of
 from model import CausalLM, ModelConfig
 
 log = logging.getLogger("growlength")

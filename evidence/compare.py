@@ -1,6 +1,6 @@
 """GrowLength against fixed-length training under one budget, everything else identical (the paper's headline claim).
 
-    python -m launcher.compare (--budget-seconds S | --budget-tokens N) --out DIR [--preset tiny] [--ranks 1]
+    python -m evidence.compare (--budget-seconds S | --budget-tokens N) --out DIR [--preset tiny] [--ranks 1]
         [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048]
         [--plans fixed-short,fixed-long,growlength]
 
@@ -22,7 +22,7 @@ Budgets:
                       the shares achieved).
 
 Validation: every run checkpoints about ``--points`` times; afterwards each checkpoint is evaluated at the longest
-length on the same held-out windows (``launcher.evaluate``, fp32), giving validation loss against tokens and
+length on the same held-out windows (``evidence.evaluate``, fp32), giving validation loss against tokens and
 wall-clock for all plans alike. "Time to reach" is the wall-clock at which a run's validation loss at the longest
 length first reaches the fixed-long run's final value (linear interpolation between checkpoints).
 """
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher import steptime
-from launcher.runs import EvidenceError, check_dir_writable, find_data_prefix, load_run, parse_lengths, \
+from evidence.runs import EvidenceError, check_dir_writable, find_data_prefix, load_run, parse_lengths, \
     write_json, write_text
 
 log = logging.getLogger("growlength")
@@ -236,7 +236,7 @@ def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int,
 def checkpoint_curve(run_dir: Path, s: Setup) -> list[dict]:
     """Validation loss at the long length for every checkpoint of a run: [{step, tokens_seen, elapsed_s, loss}]."""
     from launcher import checkpoint as ckpt
-    from launcher.evaluate import ValidationWindows, load_for_eval, perplexity
+    from evidence.evaluate import ValidationWindows, load_for_eval, perplexity
 
     steps = {r["step"]: r for r in load_run(run_dir).steps}
     points, windows = [], None
@@ -338,7 +338,7 @@ def compare(s: Setup, command: str = "") -> dict:
     run_dirs = {name: launch(s, name, plans[name], ds_config, warmup) for name in order}
     curves = {name: checkpoint_curve(d, s) for name, d in run_dirs.items()}
     reports = []
-    from launcher.evaluate import evaluate
+    from evidence.evaluate import evaluate
     eval_lengths = sorted(set(s.lengths) | {2 * s.long, 4 * s.long})
     for name in [n for n in PLANS if n in run_dirs]:  # each final model's extrapolation curve (Figure 4)
         rep = evaluate(str(run_dirs[name]), lengths=eval_lengths, tokens=s.eval_tokens, split="run")
@@ -347,7 +347,7 @@ def compare(s: Setup, command: str = "") -> dict:
     summary["step_seconds"] = times
     summary["plans"] = plans
 
-    from launcher.plot import plot_runs
+    from evidence.plot import plot_runs
     ordered = [n for n in PLANS if n in run_dirs]
     extra = {n: [(p["tokens_seen"], p["elapsed_s"], p["loss"]) for p in curves[n]] for n in ordered}
     figures = plot_runs([str(run_dirs[n]) for n in ordered], str(s.out), ordered, s.long, eval_reports=reports,
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
         s.lengths = parse_lengths(args.lengths)
         if (s.data_prefix is None) != (s.tokenizer is None):
             raise EvidenceError("--data-prefix and --tokenizer go together")
-        summary = compare(s, "python -m launcher.compare " + " ".join(argv if argv is not None else sys.argv[1:]))
+        summary = compare(s, "python -m evidence.compare " + " ".join(argv if argv is not None else sys.argv[1:]))
     except EvidenceError as e:
         log.error("%s", e)
         return 2

@@ -1,6 +1,6 @@
 """What each sequence length costs on this hardware at a fixed number of tokens per batch (the paper's Tables 1-3).
 
-    python -m launcher.bench_lengths --preset tiny --lengths 128,256,512,1024 --tokens-per-batch 8192
+    python -m evidence.bench_lengths --preset tiny --lengths 128,256,512,1024 --tokens-per-batch 8192
         [--memory-cap-gb G] [--vocab-size V] [--dtype bf16|fp32] [--steps 2] [--repeats 3] [--json OUT]
 
 Per length L, with micro_batch = tokens_per_batch / L: the step time of a training step (forward, backward and an
@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from launcher import steptime
-from launcher.runs import EvidenceError, parse_lengths, write_json
+from evidence.runs import EvidenceError, parse_lengths, write_json
 
 log = logging.getLogger("growlength")
 
@@ -57,41 +57,8 @@ MiB = 1 << 20
 NOISY_HINT = f"max/min above {steptime.NOISY_SPREAD:g}: the machine was noisy; rerun with more --repeats"
 
 
-# ---- using a probe in the launcher (pure Python: no torch) ------------------------------------------------------
-def load_probe(probe: dict | str | Path) -> dict:
-    if isinstance(probe, dict):
-        return probe
-    try:
-        return json.loads(Path(probe).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvidenceError(f"{probe}: not a readable bench_lengths JSON ({e}); write one with "
-                            f"python -m launcher.bench_lengths --json OUT") from None
-
-
-def max_tokens_per_micro_batch(probe: dict | str | Path, seq_len: int, safety: float = 0.9) -> int:
-    """Tokens per micro-batch (per rank) that fit at ``seq_len``, from a bench_lengths report, times ``safety``.
-
-    A length that was not probed takes the value of the next longer probed length (memory per token grows with
-    length, so that is a safe bound); a length longer than every probed one is refused."""
-    rows = sorted((r for r in load_probe(probe)["lengths"] if r.get("max_tokens_per_batch")),
-                  key=lambda r: r["seq_len"])
-    longer = [r for r in rows if r["seq_len"] >= seq_len]
-    if not longer:
-        raise EvidenceError(f"seq_len {seq_len} is longer than every length in the probe "
-                            f"({[r['seq_len'] for r in rows]}); rerun bench_lengths with --lengths up to {seq_len}")
-    fit = longer[0]["max_tokens_per_batch"]
-    return max(seq_len, int(fit * safety) // seq_len * seq_len)
-
-
-def stage_micro_batches(probe: dict | str | Path, seq_lens: list[int], tokens_per_step: int, world_size: int,
-                        safety: float = 0.9) -> dict[int, tuple[int, int]]:
-    """``{seq_len: (micro_batch_size, grad_accum)}`` per stage: the smallest accumulation whose micro-batch fits
-    the probe at that length, keeping ``tokens_per_step`` exact (launcher.plan.micro_batch_for's rule)."""
-    from launcher.plan import micro_batch_for
-    return {L: micro_batch_for(L, tokens_per_step, world_size, None,
-                               max_tokens_per_micro_batch(probe, L, safety), f"stage seq_len {L}")
-            for L in seq_lens}
-
+# ---- using a probe in the launcher: the reader lives with the plan (the runtime never imports this module) -------
+from launcher.plan import load_probe, max_tokens_per_micro_batch, stage_micro_batches  # noqa: E402,F401
 
 
 # ---- one process's work (in a fresh subprocess on CPU) ------------------------------------------------------------
@@ -109,8 +76,8 @@ def _dtype(name: str):
 
 
 def _model(preset: str, vocab_size: int, device, dtype: str):
-    from model import GPTNeoX, ModelConfig
-    return GPTNeoX(ModelConfig.from_preset(preset, vocab_size=vocab_size)).to(device, _dtype(dtype))
+    from model import CausalLM, ModelConfig
+    return CausalLM(ModelConfig.from_preset(preset, vocab_size=vocab_size)).to(device, _dtype(dtype))
 
 
 def _train_step(model, opt, x) -> None:
@@ -206,7 +173,7 @@ def run_isolated(job: dict) -> dict:
     memory."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "launcher.bench_lengths", "--_worker", json.dumps(job)],
+    proc = subprocess.run([sys.executable, "-m", "evidence.bench_lengths", "--_worker", json.dumps(job)],
                           cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode == -9:
         return {"oom": {"seq_len": job.get("seq_len"), "detail": "the process was killed (SIGKILL: the kernel's "

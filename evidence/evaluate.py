@@ -1,6 +1,6 @@
 """Perplexity at several sequence lengths, including lengths past the longest trained one (the paper's Figure 4).
 
-    python -m launcher.evaluate --checkpoint RUN_DIR_OR_CHECKPOINT_OR_HF_DIR [--data-prefix PREFIX]
+    python -m evidence.evaluate --checkpoint RUN_DIR_OR_CHECKPOINT_OR_HF_DIR [--data-prefix PREFIX]
         [--lengths 128,256,...,4096] [--rope-scaling none|linear|ntk] [--rope-factor F] [--tokens N]
         [--split auto|run|all] [--dtype fp32|bf16] [--out JSON]
 
@@ -39,7 +39,7 @@ import torch
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
-from launcher.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
+from evidence.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
 from model import GPTNeoX
 
 log = logging.getLogger("growlength")
@@ -75,7 +75,7 @@ def load_for_eval(path: str, rope_scaling: str = "none", rope_factor: float = 1.
         model, state, source = load_hf(p), None, str(p)
     else:
         from launcher.checkpoint import CheckpointError
-        from launcher.export_hf import load_trained_model
+        from evidence.export_hf import load_trained_model
         try:
             model, state, found = load_trained_model(p)
         except CheckpointError as e:

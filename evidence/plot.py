@@ -1,12 +1,12 @@
 """Figures from run directories: loss against tokens and wall-clock with stage boundaries (the paper's Figures 1-2),
 perplexity against evaluation length (Figure 4).
 
-    python -m launcher.plot RUN_DIR [RUN_DIR ...] [--out DIR] [--labels a,b,...] [--val-length L]
+    python -m evidence.plot RUN_DIR [RUN_DIR ...] [--out DIR] [--labels a,b,...] [--val-length L]
         [--eval-json REPORT.json ...]
 
 Writes ``loss_vs_tokens.png``, ``loss_vs_time.png`` and ``ppl_vs_length.png`` (the last when some run evaluated
 at two or more lengths, or evaluate reports are given). Reads only ``metrics.jsonl`` (and the JSON reports of
-``launcher.evaluate``). Validation loss is drawn at one length shared by the runs (``--val-length``; default the
+``evidence.evaluate``). Validation loss is drawn at one length shared by the runs (``--val-length``; default the
 longest length every run evaluated), since losses at different lengths are not comparable.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from launcher.runs import EvidenceError, Run, atomic_path, check_dir_writable, load_run  # noqa: E402
+from evidence.runs import EvidenceError, Run, atomic_path, check_dir_writable, load_run  # noqa: E402
 
 log = logging.getLogger("growlength")
 
@@ -178,10 +178,10 @@ def plot_runs(run_dirs: list[str], out_dir: str, labels: list[str] | None = None
         try:
             report = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
-            raise EvidenceError(f"--eval-json {path}: not a readable launcher.evaluate report ({e})") from None
+            raise EvidenceError(f"--eval-json {path}: not a readable evidence.evaluate report ({e})") from None
         if not isinstance(report, dict) or not isinstance(report.get("results"), list):
-            raise EvidenceError(f"--eval-json {path}: not a launcher.evaluate report (no results list); give the "
-                                f"file that python -m launcher.evaluate --out wrote")
+            raise EvidenceError(f"--eval-json {path}: not a evidence.evaluate report (no results list); give the "
+                                f"file that python -m evidence.evaluate --out wrote")
         reports.append(report)
     val_length = val_length or common_val_length(runs)
     out = Path(out_dir)
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output directory (default: the first RUN_DIR/plots)")
     p.add_argument("--labels", help="comma-separated legend names, one per RUN_DIR (default: directory names)")
     p.add_argument("--val-length", type=int, help="length whose validation loss is drawn")
-    p.add_argument("--eval-json", nargs="*", default=[], help="launcher.evaluate reports for the perplexity figure")
+    p.add_argument("--eval-json", nargs="*", default=[], help="evidence.evaluate reports for the perplexity figure")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:

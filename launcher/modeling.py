@@ -1,0 +1,135 @@
+"""Building the run's model, and timing its steps before the engine exists (the time_share probe).
+
+``model_config_for`` turns the model section (and the tokenizer's vocabulary) into a ModelConfig, or reads
+``model.init_from_hf``'s config.json; ``build_model`` makes the model; ``probe_step_times`` times an optimizer step
+at each stage length with the one measurer, launcher.steptime.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+
+from data_pipeline.errors import DatasetError
+from data_pipeline.tokenizer import Tokenizer
+from launcher import engine as ds
+from launcher import steptime
+from launcher.config import ConfigError, ModelSection, RunConfig
+from launcher.plan import micro_batch_for
+from model import CausalLM, ModelConfig
+
+log = logging.getLogger("growlength")
+
+
+def run_model_config(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
+    """:func:`model_config_for`, with the model's own checks reported as config errors of the model section."""
+    try:
+        return model_config_for(m, tokenizer)
+    except (ConfigError, DatasetError):
+        raise
+    except ValueError as e:
+        raise ConfigError(f"model section: {e}") from e
+
+
+def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
+    """The run's ModelConfig: the preset with the section's settings, or the architecture of model.init_from_hf's
+    config.json (read only; its weights are loaded by build_model)."""
+    runtime = dict(attention=m.attention, activation_checkpointing=m.activation_checkpointing)
+    if not m.init_from_hf:
+        overrides = {**m.overrides, **runtime}
+        for key in ("family", "rotary_pct", "rope_base"):
+            if getattr(m, key) is not None:
+                overrides[key] = getattr(m, key)
+        return ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
+    from model.hf import read_hf_config
+    fixed = [k for k in ("rotary_pct", "rope_base", "overrides") if getattr(m, k)]
+    if fixed:
+        raise ConfigError(f"model.init_from_hf {m.init_from_hf}: the architecture comes from its config.json; "
+                          f"drop model.{', model.'.join(fixed)}")
+    try:
+        config = read_hf_config(m.init_from_hf, **runtime)
+    except FileNotFoundError:
+        raise ConfigError(f"model.init_from_hf {m.init_from_hf}: no config.json there; give a Hugging Face "
+                          f"GPT-NeoX or Llama directory (save_pretrained's layout)") from None
+    except ValueError as e:
+        raise ConfigError(f"model.init_from_hf {m.init_from_hf}: {e}") from None
+    if m.family is not None and m.family != config.family:
+        raise ConfigError(f"model.family={m.family} but model.init_from_hf {m.init_from_hf} holds a {config.family} "
+                          f"model: drop model.family or point init_from_hf at a {m.family} directory")
+    if config.vocab_size < tokenizer.vocab_size:
+        raise DatasetError(f"model.init_from_hf {m.init_from_hf} has vocabulary {config.vocab_size} but the "
+                           f"tokenizer {tokenizer.path} has {tokenizer.vocab_size}: give the checkpoint's own "
+                           f"tokenizer as data.tokenizer (and preprocess with it)")
+    return config
+
+
+def build_model(cfg: RunConfig, model_config: ModelConfig) -> CausalLM:
+    """The model, seeded by the run's seed: random init, or model.init_from_hf's weights."""
+    torch.manual_seed(cfg.seed)
+    model = CausalLM(model_config)
+    if cfg.model.init_from_hf:
+        from model.hf import load_hf_weights
+        try:
+            load_hf_weights(model, cfg.model.init_from_hf)
+        except ValueError as e:
+            raise ConfigError(f"model.init_from_hf: {e}") from e
+    return model
+
+
+def probe_step_times(cfg: RunConfig, model_config: ModelConfig, rank: int, world: int, seq_lens: list[int],
+                     dtype: torch.dtype = torch.float32, rounds: int = 3) -> list[float]:
+    """Seconds per optimizer step at each length: this rank's share of ``tokens_per_step`` (forward + backward
+    of every micro-batch, then an AdamW update), on a throw-away copy of the model in the training dtype.
+
+    launcher.steptime's measurer: a warm-up step per length, then ``rounds`` rounds over the lengths in turn;
+    the median per length; on CUDA the clock is read after a synchronize. The slowest rank's median counts.
+    Only the ratios between lengths matter for a time-share plan with a token total. (The engine's own ZeRO
+    step cannot be timed here: the plan this probe sizes is what the engine's scheduler is built from.)"""
+    g = cfg.growlength
+    device = ds.device()
+    shapes = {L: micro_batch_for(L, g.tokens_per_step, world, g.grad_accum, g.max_tokens_per_micro_batch,
+                                 f"growlength.stages[{i}]") for i, L in enumerate(seq_lens)}
+    times = oom = None
+    try:
+        model = steptime.run_guarded(lambda: CausalLM(model_config).to(device=device, dtype=dtype))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(x: torch.Tensor, accum: int) -> None:  # x: (micro_batch, seq_len + 1)
+            for _ in range(accum):
+                model(x[:, :-1], labels=x[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def batch(L: int, mb: int) -> torch.Tensor:  # (mb, L + 1); may be the first allocation that fails
+            return steptime.run_guarded(
+                lambda: torch.randint(0, model_config.vocab_size, (mb, L + 1), device=device), L)
+
+        steps = {L: functools.partial(step, batch(L, mb), accum) for L, (mb, accum) in shapes.items()}
+        times = steptime.measure(steps, rounds=rounds, warmup=1,
+                                 synchronize=torch.cuda.synchronize if device.type == "cuda" else None)
+    except steptime.OutOfMemory as e:
+        oom = e  # every rank learns of it below, so no rank is left waiting in the collective
+    finally:
+        model = opt = steps = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    n = len(seq_lens)
+    mine = times.medians() + [t.spread for t in times.lengths.values()] if times else [math.inf] * 2 * n
+    worst = ds.all_reduce_max(mine)
+    out, spreads = worst[:n], worst[n:]
+    if math.inf in out:
+        where = f"at seq_len {oom.seq_len} ({oom.detail})" if oom else "on another rank"
+        raise ConfigError(f"the step-time probe for time_share stages ran out of memory {where}: lower "
+                          f"growlength.max_tokens_per_micro_batch (more accumulation), or give the stages "
+                          f"tokens/share budgets instead of time_share")
+    log.info("step-time probe: %s (median of %d rounds; max/min %s)",
+             ", ".join(f"L={L}: {t:.6f}s" for L, t in zip(seq_lens, out)), rounds,
+             ", ".join(f"{s:.2f}" for s in spreads))
+    noisy = [f"L={L} {s:.2f}x" for L, s in zip(seq_lens, spreads) if s > steptime.NOISY_SPREAD]
+    if noisy and rank == 0:
+        log.warning("step-time probe: the machine was noisy (max/min above %g at %s): the time_share plan "
+                    "rests on medians of %d steps; give the stages tokens/share budgets for an exact plan",
+                    steptime.NOISY_SPREAD, ", ".join(noisy), rounds)
+    return out
