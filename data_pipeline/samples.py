@@ -116,6 +116,14 @@ def _gather(tokens: np.ndarray, doc_starts: np.ndarray, stream_docs: np.ndarray,
     return tokens[bin_pos].astype(np.int64).reshape(positions.shape)
 
 
+def stream_windows(tokens: np.ndarray, doc_starts: np.ndarray, stream_docs: np.ndarray, stream_cum: np.ndarray,
+                   seq_len: int, n: int) -> np.ndarray:
+    """The first ``n`` whole windows of a document stream: (n, seq_len + 1) int64, window i starting at stream
+    position i * seq_len (consecutive windows share one token, so every token is a label once)."""
+    positions = (np.arange(n, dtype=np.int64) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
+    return _gather(tokens, doc_starts, stream_docs, stream_cum, positions)
+
+
 class GrowLengthSamples:
     """Stage-wise fixed-length samples over one token stream (see the module docstring for the exact rule).
 

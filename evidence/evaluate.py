@@ -38,7 +38,7 @@ import torch
 
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.samples import GrowLengthSamples, data_fingerprint
+from data_pipeline.samples import GrowLengthSamples, data_fingerprint, stream_windows
 from evidence.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
 from model import GPTNeoX
 
@@ -118,11 +118,8 @@ class ValidationWindows:
         if n <= 0:
             raise DatasetError(f"{self.prefix}: {self.tokens_available:,} tokens, fewer than one window of "
                                f"seq_len {seq_len} + 1")
-        positions = (np.arange(n, dtype=np.int64) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
-        flat = positions.reshape(-1)
-        doc = np.searchsorted(self._cum, flat, side="right") - 1  # document holding each stream position
-        tokens = self._dataset.tokens[self._starts[doc] + (flat - self._cum[doc])]
-        return tokens.astype(np.int64).reshape(positions.shape)
+        every_document = np.arange(len(self._starts), dtype=np.int64)  # the corpus in its own order
+        return stream_windows(self._dataset.tokens, self._starts, every_document, self._cum, seq_len, n)
 
 
 def resolve_split(split: str, prefix: str, state: dict | None,
