@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from evidence.launch import launch_command  # noqa: E402
 
 PLANS = {
     "LLM128": [{"seq_len": 128, "share": 1.0}],
@@ -31,20 +31,14 @@ PLANS = {
 
 def run(name: str, stages: list, args, work: Path) -> list[dict]:
     run_dir = work / name
-    cmd = [sys.executable, str(ROOT / "launcher" / "pretrain.py"), "--ds_config", args.ds_config,
+    cmd = ["--ds_config", args.ds_config,
            f"run_dir={run_dir}", f"model.preset={args.preset}", f"data.builtin_dir={args.builtin_dir}",
            f"growlength.tokens_per_step={args.tokens_per_step}",
            f"growlength.total_tokens={args.tokens_per_step * args.steps}", f"growlength.stages={json.dumps(stages)}",
            "data.valid_fraction=0", "checkpointing.at_stage_end=false", "checkpointing.interval_steps=0",
            "logging.tensorboard=false", "logging.log_interval=1000"]
-    with socket.socket() as s:  # a free rendezvous port, so a benchmark never collides with another job
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_PORT=port)
-    if args.ranks > 1:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.ranks),
-               "--master_port", port] + cmd[1:]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    launch, env = launch_command(args.ranks)  # a free rendezvous port: never collides with another job
+    subprocess.run(launch + cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -31,21 +31,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evidence.launch import ROOT, launch_command
 from launcher import steptime
 from evidence.runs import EvidenceError, check_dir_writable, find_data_prefix, load_run, parse_lengths, \
     write_json, write_text
 
 log = logging.getLogger("growlength")
 
-ROOT = Path(__file__).resolve().parents[1]
 PLANS = ("fixed-short", "fixed-long", "growlength")
 OVERSIZE = 2  # wall-clock budgets: plans are sized to this many times the predicted steps
 
@@ -188,12 +186,6 @@ def ds_config_for(s: Setup) -> str:
 
 
 # ---- running ----------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int, extra: list[str] = ()) -> Path:
     run_dir = (s.out / "runs" / name).resolve()
     steps = sum(st["tokens"] for st in stages) // s.tokens_per_step
@@ -211,15 +203,8 @@ def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int,
         overrides.append(f"growlength.max_time_s={s.budget_seconds}")
     if s.data_prefix:
         overrides += [f"data.prefix={s.data_prefix}", f"data.tokenizer={s.tokenizer}"]
-    env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    cmd, env = launch_command(s.ranks)
     env.pop("GROWLENGTH_FAULT", None)
-    port = str(_free_port())
-    if s.ranks == 1:
-        env["MASTER_PORT"] = port
-        cmd = [sys.executable, "launcher/pretrain.py"]
-    else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(s.ranks), "--master_port", port,
-               "launcher/pretrain.py"]
     cmd += ["--ds_config", ds_config, *overrides, *s.extra, *extra]  # later key=value wins
     log.info("%s: %s", name, " ".join(cmd))
     run_dir.mkdir(parents=True, exist_ok=True)

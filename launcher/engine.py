@@ -14,6 +14,8 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 
+from launcher.net import free_port
+
 log = logging.getLogger(__name__)
 
 # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (60-90 s on first use) that only its
@@ -40,9 +42,7 @@ def _first_host(nodelist: str) -> str:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    return free_port("")  # any interface: rank 0's store listens where the others can reach it
 
 
 def _mpi_rendezvous(one_node: bool) -> tuple[str, str] | None:

@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launcher.net import free_port
 
 
 def _worker(fn, rank, world_size, port, args, results):
@@ -32,7 +27,7 @@ def _worker(fn, rank, world_size, port, args, results):
 def run_distributed(fn, world_size: int = 2, *args, timeout: float = 120.0) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, results)) for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,11 +1,11 @@
 """Run the launcher as its users do, `deepspeed --num_gpus N launcher/pretrain.py ...`, on CPU ranks (gloo),
 and read what it wrote. Shared by the launcher tests."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from launcher.net import free_port
 from launcher import pretrain
 from launcher.metrics import read_metrics
 
@@ -15,12 +15,6 @@ DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 # 3 stages of 6 steps each at 1024 tokens/step on 2 ranks: micro-batches 16, 8, 4
 PLAN = ["growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 6144}, "
         "{seq_len: 64, tokens: 6144}, {seq_len: 128, tokens: 6144}]"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(run_dir, prefix, tokenizer, *extra, ranks=2, fault=None, ds_config="ds_configs/zero2.json"):

@@ -2,11 +2,11 @@
 (or file and key), the value and the fix, all problems of one config reported together; a few through
 ``pretrain.main`` (exit code 2, nothing of the run written)."""
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
+from launcher.net import free_port
 from launcher import pretrain
 from launcher.config import ConfigError, DataConfig, LoggingConfig, RunConfig, check_value, load_config
 from launcher.ds_config import DSConfigError, check_ds_config, load_ds_config
@@ -171,9 +171,7 @@ def test_ds_config_accepts_what_deepspeed_accepts(tmp_path):
 # ---- through the launcher: exit code 2, nothing of the run written ----------------------------------------------
 @pytest.fixture
 def launch(monkeypatch, tmp_path, tokenized, sp_model, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}.items():
         monkeypatch.setenv(key, value)

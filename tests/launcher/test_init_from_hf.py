@@ -4,21 +4,16 @@ a tiny GPTNeoXForCausalLM + byte-level BPE directory made here with transformers
 gives our ids, and the logits match ours in fp32."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from launcher.net import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The with statement is used to wrap the execution of a block\n\twith methods ünïcödé 🙂"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@ GrowLength run of tiny-llama, export to LlamaForCausalLM, evaluate / bench_lengt
 Llama directory, and the refusals of a family that disagrees."""
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
+from launcher.net import free_port
 from launcher import pretrain
 from launcher.metrics import read_metrics
 
@@ -21,9 +21,7 @@ PLAN = ["growlength.tokens_per_step=512",
 
 def launch(run_dir, tokenized, sp_model, *extra):
     """pretrain.main in this process as rank 0 of 1: (exit code, stdout+stderr of the logger)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}.items():
@@ -160,9 +158,7 @@ def test_resuming_a_tied_llama_at_the_stage_boundary_gives_the_same_losses(llama
 
     boundary = ckpt.resolve_resume("auto", llama_run).parent / ckpt.tag_for(4)
     run_dir = tmp_path / "resumed"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("GROWLENGTH_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(MASTER_PORT=str(port))
     root = Path(pretrain.__file__).resolve().parents[1]

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from evidence import compare, evaluate, export_hf, plot
+from launcher.net import free_port
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics, truncate_after
 from evidence.runs import (EvidenceError, atomic_path, find_data_prefix, find_tokenizer, load_run, replace_dir,
                           write_json)
@@ -31,9 +31,7 @@ TRAIN_ARGS = ["run_dir=run", "data.prefix=data/corpus", "data.tokenizer=tok/tok.
 def train(work: Path, *extra: str) -> str:
     """The real launcher on one rank, as a user starts it from ``work`` (a subprocess: DeepSpeed keeps process-wide
     state, so a second engine in one process is not what users run)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, MASTER_PORT=str(port), OMP_NUM_THREADS="2")
     env.pop("GROWLENGTH_FAULT", None)
     cmd = [sys.executable, str(ROOT / "launcher" / "pretrain.py"), "--ds_config",

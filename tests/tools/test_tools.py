@@ -5,7 +5,6 @@ One module-scoped training (2 stages, 32 -> 64, 12 steps, checkpoints every 4) i
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from launcher.net import free_port
 from launcher.plan import PlanError
 
 from evidence import bench_lengths, compare, evaluate, plot
@@ -22,12 +22,6 @@ from evidence.runs import EvidenceError, load_run, parse_lengths
 ROOT = Path(__file__).resolve().parents[2]
 PLAN = ["growlength.tokens_per_step=512",
         "growlength.stages=[{seq_len: 32, tokens: 3072}, {seq_len: 64, tokens: 3072}]"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
