@@ -306,30 +306,30 @@ class Trainer:
         return record, StepFlags(preempted=signalled > 0, out_of_time=stop > 0)
 
     def after_step(self, stage, flags: StepFlags) -> str:
-        """Validation and checkpoints due after this step; returns "continue", "preempted" or "out_of_time"."""
-        step, cfg = self.progress.step, self.cfg
-        preempted, out_of_time = flags.preempted, flags.out_of_time
+        """What is due after this step (validation, a checkpoint), then doing it; returns "continue",
+        "preempted" or "out_of_time"."""
+        step, cfg, last = self.progress.step, self.cfg, self.plan.total_steps
         stage_end = step == stage.last_step
-        evaluated = stage_end or bool(cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0)
-        if evaluated:
+        every, eval_every = cfg.checkpointing.interval_steps, cfg.logging.eval_interval
+        evaluate = stage_end or bool(eval_every and step % eval_every == 0)
+        save = (flags.preempted or flags.out_of_time or step == last or bool(every and step % every == 0)
+                or (stage_end and cfg.checkpointing.at_stage_end))
+        if evaluate:
             try:
                 self.evaluate(stage, stage_end)
             except Exception:
                 log.error("validation at step %d failed: saving a checkpoint first, so the steps are kept", step)
                 self.save()
                 raise
-        every = cfg.checkpointing.interval_steps
-        save = (preempted or out_of_time or step == self.plan.total_steps or bool(every and step % every == 0)
-                or (stage_end and cfg.checkpointing.at_stage_end))
         if save:
             self.save()
-        if (save or evaluated) and not out_of_time and step < self.plan.total_steps:
-            out_of_time = self.out_of_time()  # the eval or save itself may have used up the budget
-            if out_of_time and not save:
-                self.save()
+        # the evaluation or the save may itself have used up the wall-clock budget
+        out_of_time = flags.out_of_time or bool((save or evaluate) and step < last and self.out_of_time())
+        if out_of_time and not save:
+            self.save()
         if out_of_time and not stage_end:
             self.evaluate(stage, stage_end=True)  # the run ends mid-stage: validate where it stopped
-        return "preempted" if preempted else "out_of_time" if out_of_time else "continue"
+        return "preempted" if flags.preempted else "out_of_time" if out_of_time else "continue"
 
     # ---- around the loop ------------------------------------------------------------------------------------
     def _past_time_limit(self) -> bool:
