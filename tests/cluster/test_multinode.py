@@ -85,7 +85,8 @@ def test_two_nodes_default_srun_preempted_resumes_exactly(two_nodes, run_yaml, r
     job, log, seen = preempt_and_resume(two_nodes, run_yaml, tmp_path)
     assert "launch mode srun" in log and "srun --nodes=2 --ntasks=2 --ntasks-per-node=1" in log
     assert "2 rank(s) = 2 node(s) x 1, master growlength-node1:" in log
-    assert "1 CPU(s) per srun task" in log  # SRUN_CPUS_PER_TASK from --cpus-per-task (SLURM 22.05+)
+    # srun takes --cpus-per-task from SRUN_CPUS_PER_TASK only (SLURM 22.05+), not from the job's SLURM_CPUS_PER_TASK
+    assert "1 CPU(s) per srun task" in log and {seen[r]["SRUN_CPUS_PER_TASK"] for r in seen} == {"1"}
     assert {seen[r]["SLURMD_NODENAME"] for r in seen} == {"growlength-node1", "growlength-node2"}
     assert all("slurmstepd" in seen[r]["_ancestors"] for r in seen)
     assert re.search(r"got SIGUSR1: asking the trainer \(pids [\d ]+\)", log)  # srun, which relays it to each task
