@@ -30,7 +30,7 @@ SSH_PORT=${SSH_PORT:-6822}
 MODE=${1:-start}
 APT_OPTS=(-y -q --no-install-recommends -o DPkg::Lock::Timeout=300)
 PACKAGES=(slurmctld slurmd slurm-client munge libpmix-dev openmpi-bin libopenmpi-dev pdsh openssh-server openssh-client)
-NODES=(growlength-node1 growlength-node2)  # NodeName (not "localhost": slurm takes a lone node "localhost" for any name)
+NODES=(growlength-node1 growlength-node2)  # not "localhost": slurm takes a lone node "localhost" for any name
 ADDRS=(127.0.0.1 127.0.0.2)            # NodeAddr: loopback only
 SLURMD_PORTS=(6818 6819)
 SSH_DIR=$SLURM_DIR/ssh

@@ -129,3 +129,19 @@ def test_unknown_multinode_launcher_fails_for_good(two_nodes, run_yaml, tmp_path
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", log
     assert "ERROR: DS_MULTINODE_LAUNCHER=mpich: use pdsh or slurm" in log
     assert job_info(two_nodes, job)["Restarts"] == "0"
+
+
+def test_pdsh_mode_without_pdsh_says_what_to_do(two_nodes, run_yaml, tmp_path):
+    """A PATH without pdsh (every other tool of /usr/bin linked in): one ERROR line before anything starts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in Path("/usr/bin").iterdir():
+        if tool.name != "pdsh":
+            (bin_dir / tool.name).symlink_to(tool)
+    job = submit_training(two_nodes, run_yaml, tmp_path / "run", tmp_path, options=TWO_NODES, LAUNCH="deepspeed",
+                          PATH=f"{bin_dir}:/usr/sbin:/sbin")
+    info = wait_job(two_nodes, job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", log
+    assert "ERROR: DS_MULTINODE_LAUNCHER=pdsh but pdsh is not installed on" in log
+    assert "install pdsh (and ssh between the nodes), or use LAUNCH=srun" in log and "launcher/pretrain.py" not in log
