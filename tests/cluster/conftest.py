@@ -1,10 +1,12 @@
-"""A real one-node SLURM cluster for the cluster tests: used when up, started (as root) when not, else skipped."""
+"""A real SLURM cluster for the cluster tests (two nodes on loopback addresses, slurm/setup_local_cluster.sh): used when
+up, started (as root) when not, else skipped; the shared tiny run config and the uninterrupted reference run."""
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from slurm_jobs import RUN_YAML, log_of, submit_training, wait_job
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = ROOT / "slurm" / "setup_local_cluster.sh"
@@ -12,11 +14,13 @@ DEFAULT_CONF = "/tmp/growlength-slurm/slurm.conf"
 
 
 def _node_state(env) -> str:
+    """The state all nodes share ("idle"), or "" when they differ or SLURM does not answer."""
     try:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else ""
+    states = set(out.stdout.split()) if out.returncode == 0 else set()
+    return states.pop() if len(states) == 1 else ""
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +47,22 @@ def mpirun(slurm_env):
     if not path:
         pytest.skip("mpirun not found: apt-get install openmpi-bin (slurm/setup_local_cluster.sh does)")
     return path
+
+
+@pytest.fixture(scope="session")
+def run_yaml(tmp_path_factory, tokenized, sp_model):
+    d = tmp_path_factory.mktemp("cluster")
+    path = d / "tiny.yaml"
+    path.write_text(RUN_YAML.format(prefix=tokenized, tokenizer=sp_model, cache=d / "index-cache"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(slurm_env, run_yaml, tmp_path_factory):
+    """`sbatch slurm/pretrain.sbatch` with 2 tasks, deepspeed mode, run to the end: (run_dir, log, job id)."""
+    d = tmp_path_factory.mktemp("reference")
+    job = submit_training(slurm_env, run_yaml, d / "run", d)
+    info = wait_job(slurm_env, job)
+    log = log_of(d, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-5000:]
+    return d / "run", log, job
