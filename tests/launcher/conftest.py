@@ -4,7 +4,9 @@ import pytest
 
 from launcher import pretrain
 
-from runner import free_port, pretrain_ds_config
+from launcher.net import free_port
+
+from runner import pretrain_ds_config
 
 
 @pytest.fixture

@@ -2,15 +2,13 @@
 and read what it wrote. Shared by the launcher tests."""
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from launcher.net import free_port
+from evidence.launch import launch_command
 from launcher import pretrain
 from launcher.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 
 # 3 stages of 6 steps each at 1024 tokens/step on 2 ranks: micro-batches 16, 8, 4
 PLAN = ["growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 6144}, "
@@ -18,12 +16,12 @@ PLAN = ["growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tok
 
 
 def train(run_dir, prefix, tokenizer, *extra, ranks=2, fault=None, ds_config="ds_configs/zero2.json"):
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    """`deepspeed --num_gpus RANKS launcher/pretrain.py` (the runner even for one rank) on the test corpus."""
+    cmd, env = launch_command(ranks, runner=True, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1"))
     env.pop("GROWLENGTH_FAULT", None)
     if fault:
         env["GROWLENGTH_FAULT"] = fault
-    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           "launcher/pretrain.py", "--ds_config", ds_config, f"run_dir={run_dir}", f"data.prefix={prefix}",
+    cmd += ["--ds_config", ds_config, f"run_dir={run_dir}", f"data.prefix={prefix}",
            f"data.tokenizer={tokenizer}", "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache",
            "checkpointing.interval_steps=4", "checkpointing.keep_last=10", "logging.log_interval=1",
            "logging.tensorboard=false", "logging.eval_tokens=2048", *PLAN, *extra]

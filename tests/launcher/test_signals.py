@@ -13,16 +13,15 @@ import pytest
 from launcher import checkpoint as ckpt
 from launcher.metrics import read_metrics
 
-from runner import DEEPSPEED, ROOT, free_port
+from evidence.launch import ROOT, launch_command
 
 LONG_PLAN = ["growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 4096000}]"]
 
 
 def start(run_dir, tokenized, sp_model):
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    cmd, env = launch_command(1, runner=True, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1"))
     env.pop("GROWLENGTH_FAULT", None)
-    cmd = [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(free_port()), "launcher/pretrain.py",
-           "--ds_config", "ds_configs/zero2.json", f"run_dir={run_dir}", f"data.prefix={tokenized}",
+    cmd += ["--ds_config", "ds_configs/zero2.json", f"run_dir={run_dir}", f"data.prefix={tokenized}",
            f"data.tokenizer={sp_model}", "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache",
            "checkpointing.interval_steps=100000", "logging.log_interval=1", "logging.tensorboard=false",
            "logging.eval_interval=0", *LONG_PLAN]
