@@ -169,3 +169,17 @@ def test_time_share_probe_out_of_memory_is_a_config_error(one_rank):
                                           r"\(.*can't allocate memory.*\): lower "
                                           r"growlength.max_tokens_per_micro_batch"):
         probe(1 << 38, [32, 64])
+
+
+
+def test_spread_is_max_over_min_of_all_timed_steps():
+    t = steptime.LengthTimes(256, ((2.0, 1.0), (4.0,)))
+    assert (t.min, t.median, t.max, t.spread, t.noisy) == (1.0, 2.0, 4.0, 4.0, True)
+    assert steptime.LengthTimes(256, ((1.0, 1.2),)).noisy is False  # 1.2 is the limit, not above it
+
+
+def test_cuda_out_of_memory_is_recognised_by_class_on_torch_2_1(monkeypatch):
+    """torch 2.1 has torch.cuda.OutOfMemoryError but no torch.OutOfMemoryError; the class decides, not the text."""
+    err = torch.cuda.OutOfMemoryError("Tried to allocate 2.00 GiB")
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    assert steptime.is_out_of_memory(err)
