@@ -38,7 +38,7 @@ import torch
 
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.samples import GrowLengthSamples, data_fingerprint
+from data_pipeline.samples import GrowLengthSamples, data_fingerprint, window_cu_seqlens
 from launcher.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
 from model import GPTNeoX
 
@@ -124,6 +124,13 @@ class ValidationWindows:
         tokens = self._dataset.tokens[self._starts[doc] + (flat - self._cum[doc])]
         return tokens.astype(np.int64).reshape(positions.shape)
 
+    def cu_seqlens(self, seq_len: int, rows: np.ndarray) -> np.ndarray:
+        """Document boundaries of windows ``rows`` of ``windows(seq_len, ...)`` (for a model trained with
+        document masking): cu_seqlens over their flattened inputs, as the training loader gives them."""
+        if self.split == "run":
+            return self._samples.valid_cu_seqlens(seq_len, rows)
+        return window_cu_seqlens(self._cum, np.asarray(rows, dtype=np.int64) * seq_len, seq_len)
+
 
 def resolve_split(split: str, prefix: str, state: dict | None,
                   valid_fraction: float | None) -> tuple[str, float | None]:
@@ -145,15 +152,18 @@ def resolve_split(split: str, prefix: str, state: dict | None,
 
 @torch.no_grad()
 def perplexity(model: GPTNeoX, windows: np.ndarray, tokens_per_batch: int = 8192,
-               dtype: torch.dtype = torch.float32) -> tuple[float, int]:
-    """Mean next-token loss over every label of ``windows`` ((n, L + 1) int64) and the number of labels scored."""
+               dtype: torch.dtype = torch.float32, cu_seqlens_of=None) -> tuple[float, int]:
+    """Mean next-token loss over every label of ``windows`` ((n, L + 1) int64) and the number of labels scored.
+    ``cu_seqlens_of(rows)``: the document boundaries of those windows, for a model trained with document masking
+    (attention then stays within documents, as in training)."""
     model = model.to(dtype)
     seq_len = windows.shape[1] - 1
     bs = max(1, tokens_per_batch // seq_len)
     loss_sum, n_tok = 0.0, 0
     for i in range(0, len(windows), bs):
         batch = torch.from_numpy(np.ascontiguousarray(windows[i:i + bs]))  # (B, L + 1)
-        loss = model(batch[:, :-1], labels=batch[:, 1:])
+        cu = None if cu_seqlens_of is None else torch.from_numpy(cu_seqlens_of(np.arange(i, i + len(batch))))
+        loss = model(batch[:, :-1], labels=batch[:, 1:], cu_seqlens=cu)
         loss_sum += loss.item() * batch[:, 1:].numel()
         n_tok += batch[:, 1:].numel()
     return loss_sum / n_tok, n_tok
@@ -191,7 +201,9 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
             log.warning("L=%d skipped: %s", L, e)
             results.append({"seq_len": L, "skipped": str(e)})
             continue
-        loss, n_tok = perplexity(loaded.model, windows, tokens_per_batch, DTYPES[dtype])
+        masked = loaded.model.config.document_masking  # evaluate as it was trained
+        loss, n_tok = perplexity(loaded.model, windows, tokens_per_batch, DTYPES[dtype],
+                                 (lambda rows, L=L: data.cu_seqlens(L, rows)) if masked else None)
         results.append({"seq_len": L, "windows": int(len(windows)), "tokens": n_tok, "loss": loss,
                         "ppl": math.exp(loss), "seconds": time.perf_counter() - t0})
     if all("skipped" in r for r in results):
@@ -201,7 +213,8 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
             "tokens_seen": (state or {}).get("tokens_seen"), "trained_seq_len": loaded.trained_seq_len,
             "data_prefix": prefix, "split": split, "valid_fraction": valid_fraction if split == "run" else None,
             "validation_tokens": data.tokens_available, "tokens_per_length": tokens, "dtype": dtype,
-            "rope_scaling": rope_scaling, "rope_factor": rope_factor, "results": results}
+            "rope_scaling": rope_scaling, "rope_factor": rope_factor,
+            "document_masking": loaded.model.config.document_masking, "results": results}
 
 
 def table(report: dict) -> str:
