@@ -114,3 +114,21 @@ def test_masked_two_rank_run_killed_and_resumed_gives_the_same_losses(tmp_path, 
     assert all(r["attn_flops"] <= c for r, c in zip(want.values(), causal))
     assert sum(r["attn_flops"] for r in want.values()) < sum(causal)
     assert all(np.isfinite(r["loss"]) for r in got.values())
+
+
+def test_validation_batches_carry_their_own_boundaries_on_every_rank(tokenized, sp_model):
+    from launcher.data import TrainData
+
+    eod = Tokenizer(sp_model).eod_id
+    samples = GrowLengthSamples(tokenized, [(32, 2048)], seed=1234, valid_fraction=0.1)
+    config = ModelConfig.from_preset("tiny", vocab_size=Tokenizer(sp_model).vocab_size, document_masking=True)
+    seen, interior = [], 0
+    for rank in range(2):
+        data = TrainData(cfg=None, prefix=tokenized, tokenizer_path=sp_model, tokenizer=None, fingerprint="",
+                         model_config=config, rank=rank, world=2, samples=samples)
+        for tokens, cu in data.valid_batches(48, eval_tokens=48 * 20, tokens_per_batch=48 * 3):
+            assert cu.tolist() == eod_cu_seqlens(tokens.numpy(), eod).tolist()
+            seen += [tuple(row) for row in tokens.tolist()]
+            interior += len(cu) - 1 - len(tokens)
+    assert interior > 0  # documents do start inside some of these windows
+    assert sorted(seen) == sorted(map(tuple, samples.valid_samples(48, 20).tolist()))  # each window once
