@@ -11,7 +11,7 @@ change between stages). torch is used for tensors only.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -20,11 +20,19 @@ from data_pipeline.errors import SamplePlanError
 from data_pipeline.samples import GrowLengthSamples
 
 
+class MicroBatch(NamedTuple):
+    """A micro-batch with its document boundaries (what StageLoader(documents=True) yields)."""
+
+    tokens: torch.Tensor      # (mbs, seq_len + 1) int64: inputs and shifted labels
+    cu_seqlens: torch.Tensor  # (m + 1,) int32 document starts over the mbs * seq_len flattened inputs, CPU
+
+
 class StageLoader:
-    """Iterate optimizer steps of one stage: each item is a list of `grad_accum` LongTensors (mbs, seq_len + 1)."""
+    """Iterate optimizer steps of one stage: each item is a list of `grad_accum` LongTensors (mbs, seq_len + 1),
+    or of `MicroBatch`es with their document boundaries when `documents` (for document masking)."""
 
     def __init__(self, samples: GrowLengthSamples, stage: int, micro_batch_size: int, grad_accum: int, rank: int,
-                 world_size: int, consumed_samples: int = 0):
+                 world_size: int, consumed_samples: int = 0, documents: bool = False):
         for name, value in (("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum),
                             ("world_size", world_size)):
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -51,16 +59,17 @@ class StageLoader:
                 f"{self.global_batch_size} in [0, {self.num_samples}] for stage {self.stage}; was the checkpoint "
                 f"written with a different batch layout?")
         self.consumed_samples = int(consumed_samples)
+        self.documents = bool(documents)
 
     @classmethod
     def from_state_dict(cls, samples: GrowLengthSamples, state: dict, micro_batch_size: int, grad_accum: int,
-                        rank: int, world_size: int) -> "StageLoader":
+                        rank: int, world_size: int, documents: bool = False) -> "StageLoader":
         """Rebuild a loader at a saved position (see `state_dict`)."""
         missing = {"stage", "consumed_samples"} - set(state)
         if missing:
             raise SamplePlanError(f"loader state {state!r}: missing keys {sorted(missing)}")
         return cls(samples, int(state["stage"]), micro_batch_size, grad_accum, rank, world_size,
-                   int(state["consumed_samples"]))
+                   int(state["consumed_samples"]), documents)
 
     def state_dict(self) -> dict:
         return {"stage": self.stage, "consumed_samples": self.consumed_samples}
@@ -91,4 +100,8 @@ class StageLoader:
             batch = torch.from_numpy(batch).view(self.grad_accum, self.micro_batch_size, self.seq_len + 1)
             # counted before yielding: a checkpoint taken after this step's update resumes at the next step
             self.consumed_samples += self.global_batch_size
-            yield list(batch.unbind(0))
+            if not self.documents:
+                yield list(batch.unbind(0))
+                continue
+            yield [MicroBatch(tokens, torch.from_numpy(self.samples.cu_seqlens(self.stage, rows)))
+                   for tokens, rows in zip(batch.unbind(0), idx)]

@@ -124,6 +124,31 @@ def stream_windows(tokens: np.ndarray, doc_starts: np.ndarray, stream_docs: np.n
     return _gather(tokens, doc_starts, stream_docs, stream_cum, positions)
 
 
+def window_cu_seqlens(doc_starts: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """Document boundaries of the input windows [s, s + seq_len) of a stream, in flash-attn's varlen layout.
+
+    doc_starts: the stream offset where each document starts, ascending (a stream_cum); starts: (n,) window
+    starts. Returns cu_seqlens (m + 1,) int32 over the n * seq_len flattened inputs: every row start i * seq_len
+    and, inside row i, i * seq_len + c - s_i for each document start c with s_i < c < s_i + seq_len, then
+    n * seq_len. A document's EOD is its last token, so the token after an EOD starts a segment. Read from the
+    document offsets the index already holds (two binary searches per window), not by scanning tokens for EOD.
+    """
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+    n = len(starts)
+    first = np.searchsorted(doc_starts, starts, side="right")         # first document start after s_i
+    stop = np.searchsorted(doc_starts, starts + seq_len, side="left")  # ... and the first at or past s_i + L
+    counts = stop - first                                              # (n,) documents starting inside row i
+    before = np.cumsum(counts) - counts                                # interior boundaries of earlier rows
+    row = np.repeat(np.arange(n, dtype=np.int64), counts)              # (sum counts,) the row of each
+    within = np.arange(len(row), dtype=np.int64) - before[row]         # 0, 1, ... inside each row
+    out = np.empty(n + len(row) + 1, dtype=np.int64)
+    row_at = np.arange(n, dtype=np.int64) + before                     # where row i's start goes in out
+    out[row_at] = np.arange(n, dtype=np.int64) * seq_len
+    out[row_at[row] + 1 + within] = doc_starts[first[row] + within] - starts[row] + row * seq_len
+    out[-1] = n * seq_len
+    return out.astype(np.int32)
+
+
 class GrowLengthSamples:
     """Stage-wise fixed-length samples over one token stream (see the module docstring for the exact rule).
 
@@ -363,6 +388,12 @@ class GrowLengthSamples:
         positions = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)[None, :]  # (n, L+1)
         return self._stream_tokens(positions)
 
+    def cu_seqlens(self, stage: int, indices) -> np.ndarray:
+        """Document boundaries of the inputs of samples `indices` (a micro-batch): cu_seqlens (m + 1,) int32 over
+        their len(indices) * seq_len flattened inputs (see window_cu_seqlens)."""
+        return window_cu_seqlens(self.index["stream_cum"], self.stream_positions(stage, indices),
+                                 self.seq_len(stage))
+
     def sample(self, stage: int, i: int) -> np.ndarray:
         """One sample: (seq_len + 1,) int64."""
         return self.samples(stage, [i])[0]
@@ -395,6 +426,12 @@ class GrowLengthSamples:
                                f"{seq_len} + 1; raise valid_fraction or evaluate shorter lengths")
         positions = (np.arange(n, dtype=np.int64) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
         return _gather(self.dataset.tokens, self.doc_starts, docs, cum, positions)
+
+    def valid_cu_seqlens(self, seq_len: int, windows) -> np.ndarray:
+        """Document boundaries of validation windows `windows` (indices into valid_samples(seq_len)): cu_seqlens
+        over their inputs, as `cu_seqlens`."""
+        windows = np.asarray(windows, dtype=np.int64).reshape(-1)
+        return window_cu_seqlens(self._valid[1], windows * seq_len, seq_len)
 
     def __repr__(self) -> str:
         plan = ", ".join(f"{L}x{self.num_samples(k)}" for k, (L, _) in enumerate(self.stages))

@@ -38,9 +38,9 @@ import torch
 
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.samples import GrowLengthSamples, data_fingerprint, stream_windows
+from data_pipeline.samples import GrowLengthSamples, data_fingerprint, stream_windows, window_cu_seqlens
 from evidence.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
-from model import GPTNeoX
+from model import CausalLM
 
 log = logging.getLogger("growlength")
 
@@ -53,7 +53,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 class Loaded:
     """A model to evaluate and what is known about its training."""
 
-    model: GPTNeoX
+    model: CausalLM
     source: str                      # the checkpoint directory or HF directory
     state: dict | None = None        # growlength_state.json of a launcher checkpoint (None for an HF dir)
 
@@ -86,7 +86,7 @@ def load_for_eval(path: str, rope_scaling: str = "none", rope_factor: float = 1.
             config = dataclasses.replace(model.config, rope_scaling=rope_scaling, rope_scaling_factor=rope_factor)
         except ValueError as e:
             raise EvidenceError(f"--rope-scaling {rope_scaling} --rope-factor {rope_factor}: {e}") from None
-        scaled = GPTNeoX(config)
+        scaled = CausalLM(config)
         scaled.load_state_dict(model.state_dict())  # RoPE tables are not parameters: only the config differs
         model = scaled
     return Loaded(model=model.float().eval(), source=source, state=state)
@@ -121,6 +121,13 @@ class ValidationWindows:
         every_document = np.arange(len(self._starts), dtype=np.int64)  # the corpus in its own order
         return stream_windows(self._dataset.tokens, self._starts, every_document, self._cum, seq_len, n)
 
+    def cu_seqlens(self, seq_len: int, rows: np.ndarray) -> np.ndarray:
+        """Document boundaries of windows ``rows`` of ``windows(seq_len, ...)`` (for a model trained with
+        document masking): cu_seqlens over their flattened inputs, as the training loader gives them."""
+        if self.split == "run":
+            return self._samples.valid_cu_seqlens(seq_len, rows)
+        return window_cu_seqlens(self._cum, np.asarray(rows, dtype=np.int64) * seq_len, seq_len)
+
 
 def resolve_split(split: str, prefix: str, state: dict | None,
                   valid_fraction: float | None) -> tuple[str, float | None]:
@@ -141,16 +148,19 @@ def resolve_split(split: str, prefix: str, state: dict | None,
 
 
 @torch.no_grad()
-def perplexity(model: GPTNeoX, windows: np.ndarray, tokens_per_batch: int = 8192,
-               dtype: torch.dtype = torch.float32) -> tuple[float, int]:
-    """Mean next-token loss over every label of ``windows`` ((n, L + 1) int64) and the number of labels scored."""
+def perplexity(model: CausalLM, windows: np.ndarray, tokens_per_batch: int = 8192,
+               dtype: torch.dtype = torch.float32, cu_seqlens_of=None) -> tuple[float, int]:
+    """Mean next-token loss over every label of ``windows`` ((n, L + 1) int64) and the number of labels scored.
+    ``cu_seqlens_of(rows)``: the document boundaries of those windows, for a model trained with document masking
+    (attention then stays within documents, as in training)."""
     model = model.to(dtype)
     seq_len = windows.shape[1] - 1
     bs = max(1, tokens_per_batch // seq_len)
     loss_sum, n_tok = 0.0, 0
     for i in range(0, len(windows), bs):
         batch = torch.from_numpy(np.ascontiguousarray(windows[i:i + bs]))  # (B, L + 1)
-        loss = model(batch[:, :-1], labels=batch[:, 1:])
+        cu = None if cu_seqlens_of is None else torch.from_numpy(cu_seqlens_of(np.arange(i, i + len(batch))))
+        loss = model(batch[:, :-1], labels=batch[:, 1:], cu_seqlens=cu)
         loss_sum += loss.item() * batch[:, 1:].numel()
         n_tok += batch[:, 1:].numel()
     return loss_sum / n_tok, n_tok
@@ -188,7 +198,9 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
             log.warning("L=%d skipped: %s", L, e)
             results.append({"seq_len": L, "skipped": str(e)})
             continue
-        loss, n_tok = perplexity(loaded.model, windows, tokens_per_batch, DTYPES[dtype])
+        masked = loaded.model.config.document_masking  # evaluate as it was trained
+        loss, n_tok = perplexity(loaded.model, windows, tokens_per_batch, DTYPES[dtype],
+                                 (lambda rows, L=L: data.cu_seqlens(L, rows)) if masked else None)
         results.append({"seq_len": L, "windows": int(len(windows)), "tokens": n_tok, "loss": loss,
                         "ppl": math.exp(loss), "seconds": time.perf_counter() - t0})
     if all("skipped" in r for r in results):
@@ -198,7 +210,8 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
             "tokens_seen": (state or {}).get("tokens_seen"), "trained_seq_len": loaded.trained_seq_len,
             "data_prefix": prefix, "split": split, "valid_fraction": valid_fraction if split == "run" else None,
             "validation_tokens": data.tokens_available, "tokens_per_length": tokens, "dtype": dtype,
-            "rope_scaling": rope_scaling, "rope_factor": rope_factor, "results": results}
+            "rope_scaling": rope_scaling, "rope_factor": rope_factor,
+            "document_masking": loaded.model.config.document_masking, "results": results}
 
 
 def table(report: dict) -> str:

@@ -189,6 +189,10 @@ class ModelSection(Section):
                          "auto")
     activation_checkpointing: bool = doc("recompute each block's activations in backward (long stages, big models)",
                                          False)
+    document_masking: bool = doc("attention never crosses an EOD inside a window (flash-attn varlen on CUDA, else "
+                                 "SDPA with a block-causal mask); validation and evaluate mask the same way; "
+                                 "false as in Pythia", False)
+    reset_position_ids: bool = doc("RoPE positions restart at each document (needs document_masking)", False)
     rotary_pct: float | None = doc("share of each head's dims that are rotated (Pythia: 0.25, Llama: 1); "
                                    "null = preset", None)
     rope_base: float | None = doc("RoPE base (HF rope_theta); null = preset (10000; SmolLM2 100000)", None)

@@ -17,7 +17,7 @@ import torch
 from data_pipeline.builtin_corpus import prepare_builtin_dataset
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.loader import StageLoader
+from data_pipeline.loader import MicroBatch, StageLoader
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
 from data_pipeline.tokenizer import Tokenizer
 from launcher import engine as ds
@@ -90,10 +90,17 @@ class TrainData:
         """This rank's loader for ``stage``, positioned after ``consumed_steps`` optimizer steps of it."""
         global_batch = stage.micro_batch_size * stage.grad_accum * self.world
         return StageLoader(self.samples, stage.index, stage.micro_batch_size, stage.grad_accum, self.rank,
-                           self.world, consumed_samples=consumed_steps * global_batch)
+                           self.world, consumed_samples=consumed_steps * global_batch,
+                           documents=self.document_masking)
+
+    @property
+    def document_masking(self) -> bool:
+        """Batches come with their document boundaries (``MicroBatch``es) for a model trained with masking."""
+        return self.cfg.model.document_masking
 
     def valid_batches(self, seq_len: int, eval_tokens: int, tokens_per_batch: int):
-        """This rank's share of the validation windows at ``seq_len``, in batches of about ``tokens_per_batch``."""
+        """This rank's share of the validation windows at ``seq_len``, in batches of about ``tokens_per_batch``:
+        LongTensors (B, seq_len + 1), or ``MicroBatch``es with their document boundaries under document masking."""
         key = (seq_len, eval_tokens)
         if key not in self._valid_cache:  # the same windows at every eval: gather them once
             windows = self.samples.valid_samples(seq_len, max(1, eval_tokens // seq_len))  # (n, seq_len + 1)
@@ -101,7 +108,12 @@ class TrainData:
         mine = self._valid_cache[key]
         bs = max(1, tokens_per_batch // seq_len)
         for i in range(0, len(mine), bs):
-            yield torch.from_numpy(mine[i:i + bs])
+            tokens = torch.from_numpy(mine[i:i + bs])
+            if not self.document_masking:
+                yield tokens
+                continue
+            rows = np.arange(i, i + len(tokens)) * self.world + self.rank  # indices into valid_samples
+            yield MicroBatch(tokens, torch.from_numpy(self.samples.valid_cu_seqlens(seq_len, rows)))
 
 
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:

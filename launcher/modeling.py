@@ -36,7 +36,8 @@ def run_model_config(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
 def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
     """The run's ModelConfig: the preset with the section's settings, or the architecture of model.init_from_hf's
     config.json (read only; its weights are loaded by build_model)."""
-    runtime = dict(attention=m.attention, activation_checkpointing=m.activation_checkpointing)
+    runtime = dict(attention=m.attention, activation_checkpointing=m.activation_checkpointing,
+                   document_masking=m.document_masking, reset_position_ids=m.reset_position_ids)
     if not m.init_from_hf:
         overrides = {**m.overrides, **runtime}
         for key in ("family", "rotary_pct", "rope_base"):

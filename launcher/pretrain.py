@@ -38,6 +38,7 @@ from launcher.metrics import MetricsError, MetricsWriter, peak_tflops, step_line
 from launcher.plan import PlanError, StagePlan, max_tokens_per_micro_batch, plan_from_config
 from data_pipeline.errors import DatasetError, SamplePlanError
 from model import CausalLM
+from model.attention import attention_pairs
 
 log = logging.getLogger("growlength")
 
@@ -236,10 +237,11 @@ class Trainer:
                 self.step_times = []
                 switch_s = time.perf_counter() - t_switch
                 log.info("stage %d: seq_len %d, micro_batch %d x accum %d x %d ranks = %d tokens/step, "
-                         "steps %d-%d (%s; switch %.3fs)", stage.index, stage.seq_len, stage.micro_batch_size,
-                         stage.grad_accum, self.world, plan.tokens_per_step, stage.first_step + 1, stage.last_step,
-                         "resumed mid-stage" if p.step > stage.first_step else
-                         ("start" if previous is None else f"grown from {previous.seq_len}"), switch_s)
+                         "steps %d-%d (%s; switch %.3fs); attention %s", stage.index, stage.seq_len,
+                         stage.micro_batch_size, stage.grad_accum, self.world, plan.tokens_per_step,
+                         stage.first_step + 1, stage.last_step, "resumed mid-stage" if p.step > stage.first_step else
+                         ("start" if previous is None else f"grown from {previous.seq_len}"), switch_s,
+                         self.model.attention_kernel(self.device, next(self.model.parameters()).dtype))
                 if p.step == stage.first_step:  # a stage that starts here (not a mid-stage resume)
                     self.metrics.write({"kind": "stage", "step": p.step, "stage": stage.index,
                                         "seq_len": stage.seq_len, "micro_batch_size": stage.micro_batch_size,
@@ -266,11 +268,13 @@ class Trainer:
         micro_batches = next(batches)  # [(micro_batch_size, seq_len + 1)] * grad_accum
         data_wait = time.perf_counter() - t0
         lr = self.engine.get_lr()[0]  # the rate this step uses: the scheduler advances inside engine.step()
-        losses = []
+        losses, pairs = [], 0  # pairs: (query, key) pairs this rank's attention computes (causal, per document)
         for i, mb in enumerate(micro_batches):
+            mb, cu_seqlens = mb if self.data.document_masking else (mb, None)  # cu_seqlens stays on the CPU
+            pairs += attention_pairs(mb.shape[0], stage.seq_len, cu_seqlens)
             mb = mb.to(self.device, non_blocking=True)
             ds.set_accumulation_boundary(self.engine, i == len(micro_batches) - 1)
-            loss = self.engine(mb[:, :-1], labels=mb[:, 1:])
+            loss = self.engine(mb[:, :-1], labels=mb[:, 1:], cu_seqlens=cu_seqlens)
             self.engine.backward(loss)
             losses.append(loss.detach())
         self.engine.step()  # the update: the last micro-batch was marked as the boundary
@@ -278,27 +282,34 @@ class Trainer:
         # whether any rank was signalled, and rank 0's clock against the wall-clock budget
         norm = self.engine.get_global_grad_norm()
         self.preemption.poll()
-        flags = [float(self.preemption.signal is not None), float(self._past_time_limit())]
+        flags = [float(self.preemption.signal is not None), float(self._past_time_limit()), float(pairs)]
         packed = torch.cat([torch.stack(losses).double().mean().reshape(1),
                             torch.as_tensor(-1.0 if norm is None else norm, dtype=torch.float64,
                                             device=self.device).reshape(1),
                             torch.tensor(flags, dtype=torch.float64, device=self.device)])
-        loss_sum, norm_sum, signalled, stop = ds.all_reduce_sum_tensor(packed)
+        loss_sum, norm_sum, signalled, stop, pairs = ds.all_reduce_sum_tensor(packed)
         dt = time.perf_counter() - t0
         p = self.progress
         p.step += 1
         p.tokens_seen += self.plan.tokens_per_step
         p.stage_seconds[str(stage.index)] = p.stage_seconds.get(str(stage.index), 0.0) + dt
         self.step_times.append(dt)
-        tokens_per_s = self.plan.tokens_per_step / dt
-        tflops = self.model.flops_per_token(stage.seq_len) * tokens_per_s / self.world / 1e12
+        tokens, model = self.plan.tokens_per_step, self.model
+        tokens_per_s = tokens / dt
+        # model FLOPs of the step: the attention it computed (causal, within documents) for tflops and mfu, and
+        # PaLM's convention (full T x T) for comparison with papers
+        attn_flops, attn_flops_palm = model.attention_flops(round(pairs)), model.attention_flops(tokens * stage.seq_len)
+        tflops = (model.matmul_flops_per_token() * tokens + attn_flops) / dt / self.world / 1e12
+        tflops_palm = model.flops_per_token(stage.seq_len) * tokens_per_s / self.world / 1e12
         record = {"step": p.step, "stage": stage.index, "seq_len": stage.seq_len,
                   "micro_batch_size": stage.micro_batch_size, "grad_accum": stage.grad_accum,
-                  "tokens_per_step": self.plan.tokens_per_step, "tokens_seen": p.tokens_seen,
+                  "tokens_per_step": tokens, "tokens_seen": p.tokens_seen,
                   "loss": loss_sum / self.world, "lr": lr,
                   "grad_norm": None if norm is None else norm_sum / self.world,
                   "tokens_per_s": tokens_per_s, "tflops": tflops,
-                  "mfu": tflops / self.peak if self.peak else None, "elapsed_s": self.elapsed(),
+                  "mfu": tflops / self.peak if self.peak else None, "tflops_palm": tflops_palm,
+                  "mfu_palm": tflops_palm / self.peak if self.peak else None,
+                  "attn_flops": attn_flops, "attn_flops_palm": attn_flops_palm, "elapsed_s": self.elapsed(),
                   "data_wait_s": data_wait}
         self.metrics.write(record)
         self.last_loss = record["loss"]
@@ -369,8 +380,9 @@ class Trainer:
         for length in sorted(lengths):
             loss_sum, n_tok = 0.0, 0
             for batch in self.data.valid_batches(length, self.cfg.logging.eval_tokens, tokens_per_batch):
+                batch, cu_seqlens = batch if self.data.document_masking else (batch, None)  # the training masking
                 batch = batch.to(self.device)  # (B, length + 1)
-                loss = self.engine(batch[:, :-1], labels=batch[:, 1:])
+                loss = self.engine(batch[:, :-1], labels=batch[:, 1:], cu_seqlens=cu_seqlens)
                 loss_sum += loss.item() * batch[:, 1:].numel()
                 n_tok += batch[:, 1:].numel()
             loss_sum, n_tok = ds.all_reduce_sum([loss_sum, n_tok])

@@ -75,6 +75,11 @@ class ModelConfig:
     """Attention backend: auto (flash-attn on CUDA fp16/bf16 when installed, else SDPA) | flash | sdpa."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory on long stages)."""
+    document_masking: bool = False
+    """Trained with attention kept within documents (never across an EOD): the launcher, validation and
+    evidence.evaluate pass each batch's document boundaries (forward's cu_seqlens). False as in Pythia."""
+    reset_position_ids: bool = False
+    """RoPE positions restart at 0 at each document start (needs document_masking)."""
     init_std: float | None = None
     """Std of the normal init of embeddings, input projections and the LM head; None = sqrt(2/(5d)) (Pythia's
     small_init) for gpt-neox, 0.02 (Hugging Face's initializer_range) for llama."""
@@ -133,6 +138,9 @@ class ModelConfig:
                             f"(e.g. eval length / trained length)")
         if self.attention not in ATTENTION_BACKENDS:
             problems.append(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.reset_position_ids and not self.document_masking:
+            problems.append("reset_position_ids=True needs document_masking=True (positions restart at the "
+                            "document boundaries that masking supplies): set both, or drop reset_position_ids")
         if self.layer_norm_eps <= 0:
             problems.append(f"layer_norm_eps={self.layer_norm_eps}: must be > 0")
         for name in ("init_std", "output_init_std"):

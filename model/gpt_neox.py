@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import causal_attention
+from .attention import Documents, causal_attention
 from .config import ModelConfig
 from .rope import apply_rotary
 
@@ -29,14 +29,15 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-        """x: (B, T, d) -> (B, T, d)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
+                docs: Documents | None = None) -> torch.Tensor:
+        """x: (B, T, d) -> (B, T, d); docs: keep attention within these documents."""
         B, T, d = x.shape
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)  # (B, T, nh, 3, hd)
         qk, v = qkv.split([2, 1], dim=3)  # split, not indexing: its backward is one cat, no zero-filled grads
         q, k = apply_rotary(qk, cos, sin).unbind(dim=3)  # each (B, T, nh, hd), strided views
         v = v.squeeze(3)  # (B, T, nh, hd)
-        y = causal_attention(q, k, v, backend)  # (B, T, nh, hd)
+        y = causal_attention(q, k, v, backend, docs)  # (B, T, nh, hd)
         return self.dense(y.reshape(B, T, d))
 
 
@@ -60,9 +61,10 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-        """x: (B, T, d) -> (B, T, d)."""
-        attn = self.attention(self.input_layernorm(x), cos, sin, backend)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
+                docs: Documents | None = None) -> torch.Tensor:
+        """x: (B, T, d) -> (B, T, d); docs: keep attention within these documents."""
+        attn = self.attention(self.input_layernorm(x), cos, sin, backend, docs)
         if self.use_parallel_residual:
             return x + attn + self.mlp(self.post_attention_layernorm(x))
         h = x + attn

@@ -105,6 +105,8 @@ def hf_config_dict(config: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id
         "torch_dtype": "float32",
         "use_cache": True,
     }
+    if config.document_masking:  # how it was trained; read back by config_from_hf (transformers keeps the key)
+        common["growlength"] = {"document_masking": True, "reset_position_ids": config.reset_position_ids}
     if config.family == "llama":
         return {**common,
                 "num_key_value_heads": config.num_kv_heads,
@@ -148,9 +150,12 @@ def config_from_hf(hf: dict, vocab_size: int | None = None) -> ModelConfig:
                          f"imported")
     scaling, factor, rope = _hf_rope(hf)
     V = hf["vocab_size"]
+    trained = hf.get("growlength") or {}
     dims = dict(vocab_size=vocab_size or V, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
                 num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-                rope_scaling=scaling, rope_scaling_factor=factor, vocab_pad_multiple=128 if V % 128 == 0 else V)
+                rope_scaling=scaling, rope_scaling_factor=factor, vocab_pad_multiple=128 if V % 128 == 0 else V,
+                document_masking=bool(trained.get("document_masking", False)),
+                reset_position_ids=bool(trained.get("reset_position_ids", False)))
     if model_type == "llama":
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias") \
@@ -249,12 +254,32 @@ def save_hf(model: CausalLM, out_dir: str | os.PathLike, tokenizer_model_path: s
         ids = dict(bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id() if sp.pad_id() >= 0 else None)
     config = hf_config_dict(model.config, max_position_embeddings=max_position_embeddings, **ids)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(model, config["architectures"][0]))
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state_dict_to_hf(sd, model.config), str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_model_path is not None:
         save_tokenizer(tokenizer_model_path, out, model_max_length=max_position_embeddings)
     log.info("saved Hugging Face %s directory %s", config["architectures"][0], out)
     return out
+
+
+def model_card(model: CausalLM, architecture: str) -> str:
+    """README.md of an export: what the model is and how its attention was trained (document masking)."""
+    c = model.config
+    if c.document_masking:
+        how = ("**Trained with document masking**: inside each packed training window, attention never crossed an "
+               "end-of-document token (each document attended only to its own earlier tokens)"
+               + (", and RoPE positions restarted at 0 at each document (reset position ids)." if c.reset_position_ids
+                  else "; positions were not reset (they run 0..seq_len-1 across the window).")
+               + "\n\nHugging Face's forward does not apply that mask: give it one document per sequence (what the "
+                 "model saw), or pass packed documents yourself with a block-causal mask.")
+    else:
+        how = ("Trained without document masking (as Pythia): attention ran over the whole packed window, across "
+               "end-of-document tokens.")
+    return (f"---\nlibrary_name: transformers\ntags: [growlength]\n---\n# {architecture} trained with growlength\n\n"
+            f"{c.family} decoder, {c.num_layers} layers, hidden size {c.hidden_size}, {c.num_heads} heads "
+            f"({c.num_kv_heads} key/value heads), vocabulary {c.padded_vocab_size}, {model.num_params() / 1e6:.2f}M "
+            f"parameters; pretrained with a growing sequence length (GrowLength).\n\n{how}\n")
 
 
 def read_hf_config(hf_dir: str | os.PathLike, **overrides) -> ModelConfig:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import causal_attention
+from .attention import Documents, causal_attention
 from .config import ModelConfig
 from .rope import apply_rotary
 
@@ -47,13 +47,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-        """x: (B, T, d) -> (B, T, d)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
+                docs: Documents | None = None) -> torch.Tensor:
+        """x: (B, T, d) -> (B, T, d); docs: keep attention within these documents."""
         B, T, _ = x.shape
         q = apply_rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)  # (B, T, nh, hd)
         k = apply_rotary(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)  # (B, T, nkv, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, nkv, hd)
-        y = causal_attention(q, k, v, backend)  # (B, T, nh, hd)
+        y = causal_attention(q, k, v, backend, docs)  # (B, T, nh, hd)
         return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -77,7 +78,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = Norm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-        """x: (B, T, d) -> (B, T, d)."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
+                docs: Documents | None = None) -> torch.Tensor:
+        """x: (B, T, d) -> (B, T, d); docs: keep attention within these documents."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, docs)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import gpt_neox, llama
-from .attention import check_flash_requested, resolve_backend
+from .attention import KERNELS, Documents, check_flash_requested, documents, resolve_backend
 from .config import ModelConfig
 from .rope import RotaryCache
 
@@ -71,23 +71,45 @@ class CausalLM(nn.Module):
                              f"wrong shapes {shapes[:3]}, missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.load_state_dict(sd, strict=False)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, T) long. Returns logits (B, T, padded_vocab_size) in the model's dtype when labels
         is None; else the mean cross-entropy over labels != -100 as an fp32 scalar. labels: (B, T) long,
-        already shifted (labels[:, t] is the token that should follow input_ids[:, t])."""
+        already shifted (labels[:, t] is the token that should follow input_ids[:, t]).
+
+        cu_seqlens: (n + 1,) integer document starts over the B * T flattened tokens, then B * T, every row start
+        included (flash-attn's varlen layout; best on the CPU, see model.attention.documents): attention then
+        never crosses a document, and with config.reset_position_ids RoPE positions restart at each one. None:
+        each row is one causal sequence."""
         B, T = input_ids.shape
         x = self.embed_in(input_ids)  # (B, T, d)
-        cos, sin = self.rotary.get(T, x.device)  # (T, r/2) fp32 each
-        backend = resolve_backend(self.config.attention, x.device, x.dtype)
+        backend = resolve_backend(self.config.attention, x.device, x.dtype, masked=cu_seqlens is not None)
+        docs = None if cu_seqlens is None else documents(cu_seqlens, B, T, x.device, need_mask=backend == "sdpa")
+        cos, sin = self.rotary_tables(T, x.device, docs)
         for layer in self.layers:
             if self.config.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, backend, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, backend, docs, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, backend)
+                x = layer(x, cos, sin, backend, docs)
         logits = self.embed_out(self.final_layer_norm(x))  # (B, T, V)
         if labels is None:
             return logits
         return cross_entropy_fp32(logits, labels)
+
+    def rotary_tables(self, seq_len: int, device: torch.device,
+                      docs: Documents | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin fp32: (T, r/2) for positions 0..T-1, or (B, T, r/2) at each token's position within its
+        document when config.reset_position_ids and `docs` are given."""
+        cos, sin = self.rotary.get(seq_len, device)  # (T, r/2) each
+        if docs is not None and self.config.reset_position_ids:
+            return cos[docs.positions], sin[docs.positions]  # (B, T, r/2)
+        return cos, sin
+
+    def attention_kernel(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The attention kernel a training forward on `device` in `dtype` uses (for the stage log line)."""
+        masked = self.config.document_masking
+        kernel = KERNELS[resolve_backend(self.config.attention, device, dtype, masked), masked]
+        return kernel + (", positions reset per document" if self.config.reset_position_ids else "")
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -107,6 +129,21 @@ class CausalLM(nn.Module):
                 n -= self.embed_out.weight.numel()
         return n
 
+    def matmul_flops_per_token(self) -> float:
+        """Training FLOPs per token of every matmul but attention's scores: 6 * N_matmul (see flops_per_token)."""
+        c = self.config
+        d, kv = c.hidden_size, c.num_kv_heads * c.head_dim
+        mlp_matrices = 3 if c.family == "llama" else 2
+        n_matmul = c.num_layers * (2 * d * d + 2 * d * kv + mlp_matrices * d * c.intermediate_size) \
+            + d * c.padded_vocab_size
+        return 6.0 * n_matmul
+
+    def attention_flops(self, pairs: int) -> float:
+        """Training FLOPs (forward + backward) of QK^T and AV over `pairs` (query, key) pairs, per layer and query
+        head: 2 matmuls x 2 FLOPs x head_dim forward, 3x for training: 12 * L * num_heads * head_dim * pairs."""
+        c = self.config
+        return 12.0 * c.num_layers * c.num_heads * c.head_dim * pairs
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training matmul FLOPs per token at `seq_len` (forward + backward), PaLM's convention (Chowdhery
         et al. 2022, App. B):
@@ -118,16 +155,12 @@ class CausalLM(nn.Module):
         k and v (d x kv, kv = num_kv_heads * head_dim: d without GQA), the MLP's m matrices (2 for GELU, 3 for
         SwiGLU) and the LM head (tied or not, it is a matmul; the embedding lookup, biases and norms are not).
         The attention term counts QK^T and AV over all num_heads query heads (GQA shares k and v, not the work)
-        for the full T x T score matrix (causal masking not discounted); it is what grows with the GrowLength
-        stage. Activation checkpointing's recomputation is not counted (model FLOPs, not hardware FLOPs).
+        for the full T x T score matrix (causal masking not discounted): attention_flops(T * T) / T. What a step
+        really computes is matmul_flops_per_token() * tokens + attention_flops(model.attention.attention_pairs(...)),
+        about half of that attention term when causal, less again within documents. Activation checkpointing's
+        recomputation is not counted (model FLOPs, not hardware FLOPs).
         """
-        c = self.config
-        d, kv = c.hidden_size, c.num_kv_heads * c.head_dim
-        mlp_matrices = 3 if c.family == "llama" else 2
-        n_matmul = c.num_layers * (2 * d * d + 2 * d * kv + mlp_matrices * d * c.intermediate_size) \
-            + d * c.padded_vocab_size
-        forward = 2 * n_matmul + 4 * c.num_layers * d * seq_len
-        return 3.0 * forward
+        return self.matmul_flops_per_token() + self.attention_flops(seq_len * seq_len) / seq_len
 
 
 GPTNeoX = CausalLM  # the name before the Llama family existed; kept so that existing imports keep working

@@ -77,8 +77,10 @@ class _Rotary(torch.autograd.Function):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2*cos.shape[-1] dims of each head; the rest pass through.
 
-    x: (B, T, nh, hd) or (B, T, nh, n, hd) (q and k stacked, n = 2), any float dtype; cos, sin: (T, r/2) fp32.
-    Returns a new contiguous tensor of x's shape and dtype.
+    x: (B, T, nh, hd) or (B, T, nh, n, hd) (q and k stacked, n = 2), any float dtype; cos, sin: (T, r/2) fp32,
+    or (B, T, r/2) when each row has its own positions (reset at document starts). Returns a new contiguous
+    tensor of x's shape and dtype.
     """
-    shape = (x.shape[1],) + (1,) * (x.dim() - 3) + (cos.shape[-1],)  # (T, 1, [1,] r/2): broadcast over heads
+    # (T, 1, [1,] r/2) or (B, T, 1, [1,] r/2): broadcast over heads
+    shape = cos.shape[:-1] + (1,) * (x.dim() - 3) + (cos.shape[-1],)
     return _Rotary.apply(x, cos.view(shape), sin.view(shape))
