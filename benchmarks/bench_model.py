@@ -3,9 +3,12 @@
     python benchmarks/bench_model.py                       # pythia-70m shape, vocab 8k, bf16, 2 threads
     python benchmarks/bench_model.py --dtype fp32 --lengths 128 1024 --repeats 5
 
-Per length, both models run forward + loss + backward on the same (B, T) batch with a fixed number of tokens
-per batch, interleaved (ours, theirs, ours, ...) so background load hits both alike; the table shows medians. The last
-column is the same ratio from process CPU time (HF CPU-s / ours CPU-s per step), a cross-check on a busy machine.
+Per length, the models run forward + loss + backward on the same (B, T) batch with a fixed number of tokens
+per batch, interleaved (ours eager, ours compiled, theirs, ours eager, ...) so background load hits all alike; the
+table shows medians. "compiled" is the same weights with the blocks under torch.compile as the launcher's
+model.compile does it (launcher/compile.py: one static graph per length, built before the timed steps; its build
+time is the "compile s" column); --no-compile drops it. The last column is the compiled (else eager) ratio from
+process CPU time (HF CPU-s / ours CPU-s per step), a cross-check on a busy machine.
 MFU = flops_per_token(T) * tokens/s / (rate of a 2048^3 matmul in the same dtype and threads, timed inside the
 same interleaved loop so it sees the same background load); flops_per_token is
 model.GPTNeoX.flops_per_token (PaLM convention, attention term included), the same for both models.
@@ -14,6 +17,7 @@ Not a test: it prints a table and exits.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -24,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GPTNeoX, ModelConfig  # noqa: E402
 from model.hf import hf_config_dict, state_dict_to_hf  # noqa: E402
+from launcher.compile import StageCompiler  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -78,39 +83,60 @@ def main(argv=None):
     p.add_argument("--tokens-per-batch", type=int, default=2048)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--repeats", type=int, default=5, help="timed steps per model per length (after 1 warm-up)")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled column")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     probe = MatmulProbe(dtype)
     ours, hf = build_models(args, dtype)
+    models = {"ours": (ours, step_ours), "hf": (hf, step_hf)}
+    compiler = None
+    if not args.no_compile:
+        compiled = copy.deepcopy(ours)
+        compiler = StageCompiler(compiled, True, torch.device("cpu"), dtype)
+        models = {"ours": (ours, step_ours), "compiled": (compiled, step_ours), "hf": (hf, step_hf)}
     print(f"{args.preset} shape, vocab {args.vocab}, {args.dtype}, {args.threads} threads, "
-          f"{args.tokens_per_batch} tokens/batch, torch {torch.__version__}")
+          f"{args.tokens_per_batch} tokens/batch, torch {torch.__version__}, {args.repeats} interleaved rounds")
     print(f"MFU = model FLOPs/s / matmul rate (2048^3 {args.dtype} matmul timed in the same interleaved loop)")
-    print(f"{'seq_len':>7} {'batch':>5} | {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} | "
-          f"{'ours GF/s':>9} {'MFU':>5} | {'HF GF/s':>8} {'MFU':>5} | {'matmul GF/s':>11} | {'CPU-time ratio':>14}")
+    print(f"{'seq_len':>7} {'batch':>5} | {'eager tok/s':>11} {'compiled':>9} {'HF tok/s':>9} | {'eager/HF':>8} "
+          f"{'comp/HF':>8} {'comp/eager':>10} | {'compile s':>9} | {'MFU eager':>9} {'comp':>5} {'HF':>5} | "
+          f"{'matmul GF/s':>11} | {'CPU-time ratio':>14}")
     for T in args.lengths:
         B = max(1, args.tokens_per_batch // T)
         g = torch.Generator().manual_seed(T)
         window = torch.randint(0, args.vocab, (B, T + 1), generator=g)
         x, y = window[:, :-1], window[:, 1:]
-        times = {"ours": [], "hf": []}
-        cpu = {"ours": [], "hf": []}  # process CPU seconds: less sensitive to other jobs on a shared machine
+        compile_s = compiler.compile_stage(T, B, T) if compiler else None  # the graph for this length, timed
+        times = {name: [] for name in models}
+        cpu = {name: [] for name in models}  # process CPU seconds: less sensitive to other jobs on a shared machine
         rates = []
         for rep in range(args.repeats + 1):
             rates.append(probe())
-            for name, model, step in (("ours", ours, step_ours), ("hf", hf, step_hf)):
+            for name, (model, step) in models.items():
                 model.zero_grad(set_to_none=True)
                 t0, c0 = time.perf_counter(), time.process_time()
                 step(model, x, y)
                 if rep:  # rep 0 is the warm-up
                     times[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.process_time() - c0)
+        if compiler and compiler.recompiles:
+            print(f"  warning: {compiler.recompiles} recompile(s) at seq_len {T} after the warm-up")
         tps = {k: B * T / statistics.median(v) for k, v in times.items()}
         fpt, peak = ours.flops_per_token(T), statistics.median(rates)
-        print(f"{T:>7} {B:>5} | {tps['ours']:>10,.0f} {tps['hf']:>9,.0f} {tps['ours'] / tps['hf']:>5.2f}x | "
-              f"{fpt * tps['ours'] / 1e9:>9.0f} {fpt * tps['ours'] / peak:>5.0%} | "
-              f"{fpt * tps['hf'] / 1e9:>8.0f} {fpt * tps['hf'] / peak:>5.0%} | {peak / 1e9:>11.0f} | "
-              f"{statistics.median(cpu['hf']) / statistics.median(cpu['ours']):>13.2f}x", flush=True)
+        best = "compiled" if compiler else "ours"
+        comp = tps.get("compiled")
+        print(f"{T:>7} {B:>5} | {tps['ours']:>11,.0f} {fmt(comp, '>9,.0f')} {tps['hf']:>9,.0f} | "
+              f"{tps['ours'] / tps['hf']:>7.2f}x {fmt(comp and comp / tps['hf'], '>7.2f', 'x')} "
+              f"{fmt(comp and comp / tps['ours'], '>9.2f', 'x')} | {fmt(compile_s, '>9.1f')} | "
+              f"{fpt * tps['ours'] / peak:>9.0%} {fmt(comp and fpt * comp / peak, '>5.0%')} "
+              f"{fpt * tps['hf'] / peak:>5.0%} | {peak / 1e9:>11.0f} | "
+              f"{statistics.median(cpu['hf']) / statistics.median(cpu[best]):>13.2f}x", flush=True)
+
+
+def fmt(value, spec: str, suffix: str = "") -> str:
+    """A table cell; "-" where the column was not measured."""
+    width = int("".join(ch for ch in spec.split(".")[0].split(",")[0] if ch.isdigit()) or 0) + len(suffix)
+    return f"{'-':>{width}}" if value is None else f"{value:{spec}}{suffix}"
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
 """GrowLength against fixed-length training under one budget, everything else identical (the paper's headline claim).
 
-    python -m evidence.compare (--budget-seconds S | --budget-tokens N) --out DIR [--preset tiny] [--ranks 1]
-        [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048]
-        [--plans fixed-short,fixed-long,growlength]
+    python -m evidence.compare (--budget-seconds S | --budget-calibrated-seconds C | --budget-tokens N) --out DIR
+        [--preset tiny] [--ranks 1] [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048]
+        [--plans fixed-short,fixed-long,growlength] [--seeds 1,2,3]
 
 Three runs of the real launcher (subprocesses) with the same model, data, seed, ds_config and tokens per step; only
 the stage plan differs: fixed-short (every step at the shortest length), fixed-long (every step at the longest) and
 GrowLength (the lengths in turn, by ``--shares``). Then one report, DIR/report.md, with figures.
 
+Two clocks. Before the runs, ``--calibration-rounds`` short calibration runs of the real launcher and engine time
+a few steps at every length, in turn (OUT/runs/calibration-R; medians by launcher.steptime): those medians are the
+**calibrated** step times. Every run is then charged its steps at those times (calibrated seconds), beside its raw
+training wall-clock, which on a shared machine depends on what the neighbours did meanwhile.
+
 Budgets:
+  --budget-calibrated-seconds C   every plan gets the steps that cost C calibrated seconds (GrowLength's stages
+                      ``--shares`` of C); runs end at their plan's end, with the ds_config's schedule, so the budget
+                      is the same whatever the machine does during the runs.
   --budget-tokens N   every plan trains N tokens (rounded down to whole steps) with the ds_config's schedule
                       (warmup, then decay to the end): all finish the same number of optimizer steps.
   --budget-seconds S  every run stops at S seconds of training wall-clock (``growlength.max_time_s``, rank 0's clock,
@@ -23,8 +31,13 @@ Budgets:
 
 Validation: every run checkpoints about ``--points`` times; afterwards each checkpoint is evaluated at the longest
 length on the same held-out windows (``evidence.evaluate``, fp32), giving validation loss against tokens and
-wall-clock for all plans alike. "Time to reach" is the wall-clock at which a run's validation loss at the longest
-length first reaches the fixed-long run's final value (linear interpolation between checkpoints).
+wall-clock for all plans alike. "Time to reach" is the time (under each clock) at which a run's validation loss
+at the longest length first reaches the same seed's fixed-long final value (linear interpolation between
+checkpoints).
+
+Seeds: ``--seeds 1,2,3`` runs every plan once per seed (model init and data order; runs named PLAN-seedS); the
+report gives the mean and min-max over seeds, and states, for each plan against fixed-long, whether it ends lower
+at equal time under both clocks and in every seed.
 """
 from __future__ import annotations
 
@@ -68,6 +81,15 @@ class Setup:
     ds_config: str = "ds_configs/zero2.json"
     extra: list = field(default_factory=list)
     calibration_rounds: int = 3
+    budget_calibrated: float | None = None
+    seeds: list = field(default_factory=list)  # [] = [seed]
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) or [self.seed]
+
+    def run_name(self, plan: str, seed: int) -> str:
+        return plan if len(self.seed_list) == 1 else f"{plan}-seed{seed}"
 
     @property
     def short(self) -> int:
@@ -79,10 +101,15 @@ class Setup:
 
 
 def check_setup(s: Setup) -> None:
-    if (s.budget_seconds is None) == (s.budget_tokens is None):
-        raise EvidenceError("give exactly one budget: --budget-seconds S (equal wall-clock) or --budget-tokens N")
+    if [s.budget_seconds, s.budget_tokens, s.budget_calibrated].count(None) != 2:
+        raise EvidenceError("give exactly one budget: --budget-seconds S (equal wall-clock), "
+                            "--budget-calibrated-seconds C (equal calibrated time) or --budget-tokens N")
     if s.budget_seconds is not None and s.budget_seconds <= 0:
         raise EvidenceError(f"--budget-seconds {s.budget_seconds}: must be positive")
+    if s.budget_calibrated is not None and s.budget_calibrated <= 0:
+        raise EvidenceError(f"--budget-calibrated-seconds {s.budget_calibrated}: must be positive")
+    if len(set(s.seed_list)) != len(s.seed_list):
+        raise EvidenceError(f"--seeds {','.join(map(str, s.seed_list))}: each seed once")
     if s.budget_tokens is not None and s.budget_tokens < s.tokens_per_step:
         raise EvidenceError(f"--budget-tokens {s.budget_tokens}: less than one step of --tokens-per-step "
                             f"{s.tokens_per_step}")
@@ -146,7 +173,11 @@ def step_seconds(s: Setup, ds_config: str, steps_per_round: int = 3) -> dict[int
 def stage_plans(s: Setup, times: dict[int, float] | None) -> dict[str, list[dict]]:
     """``{plan name: growlength.stages}``, every stage with an absolute token budget."""
     tps = s.tokens_per_step
-    if s.budget_tokens is not None:
+    if s.budget_calibrated is not None:  # each plan's steps cost C at the calibrated step times
+        C = s.budget_calibrated
+        grow = [max(1, round(share * C / times[L])) for share, L in zip(s.shares, s.lengths)]
+        fixed = {"fixed-short": max(1, round(C / times[s.short])), "fixed-long": max(1, round(C / times[s.long]))}
+    elif s.budget_tokens is not None:
         steps = s.budget_tokens // tps
         grow, given = [], 0
         for i, share in enumerate(s.shares):
@@ -186,12 +217,13 @@ def ds_config_for(s: Setup) -> str:
 
 
 # ---- running ----------------------------------------------------------------------------------------------------
-def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int, extra: list[str] = ()) -> Path:
+def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int, extra: list[str] = (),
+           seed: int | None = None) -> Path:
     run_dir = (s.out / "runs" / name).resolve()
     steps = sum(st["tokens"] for st in stages) // s.tokens_per_step
     if s.budget_seconds is not None:  # checkpoints spread over the predicted steps, not the oversized plan
         steps = steps // OVERSIZE
-    overrides = [f"run_dir={run_dir}", f"seed={s.seed}", f"model.preset={s.preset}",
+    overrides = [f"run_dir={run_dir}", f"seed={s.seed if seed is None else seed}", f"model.preset={s.preset}",
                  f"growlength.tokens_per_step={s.tokens_per_step}", "growlength.total_tokens=null",
                  f"growlength.stages={json.dumps(stages)}", f"optimisation.warmup_steps={warmup}",
                  f"data.valid_fraction={s.valid_fraction}", f"data.cache_dir={(s.out / 'index-cache').resolve()}",
@@ -218,12 +250,24 @@ def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int,
     return run_dir
 
 
-def checkpoint_curve(run_dir: Path, s: Setup) -> list[dict]:
-    """Validation loss at the long length for every checkpoint of a run: [{step, tokens_seen, elapsed_s, loss}]."""
+def calibrated_clock(records: list[dict], times: dict[int, float]) -> dict[int, float]:
+    """``{step: calibrated seconds at the end of that step}``: every step charged the calibrated time of its
+    length (``times``, seconds per optimizer step), whatever it took on the wall-clock."""
+    clock, total = {}, 0.0
+    for r in sorted(records, key=lambda r: r["step"]):
+        total += times[r["seq_len"]]
+        clock[r["step"]] = total
+    return clock
+
+
+def checkpoint_curve(run_dir: Path, s: Setup, times: dict[int, float]) -> list[dict]:
+    """Validation loss at the long length for every checkpoint of a run:
+    [{step, tokens_seen, elapsed_s, calibrated_s, loss}]."""
     from launcher import checkpoint as ckpt
     from evidence.evaluate import ValidationWindows, load_for_eval, perplexity
 
     steps = {r["step"]: r for r in load_run(run_dir).steps}
+    calibrated = calibrated_clock(list(steps.values()), times)
     points, windows = [], None
     for path in ckpt.complete_checkpoints(ckpt.checkpoint_root(run_dir)):
         loaded = load_for_eval(str(path))
@@ -234,7 +278,8 @@ def checkpoint_curve(run_dir: Path, s: Setup) -> list[dict]:
         st = loaded.state
         # the step record's clock: the end of that step, before the eval and save that followed it
         points.append({"step": st["step"], "tokens_seen": st["tokens_seen"],
-                       "elapsed_s": steps[st["step"]]["elapsed_s"], "loss": loss})
+                       "elapsed_s": steps[st["step"]]["elapsed_s"], "calibrated_s": calibrated[st["step"]],
+                       "loss": loss})
     return points
 
 
@@ -251,57 +296,148 @@ def time_to_reach(points: list[dict], target: float, key: str = "elapsed_s") -> 
     return None
 
 
+def loss_at(points: list[dict], x: float, key: str) -> float | None:
+    """Validation loss at ``key`` = x (linear between checkpoints); None outside the curve."""
+    prev = None
+    for p in points:
+        if p[key] >= x:
+            if prev is None:
+                return p["loss"] if p[key] == x else None
+            frac = (x - prev[key]) / (p[key] - prev[key]) if p[key] > prev[key] else 1.0
+            return prev["loss"] + frac * (p["loss"] - prev["loss"])
+        prev = p
+    return None
+
+
 # ---- the report -------------------------------------------------------------------------------------------------
-def summarise(s: Setup, run_dirs: dict[str, Path], curves: dict[str, list[dict]]) -> dict:
-    target = curves["fixed-long"][-1]["loss"]
+def summarise(s: Setup, run_dirs: dict[tuple[str, int], Path], curves: dict[tuple[str, int], list[dict]],
+              times: dict[int, float]) -> dict:
+    """Per run (plan, seed): its stages, clocks, losses and time to the same seed's fixed-long target; per plan the
+    mean and min-max over seeds; and the conclusions that hold (or not) under both clocks and across seeds."""
     rows = {}
-    for name, run_dir in run_dirs.items():
-        run = load_run(run_dir, name)
+    for (plan, seed), run_dir in run_dirs.items():
+        target = curves[("fixed-long", seed)][-1]["loss"]
+        run = load_run(run_dir, s.run_name(plan, seed))
         last = run.final
         tail = [r["loss"] for r in run.steps[-5:]]
         stopped = "clock" if any("max_time_s" in line and "reached" in line
                                  for line in (run_dir / "train.log").read_text().splitlines()) else "plan end"
-        rows[name] = {"stages": [(st["seq_len"], st["step"], st["elapsed_s"]) for st in run.stage_starts()],
-                      "steps": last["step"], "tokens_seen": last["tokens_seen"], "elapsed_s": last["elapsed_s"],
-                      "last_step_s": last["tokens_per_step"] / last["tokens_per_s"], "stopped_by": stopped,
-                      "final_train_loss": last["loss"], "final_train_loss_mean5": sum(tail) / len(tail),
-                      "final_train_seq_len": last["seq_len"], "val_loss_long": curves[name][-1]["loss"],
-                      "time_to_target_s": time_to_reach(curves[name], target),
-                      "tokens_to_target": time_to_reach(curves[name], target, "tokens_seen"),
-                      "curve": curves[name]}
-    return {"budget_seconds": s.budget_seconds, "budget_tokens": s.budget_tokens, "preset": s.preset,
-            "ranks": s.ranks, "tokens_per_step": s.tokens_per_step, "lengths": s.lengths, "shares": s.shares,
-            "seed": s.seed, "long": s.long, "target_val_loss": target, "runs": rows}
+        curve = curves[(plan, seed)]
+        rows[s.run_name(plan, seed)] = {
+            "plan": plan, "seed": seed, "target_val_loss": target,
+            "stages": [(st["seq_len"], st["step"], st["elapsed_s"]) for st in run.stage_starts()],
+            "steps": last["step"], "tokens_seen": last["tokens_seen"], "elapsed_s": last["elapsed_s"],
+            "calibrated_s": calibrated_clock(run.steps, times)[last["step"]],
+            "last_step_s": last["tokens_per_step"] / last["tokens_per_s"], "stopped_by": stopped,
+            "final_train_loss": last["loss"], "final_train_loss_mean5": sum(tail) / len(tail),
+            "final_train_seq_len": last["seq_len"], "val_loss_long": curve[-1]["loss"],
+            "time_to_target_s": time_to_reach(curve, target),
+            "calibrated_to_target_s": time_to_reach(curve, target, "calibrated_s"),
+            "tokens_to_target": time_to_reach(curve, target, "tokens_seen"), "curve": curve}
+    by_plan = {plan: aggregate([r for r in rows.values() if r["plan"] == plan]) for plan in s.plans}
+    return {"budget_seconds": s.budget_seconds, "budget_tokens": s.budget_tokens,
+            "budget_calibrated_seconds": s.budget_calibrated, "preset": s.preset, "ranks": s.ranks,
+            "tokens_per_step": s.tokens_per_step, "lengths": s.lengths, "shares": s.shares, "seeds": s.seed_list,
+            "long": s.long, "target_val_loss": rows[s.run_name("fixed-long", s.seed_list[0])]["target_val_loss"],
+            "runs": rows, "by_plan": by_plan, "conclusions": conclusions(s, rows)}
+
+
+def spread(values: list) -> dict:
+    """mean, min, max of the values that exist, and how many do (a run that never reached a target has None)."""
+    got = [v for v in values if v is not None]
+    return {"mean": sum(got) / len(got) if got else None, "min": min(got, default=None),
+            "max": max(got, default=None), "n": len(got), "of": len(values)}
+
+
+def aggregate(rows: list[dict]) -> dict:
+    keys = ("val_loss_long", "elapsed_s", "calibrated_s", "time_to_target_s", "calibrated_to_target_s",
+            "tokens_seen")
+    return {k: spread([r[k] for r in rows]) for k in keys}
+
+
+CLOCKS = {"wall-clock": "elapsed_s", "calibrated time": "calibrated_s"}
+
+
+def conclusions(s: Setup, rows: dict) -> list[dict]:
+    """For each plan against fixed-long, per clock: in how many seeds its validation loss is lower at the time the
+    shorter of the two runs ended (equal time, read off both curves), and in how many it reaches fixed-long's final
+    loss sooner. ``holds``: in every seed and under both clocks."""
+    out = []
+    for plan in [p for p in s.plans if p != "fixed-long"]:
+        for claim in ("lower val loss at equal time", "reaches fixed-long's final val loss sooner"):
+            per_clock = {}
+            for clock, key in CLOCKS.items():
+                wins = []
+                for seed in s.seed_list:
+                    mine, ref = rows[s.run_name(plan, seed)], rows[s.run_name("fixed-long", seed)]
+                    if claim.startswith("lower"):
+                        x = min(mine["curve"][-1][key], ref["curve"][-1][key])
+                        a, b = loss_at(mine["curve"], x, key), loss_at(ref["curve"], x, key)
+                        wins.append(a is not None and b is not None and a < b)
+                    else:
+                        to = "time_to_target_s" if key == "elapsed_s" else "calibrated_to_target_s"
+                        wins.append(mine[to] is not None and ref[to] is not None and mine[to] < ref[to])
+                per_clock[clock] = sum(wins)
+            n = len(s.seed_list)
+            holds = all(v == n for v in per_clock.values())
+            fails = all(v == 0 for v in per_clock.values())
+            out.append({"plan": plan, "claim": claim, "seeds": n, "wins": per_clock,
+                        "verdict": "holds" if holds else "does not hold" if fails else "mixed"})
+    return out
 
 
 def fmt(x, spec=".3f", none="not reached"):
     return none if x is None else format(x, spec)
 
 
+def _mean_range(x: dict, spec: str = ".4f") -> str:
+    if x["mean"] is None:
+        return f"not reached (0/{x['of']})"
+    reached = f", {x['n']}/{x['of']} reached" if x["n"] < x["of"] else ""
+    return f"{x['mean']:{spec}} ({x['min']:{spec}}-{x['max']:{spec}}{reached})"
+
+
 def markdown(summary: dict, command: str, figures: list[str]) -> str:
     tps = summary["tokens_per_step"]
     b = (f"equal wall-clock: {summary['budget_seconds']:g} s of training per run" if summary["budget_seconds"]
+         else f"equal calibrated time: {summary['budget_calibrated_seconds']:g} calibrated s per run"
+         if summary["budget_calibrated_seconds"]
          else f"equal tokens: {summary['budget_tokens']:,} per run, in whole steps of {tps:,}: "
               f"{summary['budget_tokens'] // tps * tps:,}")
     L = summary["long"]
+    seeds = summary["seeds"]
     lines = [f"# GrowLength vs fixed-length training ({b})", "", f"Command: `{command}`", "",
              f"Preset `{summary['preset']}`, {summary['ranks']} rank(s), {summary['tokens_per_step']:,} tokens per "
-             f"optimizer step, seed {summary['seed']}; GrowLength lengths {summary['lengths']} with shares "
-             f"{summary['shares']}. Validation loss is at L={L} on the same held-out windows for every run "
-             f"(fp32, from each run's checkpoints). Target = fixed-long's final validation loss "
-             f"({summary['target_val_loss']:.4f}).", "",
-             f"| run | stages (L from step (wall-clock)) | steps | tokens seen | train wall-clock (s) | stopped by "
-             f"| final train loss (mean of last 5, at L) | val loss @ L={L} | time to target (s) | tokens to target |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+             f"optimizer step, seed(s) {', '.join(map(str, seeds))}; GrowLength lengths {summary['lengths']} with "
+             f"shares {summary['shares']}. Validation loss is at L={L} on the same held-out windows for every run "
+             f"(fp32, from each run's checkpoints). Target = the same seed's fixed-long final validation loss. "
+             f"Calibrated time = each run's steps charged at the calibrated step times below (the same for every "
+             f"run, whatever the machine did during it).", "",
+             f"| run | stages (L from step (wall-clock)) | steps | tokens seen | wall-clock (s) | calibrated (s) | "
+             f"stopped by | final train loss (mean of last 5, at L) | val loss @ L={L} | to target, wall (s) | "
+             f"to target, calibrated (s) | tokens to target |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for name, r in summary["runs"].items():
         stages = " → ".join(f"{sl} from step {st} ({t:.0f} s)" for sl, st, t in r["stages"])
         lines.append(f"| {name} | {stages} | {r['steps']} | {r['tokens_seen']:,} | {r['elapsed_s']:.1f} | "
-                     f"{r['stopped_by']} | {r['final_train_loss_mean5']:.4f} (L={r['final_train_seq_len']}) | "
-                     f"{r['val_loss_long']:.4f} | {fmt(r['time_to_target_s'], '.1f')} | "
-                     f"{fmt(r['tokens_to_target'], ',.0f')} |")
+                     f"{r['calibrated_s']:.1f} | {r['stopped_by']} | {r['final_train_loss_mean5']:.4f} "
+                     f"(L={r['final_train_seq_len']}) | {r['val_loss_long']:.4f} | {fmt(r['time_to_target_s'], '.1f')} "
+                     f"| {fmt(r['calibrated_to_target_s'], '.1f')} | {fmt(r['tokens_to_target'], ',.0f')} |")
+    lines += ["", f"Over {len(seeds)} seed(s): mean (min-max).", "",
+              f"| plan | val loss @ L={L} | wall-clock (s) | calibrated (s) | to target, wall (s) | "
+              f"to target, calibrated (s) |", "|---|---:|---:|---:|---:|---:|"]
+    for plan, a in summary["by_plan"].items():
+        lines.append(f"| {plan} | {_mean_range(a['val_loss_long'])} | {_mean_range(a['elapsed_s'], '.1f')} | "
+                     f"{_mean_range(a['calibrated_s'], '.1f')} | {_mean_range(a['time_to_target_s'], '.1f')} | "
+                     f"{_mean_range(a['calibrated_to_target_s'], '.1f')} |")
+    lines += ["", "Conclusions against fixed-long (seeds where it holds, per clock; a conclusion holds only if it "
+              "does in every seed under both clocks):", ""]
+    for c in summary["conclusions"]:
+        wins = ", ".join(f"{clock} {k}/{c['seeds']}" for clock, k in c["wins"].items())
+        lines.append(f"- {c['plan']} {c['claim']}: **{c['verdict']}** ({wins})")
     if summary.get("step_seconds"):
-        lines += ["", "Seconds per optimizer step measured by the calibration run (real engine, before the runs): "
-                  + ", ".join(f"L={k}: {v:.3f}" for k, v in summary["step_seconds"].items()) + "."]
+        lines += ["", "Calibrated seconds per optimizer step (real engine, interleaved calibration runs before the "
+                  "runs, medians): " + ", ".join(f"L={k}: {v:.3f}" for k, v in summary["step_seconds"].items()) + "."]
     lines += ["", "Training losses at different lengths are not comparable (a short window gives each token less "
               "context); the validation column is.", ""]
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
@@ -313,30 +449,33 @@ def compare(s: Setup, command: str = "") -> dict:
     check_dir_writable(s.out, "--out")  # before the runs: a report that cannot be saved is refused, not lost
     s.out.mkdir(parents=True, exist_ok=True)
     ds_config = ds_config_for(s)
-    times = step_seconds(s, ds_config) if s.budget_seconds is not None else None
+    times = step_seconds(s, ds_config)  # every budget: the calibrated clock is charged to every run
     plans = stage_plans(s, times)
     if s.budget_tokens is not None:
         warmup = max(1, round(0.05 * s.budget_tokens // s.tokens_per_step))
     else:
-        warmup = max(1, round(0.05 * s.budget_seconds / max(times.values())))
+        budget = s.budget_seconds if s.budget_seconds is not None else s.budget_calibrated
+        warmup = max(1, round(0.05 * budget / max(times.values())))
     order = ["fixed-long"] + [p for p in s.plans if p != "fixed-long"]
-    run_dirs = {name: launch(s, name, plans[name], ds_config, warmup) for name in order}
-    curves = {name: checkpoint_curve(d, s) for name, d in run_dirs.items()}
+    run_dirs = {(name, seed): launch(s, s.run_name(name, seed), plans[name], ds_config, warmup, seed=seed)
+                for seed in s.seed_list for name in order}
+    curves = {key: checkpoint_curve(d, s, times) for key, d in run_dirs.items()}
+    first = s.seed_list[0]  # the extrapolation curves and the figures: the first seed's runs
+    ordered = [n for n in PLANS if n in s.plans]
     reports = []
     from evidence.evaluate import evaluate
     eval_lengths = sorted(set(s.lengths) | {2 * s.long, 4 * s.long})
-    for name in [n for n in PLANS if n in run_dirs]:  # each final model's extrapolation curve (Figure 4)
-        rep = evaluate(str(run_dirs[name]), lengths=eval_lengths, tokens=s.eval_tokens, split="run")
+    for name in ordered:  # each final model's extrapolation curve (Figure 4)
+        rep = evaluate(str(run_dirs[(name, first)]), lengths=eval_lengths, tokens=s.eval_tokens, split="run")
         reports.append(str(write_json(s.out / f"eval_{name}.json", rep)))
-    summary = summarise(s, run_dirs, curves)
+    summary = summarise(s, run_dirs, curves, times)
     summary["step_seconds"] = times
     summary["plans"] = plans
 
     from evidence.plot import plot_runs
-    ordered = [n for n in PLANS if n in run_dirs]
-    extra = {n: [(p["tokens_seen"], p["elapsed_s"], p["loss"]) for p in curves[n]] for n in ordered}
-    figures = plot_runs([str(run_dirs[n]) for n in ordered], str(s.out), ordered, s.long, eval_reports=reports,
-                        extra_val=extra, run_ppl=False)
+    extra = {n: [(p["tokens_seen"], p["elapsed_s"], p["loss"]) for p in curves[(n, first)]] for n in ordered}
+    figures = plot_runs([str(run_dirs[(n, first)]) for n in ordered], str(s.out), ordered, s.long,
+                        eval_reports=reports, extra_val=extra, run_ppl=False)
     write_json(s.out / "summary.json", summary)
     write_text(s.out / "report.md", markdown(summary, command, [str(f) for f in figures]))
     return summary
@@ -347,6 +486,8 @@ def main(argv=None) -> int:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-seconds", type=float, help="equal training wall-clock per run")
     budget.add_argument("--budget-tokens", type=int, help="equal tokens per run")
+    budget.add_argument("--budget-calibrated-seconds", type=float,
+                        help="equal calibrated time per run (steps charged at the calibration's step times)")
     p.add_argument("--out", required=True, help="report directory (runs under OUT/runs)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--ranks", type=int, default=1)
@@ -354,6 +495,7 @@ def main(argv=None) -> int:
     p.add_argument("--shares", default="0.5,0.3,0.2", help="GrowLength share of the budget per length")
     p.add_argument("--tokens-per-step", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seeds", help="comma-separated seeds: every plan once per seed (default: --seed alone)")
     p.add_argument("--plans", default=",".join(PLANS), help="subset of the plans to run (fixed-long required)")
     p.add_argument("--points", type=int, default=6, help="checkpoints per run for the validation curve")
     p.add_argument("--eval-tokens", type=int, default=4096)
@@ -362,7 +504,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="sentencepiece model of --data-prefix")
     p.add_argument("--ds-config", default="ds_configs/zero2.json")
     p.add_argument("--calibration-rounds", type=int, default=3,
-                   help="--budget-seconds: calibration runs, each timing every length once in turn")
+                   help="calibration runs before the runs, each timing every length once in turn")
     p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.overrides=...)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -371,12 +513,18 @@ def main(argv=None) -> int:
     except ValueError:
         log.error("--shares %r: comma-separated numbers, e.g. 0.5,0.3,0.2", args.shares)
         return 2
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else []
+    except ValueError:
+        log.error("--seeds %r: comma-separated integers, e.g. 1,2,3", args.seeds)
+        return 2
     s = Setup(out=Path(args.out), budget_seconds=args.budget_seconds, budget_tokens=args.budget_tokens,
               lengths=None, shares=shares, preset=args.preset, ranks=args.ranks,
               tokens_per_step=args.tokens_per_step, seed=args.seed, plans=tuple(args.plans.split(",")),
               points=args.points, eval_tokens=args.eval_tokens, valid_fraction=args.valid_fraction,
               data_prefix=args.data_prefix, tokenizer=args.tokenizer, ds_config=args.ds_config,
-              extra=args.overrides, calibration_rounds=args.calibration_rounds)
+              extra=args.overrides, calibration_rounds=args.calibration_rounds,
+              budget_calibrated=args.budget_calibrated_seconds, seeds=seeds)
     try:
         s.lengths = parse_lengths(args.lengths)
         if (s.data_prefix is None) != (s.tokenizer is None):

@@ -193,6 +193,9 @@ class ModelSection(Section):
                                  "SDPA with a block-causal mask); validation and evaluate mask the same way; "
                                  "false as in Pythia", False)
     reset_position_ids: bool = doc("RoPE positions restart at each document (needs document_masking)", False)
+    compile: object = doc("torch.compile the blocks, one static-shape graph per stage length built at the switch: "
+                          "true (a compiler failure stops the run), false, or auto (eager with a warning where it "
+                          "fails)", False)
     rotary_pct: float | None = doc("share of each head's dims that are rotated (Pythia: 0.25, Llama: 1); "
                                    "null = preset", None)
     rope_base: float | None = doc("RoPE base (HF rope_theta); null = preset (10000; SmolLM2 100000)", None)
@@ -200,6 +203,11 @@ class ModelSection(Section):
                           factory=dict)
     init_from_hf: str | None = doc("start from a Hugging Face GPT-NeoX/Pythia or Llama directory instead of random "
                                    "init (its config.json replaces the preset)", None)
+
+    def problems(self, failed: set[str]) -> list[str]:
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            return [f"model.compile must be true, false or auto, got {self.compile!r}"]
+        return []
 
 
 # the keys of one growlength.stages entry: (type, bounds), checked like the fields

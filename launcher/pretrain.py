@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from launcher import checkpoint as ckpt
+from launcher import compile as compiling
 from launcher import engine as ds
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.data import TrainData, prepare_data
@@ -51,7 +52,7 @@ class StartupError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, PlanError, DSConfigError, ckpt.CheckpointError, DatasetError, SamplePlanError,
-               FileNotFoundError, MetricsError, StartupError)
+               FileNotFoundError, MetricsError, StartupError, compiling.CompileError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -221,6 +222,8 @@ class Trainer:
         self.step_times: list[float] = []
         self.last_loss = float("nan")
         self.last_eval: dict = {}
+        self.compiler = compiling.StageCompiler(self.model, cfg.model.compile, self.device,
+                                                next(self.model.parameters()).dtype)
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> int:
@@ -235,18 +238,24 @@ class Trainer:
                 self.loader = self.data.loader(stage, consumed_steps=p.step - stage.first_step)
                 batches = iter(self.loader)
                 self.step_times = []
+                if previous is not None and self.compiler.enabled:
+                    log.info("stage %d: %d recompile(s) during training (none expected)", previous.index,
+                             self.compiler.recompiles)
+                self.compiler.compile_stage(stage.index, stage.micro_batch_size, stage.seq_len)  # before step 1
                 switch_s = time.perf_counter() - t_switch
                 log.info("stage %d: seq_len %d, micro_batch %d x accum %d x %d ranks = %d tokens/step, "
-                         "steps %d-%d (%s; switch %.3fs); attention %s", stage.index, stage.seq_len,
+                         "steps %d-%d (%s; switch %.3fs, %s); attention %s", stage.index, stage.seq_len,
                          stage.micro_batch_size, stage.grad_accum, self.world, plan.tokens_per_step,
                          stage.first_step + 1, stage.last_step, "resumed mid-stage" if p.step > stage.first_step else
                          ("start" if previous is None else f"grown from {previous.seq_len}"), switch_s,
+                         self.compiler.describe(stage.index),
                          self.model.attention_kernel(self.device, next(self.model.parameters()).dtype))
                 if p.step == stage.first_step:  # a stage that starts here (not a mid-stage resume)
                     self.metrics.write({"kind": "stage", "step": p.step, "stage": stage.index,
                                         "seq_len": stage.seq_len, "micro_batch_size": stage.micro_batch_size,
                                         "grad_accum": stage.grad_accum, "tokens_seen": p.tokens_seen,
-                                        "elapsed_s": self.elapsed(), "switch_s": switch_s})
+                                        "elapsed_s": self.elapsed(), "switch_s": switch_s,
+                                        **self.compiler.stage_fields(stage.index)})
             record, flags = self.train_step(stage, batches)
             if p.step % self.cfg.logging.log_interval == 0 or p.step == stage.last_step:
                 log.info(step_line(record, self.eta_s(stage)))
@@ -429,6 +438,7 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self.compiler.close()
 
 
 def resume(cfg: RunConfig, engine, trainer_state: dict, path: Path, rank: int) -> Progress:
@@ -527,6 +537,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     dtype = (torch.bfloat16 if user_ds_config.get("bf16", {}).get("enabled") else
              torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
     model_config = modeling.run_model_config(cfg.model, data.tokenizer)
+    compiling.check_compiler(cfg.model.compile, ds.device())  # refused here, before the plan and the model
     plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
                             step_seconds=lambda lens: modeling.probe_step_times(cfg, model_config, rank, world, lens,
                                                                                 dtype))

@@ -5,6 +5,7 @@ One module-scoped training (2 stages, 32 -> 64, 12 steps, checkpoints every 4) i
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -201,12 +202,12 @@ def test_bench_lengths_bad_inputs(caplog):
 
 
 # ---- compare ----------------------------------------------------------------------------------------------------
-def run_compare(tmp_path, tokenized, sp_model, *budget):
+def run_compare(tmp_path, tokenized, sp_model, *budget, more=()):
     out = tmp_path / "cmp"
     rc = compare.main([*budget, "--out", str(out), "--lengths", "32,64", "--shares", "0.5,0.5",
                        "--tokens-per-step", "512", "--plans", "fixed-long,growlength", "--points", "2",
                        "--eval-tokens", "1024", "--valid-fraction", "0.1", "--data-prefix", tokenized,
-                       "--tokenizer", sp_model])
+                       "--tokenizer", sp_model, "--calibration-rounds", "1", *more])
     assert rc == 0
     return out, json.loads((out / "summary.json").read_text())
 
@@ -226,7 +227,7 @@ def test_compare_equal_tokens(tmp_path, tokenized, sp_model):
 def test_compare_equal_wall_clock_within_one_step(tmp_path, tokenized, sp_model):
     budget = 6.0
     out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-seconds", str(budget),
-                               "--calibration-rounds", "2")
+                               more=["--calibration-rounds", "2"])
     for name, r in summary["runs"].items():
         run = load_run(out / "runs" / name)
         steps = run.steps
@@ -244,6 +245,50 @@ def test_compare_equal_wall_clock_within_one_step(tmp_path, tokenized, sp_model)
                           if x["seq_len"] == L and x["step"] not in (1, 5)) for L in (32, 64)}
     assert [len(v) for v in expected.values()] == [6, 6]  # 2 rounds x 3 timed steps
     assert summary["step_seconds"] == {str(L): pytest.approx((v[2] + v[3]) / 2) for L, v in expected.items()}
+
+
+def test_compare_calibrated_budget_over_seeds(tmp_path, tokenized, sp_model):
+    """Equal calibrated time over 2 seeds: every run is charged its steps at the calibration's medians, the plans
+    cost the budget within half a step per stage, and the per-plan spread and the conclusions come from the runs."""
+    budget = 1.5
+    out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-calibrated-seconds", str(budget),
+                               more=["--seeds", "1,2"])
+    times = {int(k): v for k, v in summary["step_seconds"].items()}
+    calib = load_run(out / "runs" / "calibration-0").steps
+    assert times[64] == pytest.approx(statistics.median(
+        x["tokens_per_step"] / x["tokens_per_s"] for x in calib if x["seq_len"] == 64 and x["step"] != 5))
+    assert sorted(summary["runs"]) == ["fixed-long-seed1", "fixed-long-seed2", "growlength-seed1", "growlength-seed2"]
+    first_losses = set()
+    for name, r in summary["runs"].items():
+        steps = load_run(out / "runs" / name).steps
+        charged = sum(times[x["seq_len"]] for x in steps)  # the calibrated clock, recomputed from the records
+        assert r["calibrated_s"] == pytest.approx(charged) and r["stopped_by"] == "plan end", name
+        stages = 1 if r["plan"] == "fixed-long" else 2
+        assert abs(charged - budget) <= stages * max(times.values()) / 2 + 1e-9, (name, charged)
+        assert r["curve"][-1]["calibrated_s"] == pytest.approx(charged)
+        first_losses.add(round(steps[0]["loss"], 6))
+    assert len(first_losses) == 4  # two seeds: other inits (and two plans: other lengths)
+    for plan in ("fixed-long", "growlength"):
+        vals = [summary["runs"][f"{plan}-seed{k}"]["val_loss_long"] for k in (1, 2)]
+        agg = summary["by_plan"][plan]["val_loss_long"]
+        assert (agg["mean"], agg["min"], agg["max"]) == pytest.approx((sum(vals) / 2, min(vals), max(vals)))
+    [lower, sooner] = summary["conclusions"]
+    for c in (lower, sooner):
+        assert set(c["wins"]) == {"wall-clock", "calibrated time"} and all(0 <= v <= 2 for v in c["wins"].values())
+        assert c["verdict"] == ("holds" if set(c["wins"].values()) == {2} else
+                                "does not hold" if set(c["wins"].values()) == {0} else "mixed")
+    report = (out / "report.md").read_text()
+    assert "equal calibrated time: 1.5 calibrated s per run" in report and "Over 2 seed(s)" in report
+    assert f"growlength lower val loss at equal time: **{lower['verdict']}**" in report
+
+
+def test_compare_calibrated_clock_and_loss_at():
+    assert compare.calibrated_clock([{"step": 2, "seq_len": 64}, {"step": 1, "seq_len": 32}], {32: 0.5, 64: 2.0}) \
+        == {1: 0.5, 2: 2.5}
+    curve = [{"t": 1.0, "loss": 5.0}, {"t": 3.0, "loss": 3.0}]
+    assert compare.loss_at(curve, 2.0, "t") == pytest.approx(4.0)
+    assert compare.loss_at(curve, 3.0, "t") == 3.0 and compare.loss_at(curve, 0.5, "t") is None
+    assert compare.loss_at(curve, 3.5, "t") is None
 
 
 def test_compare_calibration_rounds_take_medians_and_flag_noise():
@@ -270,5 +315,11 @@ def test_compare_bad_inputs(tmp_path, caplog):
     assert "one positive share per length" in caplog.text
     assert compare.main(["--budget-seconds", "5", "--out", str(tmp_path), "--calibration-rounds", "0"]) == 2
     assert "--calibration-rounds 0: must be at least 1" in caplog.text
+    assert compare.main(["--budget-calibrated-seconds", "0", "--out", str(tmp_path)]) == 2
+    assert "--budget-calibrated-seconds 0.0: must be positive" in caplog.text
+    assert compare.main(["--budget-tokens", "100000", "--out", str(tmp_path), "--seeds", "1,x"]) == 2
+    assert "--seeds '1,x': comma-separated integers" in caplog.text
+    assert compare.main(["--budget-tokens", "100000", "--out", str(tmp_path), "--seeds", "1,1"]) == 2
+    assert "--seeds 1,1: each seed once" in caplog.text
     with pytest.raises(SystemExit):  # argparse: exactly one budget
         compare.main(["--budget-tokens", "1", "--budget-seconds", "1", "--out", str(tmp_path)])
