@@ -279,6 +279,7 @@ def launch(ctx: Context, name: str, overrides: list[str], ds_config: str, budget
             ["--num_gpus", str(ctx.ranks), "--master_port", port, RANK_SCRIPT]
     cmd += ["--ds_config", ds_config, f"run_dir={run_dir}", f"data.cache_dir={ctx.out / 'index-cache'}",
             "logging.tensorboard=false", "logging.log_interval=1", f"logging.eval_tokens={ctx.sizes.eval_tokens}",
+            "data.valid_fraction=0.05",
             *builtin_overrides(ctx), *overrides]
     return run_logged(cmd, ctx.out / "runs" / f"{name}.log", budget.left(), env), run_dir
 
@@ -541,11 +542,23 @@ def check_probe(ctx: Context, budget: Budget) -> Result:
                          f"({r.get('max_tokens_per_batch') or 0:,} tokens); peak {r['peak_bytes'] / 2**20:,.0f} MiB "
                          f"at {r['micro_batch']}"))
     last = s.probe_lengths[-1]
-    try:  # tokens per step = the longest stage's micro-batch cap on every rank, so it runs at exactly that cap
-        tps = max_tokens_per_micro_batch(str(probe), last) * ctx.ranks
-        plan = stage_micro_batches(str(probe), list(s.probe_lengths), tps, ctx.ranks)
+    # tokens per step = the longest stage's micro-batch cap on every rank, so that stage runs at exactly the cap; when
+    # the shorter stages' accumulation cannot split that exactly, the micro-batch is rounded down to a multiple of 2^k
+    try:
+        cap_mb = max_tokens_per_micro_batch(str(probe), last) // last
     except PlanError as e:
-        return res.fail(f"the probe gives no plan: {e}")
+        return res.fail(f"the probe gives no micro-batch cap at L={last}: {e}")
+    plan, problem = None, None
+    for multiple in (1, 2, 4, 8, 16, 32):
+        tps = max(multiple, cap_mb // multiple * multiple) * last * ctx.ranks
+        try:
+            plan = stage_micro_batches(str(probe), list(s.probe_lengths), tps, ctx.ranks)
+            break
+        except PlanError as e:
+            problem = e
+    if plan is None:
+        return res.fail(f"no tokens_per_step near the probe's cap {cap_mb} x {last} splits into every stage: {problem}")
+    res.figures.update(probe_cap_micro_batch=cap_mb)
     stages = "[" + ", ".join(f"{{seq_len: {L}, tokens: {2 * tps}}}" for L in s.probe_lengths) + "]"
     overrides = [f"model.preset={s.probe_preset}", f"growlength.tokens_per_step={tps}", "growlength.grad_accum=null",
                  f"growlength.stages={stages}", f"growlength.micro_batch_probe={probe}", "optimisation.warmup_steps=1",
