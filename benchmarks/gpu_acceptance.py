@@ -489,6 +489,9 @@ def check_switch(ctx: Context, budget: Budget) -> Result:
         return res.fail(f"steps {sorted(got)} after the resume, the reference has {sorted(want)}")
     if {g for _, g in shapes["accum4"]} != {1, 4} or {g for _, g in shapes["accum1"]} != {1}:
         res.fail(f"the accumulation did not change 1 -> 4 at the switch: {shapes}")
+    backend = "nccl" if ctx.cuda else "gloo"
+    if res.figures["backend"] != backend:
+        res.fail(f"the run's process group used {res.figures['backend']}, expected {backend}")
     rtol = SWITCH_RTOL["cuda" if ctx.cuda else "cpu"]
     rel = {k: max(abs(got[i][k] - want[i][k]) / abs(want[i][k]) for i in want) for k in rtol}
     recomputed = range(ckpt_at + 1, kill_at + 1)
@@ -583,6 +586,8 @@ def check_probe(ctx: Context, budget: Budget) -> Result:
                          f"{shape[0][1] if shape else '?'}: peak {(peak or 0) / 2**20:,.0f} MiB{share}"))
         if shape != [tuple(plan[L])]:
             res.fail(f"stage L={L} trained at (micro_batch, accum) {shape}, the probe allows {tuple(plan[L])}")
+        if not peak:
+            res.fail(f"no peak memory was recorded for stage L={L} (benchmarks/acceptance_rank.py)")
     return res
 
 
@@ -628,7 +633,8 @@ def check_compare(ctx: Context, budget: Budget) -> Result:
                   f"report {out / 'report.md'}"),
                  (f"val loss @ L={long}: GrowLength {arrow}", f"{grow['val_loss_long']:.4f} "
                   f"({grow['tokens_seen']:,} tokens)"),
-                 (f"val loss @ L={long}: fixed {long}", f"{fixed['val_loss_long']:.4f} ({fixed['tokens_seen']:,} tokens)"),
+                 (f"val loss @ L={long}: fixed {long}",
+                  f"{fixed['val_loss_long']:.4f} ({fixed['tokens_seen']:,} tokens)"),
                  (f"GrowLength's time to fixed-{long}'s final loss",
                   f"{reached:.1f} s of {grow['elapsed_s']:.1f} s" if reached is not None else "not reached")]
     return res
@@ -643,7 +649,7 @@ def run_check(ctx: Context, name: str) -> Result:
     budget_s = min(ctx.sizes.budgets[name], ctx.left())
     t0 = time.monotonic()
     if budget_s <= 1:
-        return Result(name, "skipped", f"not started: --timeout-s was used up by the checks before it",
+        return Result(name, "skipped", "not started: --timeout-s was used up by the checks before it",
                       budget_s=max(budget_s, 0))
     try:
         res = CHECK_FUNCTIONS[name](ctx, Budget(budget_s))
@@ -718,6 +724,8 @@ def check_args(args: argparse.Namespace, cuda: bool) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dry_run:  # the CPU rehearsal stays on the CPU on a GPU machine too (launcher, bench_lengths, compare)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
     cuda = torch.cuda.is_available() and not args.dry_run
     try:

@@ -9,7 +9,8 @@ from launcher import steptime
 from model import CausalLM, ModelConfig
 from model.attention import flash_unusable_reason
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu on a GPU machine)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (make test-gpu on a GPU machine)")
 
 
 def _loss_and_grads(model, x):
