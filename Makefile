@@ -11,7 +11,7 @@ STAMP      := $(VENV)/.growlength-installed
 # DeepSpeed JIT-builds a small CPU communication op on first use; keep its cache with the venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-gpu install bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then bash slurm/setup_local_cluster.sh; \
 	else echo "make test: not root, so no local SLURM cluster is started; tests/cluster skip unless one is up"; fi
 	$(PY) -m pytest -q -ra tests
+
+# On a GPU machine (install your CUDA torch: TORCH_SPEC, and pip install -e .[gpu] for flash-attn): tests/gpu/, which
+# run benchmarks/gpu_acceptance.py at full size (bounded to 8 min) and short CUDA kernel checks. `make test` skips them.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -ra tests/gpu
 
 bench: $(STAMP)
 	@echo "see README: Benchmarks"

@@ -1,0 +1,121 @@
+"""One rank of ``launcher/pretrain.py`` with two instruments for ``benchmarks/gpu_acceptance.py``.
+
+    [deepspeed --num_gpus N] benchmarks/acceptance_rank.py --ds_config ... key=value ...   (the launcher's arguments)
+
+It runs the launcher's own ``main()`` unchanged; around it, from the environment:
+
+  GROWLENGTH_ACCEPTANCE_MEMORY=PREFIX   peak memory per training length, written to PREFIX.rank{R}.json when the
+        launcher returns: CUDA ``max_memory_allocated``, or on CPU the process's peak resident set (VmHWM). The peak
+        is read and reset whenever a training forward (grad enabled) of the model arrives at a new sequence length,
+        i.e. at each stage switch; a stage's validation runs before the next switch and counts in its stage.
+  GROWLENGTH_ACCEPTANCE_DETERMINISTIC=1 torch's deterministic algorithms (and cuBLAS's fixed workspace), so that a
+        resumed run can be compared bit for bit with the steps it recomputes on a GPU as it is on the CPU.
+
+Nothing here changes what the launcher computes; a rank killed by a fault injection writes no memory file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]  # import the repo's packages, as pretrain
+sys.path.insert(0, os.path.dirname(_here))
+
+if os.environ.get("GROWLENGTH_ACCEPTANCE_DETERMINISTIC") == "1":
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must be set before cuBLAS starts
+
+import torch  # noqa: E402
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_vm_hwm() -> bool:
+    """Linux resets a process's peak RSS to its current RSS on ``5`` written to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakPerLength:
+    """Peak memory per training sequence length, from a global forward pre-hook on the model."""
+
+    def __init__(self, model_class: type):
+        self.model_class = model_class
+        self.cuda = torch.cuda.is_available()
+        self.peaks: dict[int, int] = {}
+        self.current: int | None = None
+        self.reset_ok = True
+        self.backend: str | None = None
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._pre_forward)
+
+    def _read(self) -> int:
+        return torch.cuda.max_memory_allocated() if self.cuda else _vm_hwm()
+
+    def _reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.reset_ok = _reset_vm_hwm() and self.reset_ok
+
+    def _pre_forward(self, module, args):
+        if not isinstance(module, self.model_class) or not torch.is_grad_enabled() or not args:
+            return None
+        seq_len = int(args[0].shape[-1])  # input_ids (B, T)
+        if seq_len != self.current:
+            self.close_length()
+            self._reset()
+            self.current = seq_len
+            if self.backend is None and torch.distributed.is_initialized():
+                self.backend = str(torch.distributed.get_backend())
+        return None
+
+    def close_length(self) -> None:
+        if self.current is not None:
+            self.peaks[self.current] = max(self.peaks.get(self.current, 0), self._read())
+
+    def report(self) -> dict:
+        self.close_length()
+        capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if self.cuda else None
+        return {"device": "cuda" if self.cuda else "cpu", "measure": "max_memory_allocated" if self.cuda else
+                "VmHWM (peak RSS)", "peak_bytes": {str(k): v for k, v in self.peaks.items()},
+                "reset_per_length": self.reset_ok, "capacity_bytes": capacity, "backend": self.backend}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    if os.environ.get("GROWLENGTH_ACCEPTANCE_DETERMINISTIC") == "1":
+        torch.use_deterministic_algorithms(True, warn_only=True)  # ops without one keep running, with a warning
+        torch.backends.cudnn.benchmark = False
+    from launcher import pretrain
+    from model import CausalLM
+
+    prefix = os.environ.get("GROWLENGTH_ACCEPTANCE_MEMORY")
+    watch = PeakPerLength(CausalLM) if prefix else None
+    try:
+        return pretrain.main(sys.argv[1:])
+    finally:
+        if watch is not None:
+            watch.handle.remove()
+            rank = os.environ.get("RANK", "0")
+            _write_json(f"{prefix}.rank{rank}.json", watch.report())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

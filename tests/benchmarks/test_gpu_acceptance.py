@@ -1,0 +1,146 @@
+"""benchmarks/gpu_acceptance.py where there is no GPU: its --dry-run runs every check on the CPU at tiny size (real
+launcher runs on gloo, real bench_lengths and compare, real transformers), so the script cannot rot; and its
+command-line errors.
+
+One dry run per module (a subprocess, as a user starts it); the tests read its table and JSON.
+"""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_acceptance"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+acc = _module()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("acceptance")
+    report = tmp / "acceptance.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("GROWLENGTH_FAULT", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--json", str(report), "--out", str(tmp / "work"),
+                           "--builtin-dir", str(tmp / "builtin"), "--timeout-s", "600"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert report.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(report.read_text())
+    return proc, data, {c["name"]: c for c in data["checks"]}
+
+
+def test_dry_run_runs_every_check_and_prints_one_labelled_table(dry_run):
+    proc, data, checks = dry_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert list(checks) == list(acc.CHECKS)
+    assert {n: c["status"] for n, c in checks.items()} == {"parity": "skipped", "throughput": "passed",
+                                                          "switch": "passed", "probe": "passed", "compare": "passed"}
+    assert "flash-attn" in checks["parity"]["reason"]  # skipped, and why
+    assert data["dry_run"] is True and data["exit_code"] == 0
+    lab = data["labels"]
+    import torch
+    assert lab["torch"] == torch.__version__ and lab["gpu"] == "none (CPU)" and lab["flash_attn"]
+    out = proc.stdout
+    assert out.count("GPU acceptance (DRY RUN") == 1 and f"torch {torch.__version__}" in out
+    for name, c in checks.items():
+        assert c["seconds"] <= c["budget_s"] + 5, name
+        assert any(line.startswith(f"{name:<11} {c['status']}") for line in out.splitlines()), name
+    assert "5 checks in" in out and "1 skipped; exit 0" in out
+    assert data["table"] in out
+
+
+def test_dry_run_parity_measures_sdpa_bf16_against_fp32(dry_run):
+    f = dry_run[2]["parity"]["figures"]
+    assert f["seq_len"] == 64 and f["dtype"] == "bf16"
+    # bf16 rounding of a random tiny model: above zero (it is a real bf16 forward), far below the logits' scale
+    assert 0 < f["sdpa_max_abs_err_vs_fp32"] < 0.1 * f["max_abs_logit_fp32"]
+    assert "flash_vs_sdpa_max_abs_diff" not in f
+
+
+def test_dry_run_throughput_has_ours_and_transformers_per_length(dry_run):
+    f = dry_run[2]["throughput"]["figures"]
+    assert list(f["lengths"]) == ["32", "64"] and "ours-flash" in f["skipped"]
+    for L, cells in f["lengths"].items():
+        assert set(cells) == {"ours-sdpa", "hf-sdpa"}, L
+        for name, c in cells.items():
+            assert c["tokens_per_s"] > 0 and c["mfu"] is None, (L, name)  # no peak is known for a CPU
+            assert c["tokens_per_s"] == pytest.approx(256 / c["step_s"])
+
+
+def test_dry_run_switch_changes_accumulation_and_resumes_exactly(dry_run):
+    f = dry_run[2]["switch"]["figures"]
+    assert f["backend"] == "gloo" and f["ranks"] == 1
+    assert f["micro_batches"]["accum4"] == [[16, 1]] * 2 + [[2, 4]] * 4
+    assert f["micro_batches"]["accum1"] == [[16, 1]] * 2 + [[8, 1]] * 4
+    assert f["max_rel_diff"]["loss"] <= f["rtol"]["loss"] and f["max_rel_diff"]["grad_norm"] <= f["rtol"]["grad_norm"]
+    assert f["recomputed_steps"] == [4, 5] and all(f["resume_bitwise"].values())
+    assert f["resume_max_abs_loss_diff"] == 0
+
+
+def test_dry_run_probe_then_a_launcher_run_at_the_probed_micro_batch(dry_run):
+    f = dry_run[2]["probe"]["figures"]
+    from launcher.plan import max_tokens_per_micro_batch
+    probe = {"lengths": [{"seq_len": int(L), **r} for L, r in f["probe"].items()]}
+    assert f["tokens_per_step"] == max_tokens_per_micro_batch(probe, 64)
+    for L, st in f["stages"].items():
+        (mb, accum), = st["micro_batch_and_accum"]
+        assert mb * int(L) <= f["probe"][L]["max_tokens_per_batch"], L  # within what the probe measured to fit
+        assert mb * int(L) * accum == f["tokens_per_step"] and st["steps"] == 2
+        assert st["peak_bytes"] > 0
+    (mb, _), = f["stages"]["64"]["micro_batch_and_accum"]
+    assert mb * 64 == max_tokens_per_micro_batch(probe, 64)  # the longest stage runs at exactly its cap
+
+
+def test_dry_run_compare_reports_the_loss_each_reached(dry_run):
+    f = dry_run[2]["compare"]["figures"]
+    assert f["lengths"] == [32, 64] and f["seconds_per_run"] == 3
+    runs = f["runs"]
+    for name in ("growlength", "fixed-long"):
+        assert math.isfinite(runs[name]["val_loss_long"]) and runs[name]["steps"] >= 1, name
+        assert runs[name]["stopped_by"] == "clock", name
+    assert f["target_val_loss"] == runs["fixed-long"]["val_loss_long"]
+    assert "time_to_target_s" in runs["growlength"] and Path(f["report"]).is_file()
+
+
+def test_exit_code_is_nonzero_when_a_check_fails():
+    passed, skipped = acc.Result("switch"), acc.Result("parity", "skipped", "no flash")
+    assert acc.exit_code([passed, skipped]) == 0
+    assert acc.exit_code([passed, acc.Result("parity").fail("flash-attn's logits are off")]) == 1
+    assert acc.exit_code([passed, acc.Result("compare", "error", "RuntimeError: boom")]) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checks", "parity,speed"], "--checks 'parity,speed': unknown ['speed']; choose from parity,throughput"),
+    (["--timeout-s", "0"], "--timeout-s 0: must be positive"),
+    (["--json", "no/such/dir/a.json"], "does not exist or is not writable"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
+    argv = ["--dry-run", "--out", str(tmp_path / "w"), *args]
+    if "--json" not in args:
+        argv += ["--json", str(tmp_path / "a.json")]
+    assert acc.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "a.json").exists()
+
+
+def test_without_a_gpu_the_full_run_asks_for_dry_run(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert acc.main(["--json", str(tmp_path / "a.json"), "--out", str(tmp_path / "w")]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err and not (tmp_path / "w").exists()
