@@ -26,6 +26,10 @@ from launcher.plan import Stage, StagePlan
 
 log = logging.getLogger("growlength")
 
+# optimizer steps of micro-batches read ahead by the loader's thread: two keep it one step ahead even when a step's
+# reads are slower than usual; each is this rank's tokens_per_step / ranks tokens as int64
+PREFETCH_STEPS = 2
+
 
 def check_vocab(dataset: IndexedDataset, tokenizer: Tokenizer, prefix: str, probe_tokens: int = 1 << 22) -> None:
     """Refuse data whose token ids do not fit the tokenizer (a tokenizer/data mismatch).
@@ -86,11 +90,13 @@ class TrainData:
                         f"{self.samples.tokens_needed:,}", self.prefix, f"{self.samples.tokens_per_epoch:,}",
                         self.samples.num_epochs)
 
-    def loader(self, stage: Stage, consumed_steps: int) -> StageLoader:
-        """This rank's loader for ``stage``, positioned after ``consumed_steps`` optimizer steps of it."""
+    def loader(self, stage: Stage, consumed_steps: int, prefetch: int = PREFETCH_STEPS) -> StageLoader:
+        """This rank's loader for ``stage``, positioned after ``consumed_steps`` optimizer steps of it; a thread
+        reads ``prefetch`` steps ahead, into pinned memory on CUDA (close it at the stage's end)."""
         global_batch = stage.micro_batch_size * stage.grad_accum * self.world
         return StageLoader(self.samples, stage.index, stage.micro_batch_size, stage.grad_accum, self.rank,
-                           self.world, consumed_samples=consumed_steps * global_batch)
+                           self.world, consumed_samples=consumed_steps * global_batch, prefetch=prefetch,
+                           pin_memory=ds.device().type == "cuda")
 
     def valid_batches(self, seq_len: int, eval_tokens: int, tokens_per_batch: int):
         """This rank's share of the validation windows at ``seq_len``, in batches of about ``tokens_per_batch``."""
