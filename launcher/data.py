@@ -2,7 +2,8 @@
 validation windows. (The model is built in launcher/modeling.py.)
 
 Rank 0 prepares whatever is missing (the built-in corpus on first use, the sample index); the other ranks wait
-at a barrier and then memory-map the same files.
+for it (launcher.engine.wait_for_rank0: under GROWLENGTH_RANK0_TIMEOUT_MIN, not the collective timeout) and then
+memory-map the same files; an error on rank 0 is raised on every rank.
 """
 from __future__ import annotations
 
@@ -78,9 +79,8 @@ class TrainData:
         kwargs = dict(stages=plan.data_stages(), seed=self.cfg.seed, valid_fraction=d.valid_fraction,
                       epochs=d.epochs, cache_dir=str(self.cache_dir()))
         self.samples = GrowLengthSamples(self.prefix, **kwargs)
-        if self.rank == 0:
-            self.samples.build()
-        ds.barrier()
+        # minutes on a large corpus: the others wait under GROWLENGTH_RANK0_TIMEOUT_MIN, not the collective timeout
+        ds.wait_for_rank0(self.samples.build, self.rank, self.world)
         if self.rank != 0:
             self.samples.load()
         log.info("sample index ready in %.2fs (%s)", time.perf_counter() - t0, self.cache_dir())
@@ -113,9 +113,7 @@ class TrainData:
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
     d = cfg.data
     if d.prefix is None:
-        if rank == 0:
-            prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
-        ds.barrier()
+        ds.wait_for_rank0(lambda: prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size), rank, world)
         tokenizer_path, prefix = prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
     else:
         tokenizer_path, prefix = d.tokenizer, d.prefix
