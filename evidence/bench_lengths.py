@@ -2,6 +2,7 @@
 
     python -m evidence.bench_lengths --preset tiny --lengths 128,256,512,1024 --tokens-per-batch 8192
         [--memory-cap-gb G] [--vocab-size V] [--dtype bf16|fp32] [--steps 2] [--repeats 3] [--json OUT]
+        [--ds_config ds_configs/zero2.json] [--ranks N]
 
 Per length L, with micro_batch = tokens_per_batch / L: the step time of a training step (forward, backward and an
 AdamW update of the model in ``--dtype``; DeepSpeed's ZeRO bookkeeping is not included, it is the same at every
@@ -14,21 +15,27 @@ gives the median, min-max and max/min per length and the ratio with its range ov
 above 1.2 is flagged (``!`` in the table, ``"noisy": true`` in the JSON) with a warning to raise ``--repeats``.
 On CUDA the clock is read after ``torch.cuda.synchronize()``.
 
-Memory, honestly measured, of a training step in steady state: the second of two steps, which runs with the
-optimizer's moments and the allocator slack the first one left, as every later step of a run does (on this CPU a
-single step after allocating the moments reads 4% lower for pythia-70m). When the search measures a larger batch,
-the first step runs at the ``--tokens-per-batch`` micro-batch, which is cheaper and gave the same peak within 0.3%
-(pythia-70m, L=128: 8 then 64 sequences against 64 then 64):
+Memory, in the regime the launcher trains in: the run's DeepSpeed engine built from ``--ds_config`` (default the
+launcher's ds_configs/zero2.json: bf16 weights with an fp32 master copy and fp32 Adam moments, ZeRO partitioning of
+them over ``--ranks`` processes, gradient buckets, fp32 gradient accumulation, offload when the JSON asks), the
+launcher's own model construction and parameter groups, each measurement in fresh processes, one per rank, joined
+in a process group like the run's (the highest rank's peak counts). Steady state: the last of 3 optimizer steps of
+4 accumulated micro-batches each (the first step allocates the optimizer state and leaves the allocator's slack,
+as in a run). When the search measures a larger batch, the first step runs at the ``--tokens-per-batch``
+micro-batch, which is cheaper and gave the same peak within 0.3% (pythia-70m, L=128: 8 then 64 sequences against
+64 then 64). ``--dtype fp32`` turns the JSON's bf16 off for both time and memory.
   GPU  ``torch.cuda.max_memory_allocated`` (weights, gradients, optimizer state, activations), reset per
        measurement; the largest batch is found by doubling micro_batch from the measured one until CUDA runs out of
        memory, then bisecting between the last fit and the first failure.
   CPU  there is no allocator counter, so each measurement runs in a fresh subprocess and reports the growth of the
-       process's peak resident set (Linux VmHWM, which the kernel keeps per process) from just before the model
-       is built to the end of the step: weights, gradients, optimizer state, activations and the allocator's
+       process's peak resident set (Linux VmHWM, which the kernel keeps per process, restarted at the current RSS
+       just before the model is built) to the end of the steps: weights, gradients, optimizer state, activations and the allocator's
        slack, but not the Python/torch runtime. The largest batch against ``--memory-cap-gb`` is predicted from
        an affine fit (peak = fixed + tokens x per-token cost at each length; the fixed part, weights and optimizer
        state, is the same at every length, so one extra measurement at the first length serves all of them) and
-       then verified by measuring it, stepping down while the measurement exceeds the cap.
+       then verified by measuring it, stepping down while the measurement exceeds the cap less 3% (a run's RSS
+       still grows a little after the probe's steps). tests/tools/test_probe_regime.py runs the launcher at the
+       chosen micro-batch and checks its peak RSS growth against the cap.
 A batch that does not fit (CUDA out of memory, or an allocator error) is a result in the search and a clear error
 at the measured ``--tokens-per-batch``.
 
@@ -129,6 +136,15 @@ def time_lengths(preset: str, vocab_size: int, lengths: list[int], tokens_per_ba
     return [{L: list(t.rounds[r]) for L, t in times.lengths.items()} for r in range(repeats)]
 
 
+# a memory measurement runs STEPS optimizer steps of ACCUMULATION micro-batches each: DeepSpeed's accumulation path
+# (fp32 accumulation buffers) and the allocator's growth over the first steps are part of the peak (pythia-tiny,
+# L=64, micro-batch 12, ZeRO-2 on this CPU: the launcher's peak grew 165, 171 and 183 MiB at accumulation 1, 2, 60,
+# over 2 steps)
+STEPS, ACCUMULATION = 3, 4
+# a CPU answer leaves this share of the cap free: a run's peak RSS still grows a little after the probe's steps
+CPU_HEADROOM = 0.03
+
+
 def probe_ds_config(ds_config: str, dtype: str | None, micro_batch: int, world: int) -> dict:
     """The run's DeepSpeed JSON as the probe trains under it: its ZeRO stage, buckets, offload, precision and
     optimizer as they are; the batch keys for one micro-batch per step; no scheduler (it allocates nothing, and its
@@ -139,8 +155,8 @@ def probe_ds_config(ds_config: str, dtype: str | None, micro_batch: int, world: 
         cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}
     elif dtype == "bf16":
         cfg["bf16"], cfg["fp16"] = {"enabled": True}, {"enabled": False}
-    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
-               train_batch_size=micro_batch * world)
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=ACCUMULATION,
+               train_batch_size=micro_batch * ACCUMULATION * world)
     return cfg
 
 
@@ -152,14 +168,29 @@ def measure_memory(preset: str, vocab_size: int, seq_len: int, micro_batch: int,
     ``warmup_micro_batch`` (default: the same), which allocates the optimizer's state and leaves the allocator's
     slack (see the module docstring for what the peak is on GPU and CPU). Starts a process group of one when none
     exists (run_isolated starts one per rank). Raises steptime.OutOfMemory."""
+    import torch.distributed as dist
+    from launcher import engine as ds
+
+    own_group = not dist.is_initialized()
+    if own_group:  # called in-process: a group of one, dropped (and the environment restored) at the end
+        env_before = dict(os.environ)
+        ds.init_distributed()
+    try:
+        return _measure_memory(preset, vocab_size, seq_len, micro_batch, dtype, seed, warmup_micro_batch, ds_config)
+    finally:
+        if own_group:
+            ds.close()
+            os.environ.clear()
+            os.environ.update(env_before)
+
+
+def _measure_memory(preset, vocab_size, seq_len, micro_batch, dtype, seed, warmup_micro_batch, ds_config) -> dict:
     import torch
     import torch.distributed as dist
     from launcher import engine as ds
     from launcher.optim import param_groups
     from model import CausalLM, ModelConfig
 
-    if not dist.is_initialized():
-        ds.init_distributed()
     world = dist.get_world_size()
     cuda = torch.cuda.is_available()
     device = ds.device()
@@ -182,11 +213,13 @@ def measure_memory(preset: str, vocab_size: int, seq_len: int, micro_batch: int,
         model = CausalLM(ModelConfig.from_preset(preset, vocab_size=vocab_size))  # as the launcher builds it
         engine = ds.create_engine(model, cfg, param_groups(model))
         x = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), device=device)
-        for batch in (x[:warmup_micro_batch or micro_batch], x):  # the second is the steady one
-            ds.set_accumulation_boundary(engine, True)
-            loss = engine(batch[:, :-1], labels=batch[:, 1:])
-            engine.backward(loss)
-            engine.step()
+        # optimizer steps of ACCUMULATION micro-batches, as the launcher's: the last ones are the steady state
+        for batch in (x[:warmup_micro_batch or micro_batch],) + (x,) * (STEPS - 1):
+            for i in range(ACCUMULATION):
+                ds.set_accumulation_boundary(engine, i == ACCUMULATION - 1)
+                loss = engine(batch[:, :-1], labels=batch[:, 1:])
+                engine.backward(loss)
+            engine.step()  # once per optimizer step, after its last micro-batch (the launcher's train_step)
         if cuda:
             torch.cuda.synchronize()
 
@@ -292,6 +325,7 @@ def max_batch_cpu(preset, vocab_size, seq_len, dtype, first: dict, cap_bytes: in
         checks.append(second)
         per_mb = max(1.0, (second["peak_bytes"] - first["peak_bytes"]) / first["micro_batch"])
         fixed_bytes = first["peak_bytes"] - per_mb * first["micro_batch"]
+    cap_bytes = int(cap_bytes * (1 - CPU_HEADROOM))
     mb = max(0, int((cap_bytes - fixed_bytes) // per_mb))
     for _ in range(4):
         if mb < 1:
@@ -441,8 +475,11 @@ def main(argv=None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        if args.ranks < 1:
-            raise EvidenceError(f"--ranks {args.ranks}: must be at least 1 (the run's ranks per node)")
+        import torch
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+        if args.ranks < 1 or (gpus is not None and args.ranks > gpus):
+            raise EvidenceError(f"--ranks {args.ranks}: must be at least 1" + (f" and at most the {gpus} visible GPUs"
+                                if gpus is not None else "") + " (one process per rank, as in the run)")
         from launcher.ds_config import DSConfigError, load_ds_config
         try:
             load_ds_config(args.ds_config)
