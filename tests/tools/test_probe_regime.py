@@ -63,4 +63,5 @@ def test_probe_config_is_the_runs_with_the_probes_batch():
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and "scheduler" not in cfg
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == \
         (3, bench_lengths.ACCUMULATION, 3 * bench_lengths.ACCUMULATION * 2)
-    assert bench_lengths.probe_ds_config(str(ROOT / "ds_configs/zero2.json"), "fp32", 1, 1)["bf16"] == {"enabled": False}
+    fp32 = bench_lengths.probe_ds_config(str(ROOT / "ds_configs/zero2.json"), "fp32", 1, 1)
+    assert fp32["bf16"] == {"enabled": False}
