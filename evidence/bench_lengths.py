@@ -23,15 +23,15 @@ in a process group like the run's (the highest rank's peak counts). Steady state
 4 accumulated micro-batches each (the first step allocates the optimizer state and leaves the allocator's slack,
 as in a run). When the search measures a larger batch, the first step runs at the ``--tokens-per-batch``
 micro-batch, which is cheaper and gave the same peak within 0.3% (pythia-70m, L=128: 8 then 64 sequences against
-64 then 64). ``--dtype fp32`` turns the JSON's bf16 off for both time and memory.
+64 then 64). Memory takes the JSON's precision; ``--dtype fp32`` turns its bf16 off.
   GPU  ``torch.cuda.max_memory_allocated`` (weights, gradients, optimizer state, activations), reset per
        measurement; the largest batch is found by doubling micro_batch from the measured one until CUDA runs out of
        memory, then bisecting between the last fit and the first failure.
   CPU  there is no allocator counter, so each measurement runs in a fresh subprocess and reports the growth of the
        process's peak resident set (Linux VmHWM, which the kernel keeps per process, restarted at the current RSS
        just before the model is built) to the end of the steps: weights, gradients, optimizer state, buckets,
-       activations and the allocator's slack, but not the Python/torch runtime. The largest batch against ``--memory-cap-gb`` is predicted from
-       an affine fit (peak = fixed + tokens x per-token cost at each length; the fixed part, weights and optimizer
+       activations and the allocator's slack, but not the Python/torch runtime. The largest batch against
+       ``--memory-cap-gb`` is predicted from an affine fit (peak = fixed + tokens x per-token cost at each length; the fixed part, weights and optimizer
        state, is the same at every length, so one extra measurement at the first length serves all of them) and
        then verified by measuring it, stepping down while the measurement exceeds the cap less 3% (a run's RSS
        still grows a little after the probe's steps). tests/tools/test_probe_regime.py runs the launcher at the
@@ -148,13 +148,11 @@ CPU_HEADROOM = 0.03
 def probe_ds_config(ds_config: str, dtype: str | None, micro_batch: int, world: int) -> dict:
     """The run's DeepSpeed JSON as the probe trains under it: its ZeRO stage, buckets, offload, precision and
     optimizer as they are; the batch keys for one micro-batch per step; no scheduler (it allocates nothing, and its
-    step counts follow from a plan). ``dtype`` "fp32" turns the JSON's bf16/fp16 off, "bf16" turns bf16 on."""
+    step counts follow from a plan). ``dtype`` "fp32" turns the JSON's bf16/fp16 off; otherwise its precision."""
     from launcher.ds_config import load_ds_config
     cfg = {k: v for k, v in load_ds_config(ds_config).items() if k != "scheduler"}
     if dtype == "fp32":
         cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}
-    elif dtype == "bf16":
-        cfg["bf16"], cfg["fp16"] = {"enabled": True}, {"enabled": False}
     cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=ACCUMULATION,
                train_batch_size=micro_batch * ACCUMULATION * world)
     return cfg
