@@ -31,8 +31,9 @@ micro-batch, which is cheaper and gave the same peak within 0.3% (pythia-70m, L=
        process's peak resident set (Linux VmHWM, which the kernel keeps per process, restarted at the current RSS
        just before the model is built) to the end of the steps: weights, gradients, optimizer state, buckets,
        activations and the allocator's slack, but not the Python/torch runtime. The largest batch against
-       ``--memory-cap-gb`` is predicted from an affine fit (peak = fixed + tokens x per-token cost at each length; the fixed part, weights and optimizer
-       state, is the same at every length, so one extra measurement at the first length serves all of them) and
+       ``--memory-cap-gb`` is predicted from an affine fit (peak = fixed + tokens x per-token cost at each length;
+       the fixed part, weights and optimizer state, is the same at every length, so one extra measurement at the
+       first length serves all of them) and
        then verified by measuring it, stepping down while the measurement exceeds the cap less 3% (a run's RSS
        still grows a little after the probe's steps). tests/tools/test_probe_regime.py runs the launcher at the
        chosen micro-batch and checks its peak RSS growth against the cap.
