@@ -138,6 +138,9 @@ class _Prefetcher:
         self.loader = loader
         self._queue: queue.Queue = queue.Queue(maxsize=loader.prefetch)
         self._stop = threading.Event()
+        # the CUDA device is per thread: pinning from a thread left on device 0 would open a context there for
+        # every rank of the node (as torch's DataLoader, set the caller's device in the thread)
+        self._cuda_device = torch.cuda.current_device() if loader.pin_memory else None
         self._thread = threading.Thread(target=self._read_ahead, args=(loader.consumed_samples,), daemon=True,
                                         name=f"growlength-prefetch-stage{loader.stage}-rank{loader.rank}")
         self._thread.start()
@@ -145,6 +148,8 @@ class _Prefetcher:
     def _read_ahead(self, start: int) -> None:
         loader = self.loader
         try:
+            if self._cuda_device is not None:
+                torch.cuda.set_device(self._cuda_device)
             while start < loader.num_samples and not self._stop.is_set():
                 self._put((start, loader.read_step(start)))
                 start += loader.global_batch_size
