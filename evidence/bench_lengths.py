@@ -2,6 +2,7 @@
 
     python -m evidence.bench_lengths --preset tiny --lengths 128,256,512,1024 --tokens-per-batch 8192
         [--memory-cap-gb G] [--vocab-size V] [--dtype bf16|fp32] [--steps 2] [--repeats 3] [--json OUT]
+        [--ds_config ds_configs/zero2.json] [--ranks N]
 
 Per length L, with micro_batch = tokens_per_batch / L: the step time of a training step (forward, backward and an
 AdamW update of the model in ``--dtype``; DeepSpeed's ZeRO bookkeeping is not included, it is the same at every
@@ -14,21 +15,28 @@ gives the median, min-max and max/min per length and the ratio with its range ov
 above 1.2 is flagged (``!`` in the table, ``"noisy": true`` in the JSON) with a warning to raise ``--repeats``.
 On CUDA the clock is read after ``torch.cuda.synchronize()``.
 
-Memory, honestly measured, of a training step in steady state: the second of two steps, which runs with the
-optimizer's moments and the allocator slack the first one left, as every later step of a run does (on this CPU a
-single step after allocating the moments reads 4% lower for pythia-70m). When the search measures a larger batch,
-the first step runs at the ``--tokens-per-batch`` micro-batch, which is cheaper and gave the same peak within 0.3%
-(pythia-70m, L=128: 8 then 64 sequences against 64 then 64):
+Memory, in the regime the launcher trains in: the run's DeepSpeed engine built from ``--ds_config`` (default the
+launcher's ds_configs/zero2.json: bf16 weights with an fp32 master copy and fp32 Adam moments, ZeRO partitioning of
+them over ``--ranks`` processes, gradient buckets, fp32 gradient accumulation, offload when the JSON asks), the
+launcher's own model construction and parameter groups, each measurement in fresh processes, one per rank, joined
+in a process group like the run's (the highest rank's peak counts). Steady state: the last of 3 optimizer steps of
+4 accumulated micro-batches each (the first step allocates the optimizer state and leaves the allocator's slack,
+as in a run). When the search measures a larger batch, the first step runs at the ``--tokens-per-batch``
+micro-batch, which is cheaper and gave the same peak within 0.3% (pythia-70m, L=128: 8 then 64 sequences against
+64 then 64). Memory takes the JSON's precision; ``--dtype fp32`` turns its bf16 off.
   GPU  ``torch.cuda.max_memory_allocated`` (weights, gradients, optimizer state, activations), reset per
        measurement; the largest batch is found by doubling micro_batch from the measured one until CUDA runs out of
        memory, then bisecting between the last fit and the first failure.
   CPU  there is no allocator counter, so each measurement runs in a fresh subprocess and reports the growth of the
-       process's peak resident set (Linux VmHWM, which the kernel keeps per process) from just before the model
-       is built to the end of the step: weights, gradients, optimizer state, activations and the allocator's
-       slack, but not the Python/torch runtime. The largest batch against ``--memory-cap-gb`` is predicted from
-       an affine fit (peak = fixed + tokens x per-token cost at each length; the fixed part, weights and optimizer
-       state, is the same at every length, so one extra measurement at the first length serves all of them) and
-       then verified by measuring it, stepping down while the measurement exceeds the cap.
+       process's peak resident set (Linux VmHWM, which the kernel keeps per process, restarted at the current RSS
+       just before the model is built) to the end of the steps: weights, gradients, optimizer state, buckets,
+       activations and the allocator's slack, but not the Python/torch runtime. The largest batch against
+       ``--memory-cap-gb`` is predicted from an affine fit (peak = fixed + tokens x per-token cost at each length;
+       the fixed part, weights and optimizer state, is the same at every length, so one extra measurement at the
+       first length serves all of them) and
+       then verified by measuring it, stepping down while the measurement exceeds the cap less 3% (a run's RSS
+       still grows a little after the probe's steps). tests/tools/test_probe_regime.py runs the launcher at the
+       chosen micro-batch and checks its peak RSS growth against the cap.
 A batch that does not fit (CUDA out of memory, or an allocator error) is a result in the search and a clear error
 at the measured ``--tokens-per-batch``.
 
@@ -41,6 +49,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +63,7 @@ log = logging.getLogger("growlength")
 DEFAULT_VOCAB = {"tiny": 8192}  # the built-in tokenizer; Pythia presets use Pythia's 50277
 PYTHIA_VOCAB = 50277
 MiB = 1 << 20
+DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json")  # the launcher's default
 NOISY_HINT = f"max/min above {steptime.NOISY_SPREAD:g}: the machine was noisy; rerun with more --repeats"
 
 
@@ -62,12 +72,28 @@ from launcher.plan import load_probe, max_tokens_per_micro_batch, stage_micro_ba
 
 
 # ---- one process's work (in a fresh subprocess on CPU) ------------------------------------------------------------
-def _peak_rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise OSError("VmHWM not in /proc/self/status (not Linux?)")
+    raise OSError(f"{field} not in /proc/self/status (not Linux?)")
+
+
+def _peak_rss_bytes() -> int:
+    return _status_bytes("VmHWM")
+
+
+def reset_peak_rss() -> int:
+    """Restart the kernel's peak-RSS counter at the current RSS (``5 > /proc/self/clear_refs``, Linux 4.0+) and
+    return that baseline; where that is not allowed, the peak so far is the baseline (an underestimate of what
+    comes after it only when an earlier peak was higher)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return _peak_rss_bytes()
 
 
 def _dtype(name: str):
@@ -111,36 +137,88 @@ def time_lengths(preset: str, vocab_size: int, lengths: list[int], tokens_per_ba
     return [{L: list(t.rounds[r]) for L, t in times.lengths.items()} for r in range(repeats)]
 
 
-def measure_memory(preset: str, vocab_size: int, seq_len: int, micro_batch: int, dtype: str, seed: int = 0,
-                   warmup_micro_batch: int | None = None) -> dict:
-    """Peak memory in bytes of a training step of a fresh model on random tokens (micro_batch, seq_len), in steady
-    state: after a first step at ``warmup_micro_batch`` (default: the same), which allocates the optimizer's moments
-    and leaves the allocator's slack (see the module docstring for what the peak is on GPU and CPU). Raises
-    steptime.OutOfMemory."""
-    import torch
+# a memory measurement runs STEPS optimizer steps of ACCUMULATION micro-batches each: DeepSpeed's accumulation path
+# (fp32 accumulation buffers) and the allocator's growth over the first steps are part of the peak (pythia-tiny,
+# L=64, micro-batch 12, ZeRO-2 on this CPU: the launcher's peak grew 165, 171 and 183 MiB at accumulation 1, 2, 60,
+# over 2 steps)
+STEPS, ACCUMULATION = 3, 4
+# a CPU answer leaves this share of the cap free: a run's peak RSS still grows a little after the probe's steps
+CPU_HEADROOM = 0.03
 
+
+def probe_ds_config(ds_config: str, dtype: str | None, micro_batch: int, world: int) -> dict:
+    """The run's DeepSpeed JSON as the probe trains under it: its ZeRO stage, buckets, offload, precision and
+    optimizer as they are; the batch keys for one micro-batch per step; no scheduler (it allocates nothing, and its
+    step counts follow from a plan). ``dtype`` "fp32" turns the JSON's bf16/fp16 off; otherwise its precision."""
+    from launcher.ds_config import load_ds_config
+    cfg = {k: v for k, v in load_ds_config(ds_config).items() if k != "scheduler"}
+    if dtype == "fp32":
+        cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=ACCUMULATION,
+               train_batch_size=micro_batch * ACCUMULATION * world)
+    return cfg
+
+
+def measure_memory(preset: str, vocab_size: int, seq_len: int, micro_batch: int, dtype: str | None = None,
+                   seed: int = 0, warmup_micro_batch: int | None = None, ds_config: str = DEFAULT_DS_CONFIG) -> dict:
+    """Peak memory in bytes of this rank's training step through the launcher's DeepSpeed engine (``ds_config``:
+    ZeRO partitioning of the fp32 master weights and moments over the ranks of the process group, gradient buckets,
+    offload) on random tokens (micro_batch, seq_len), in steady state: after a first step at
+    ``warmup_micro_batch`` (default: the same), which allocates the optimizer's state and leaves the allocator's
+    slack (see the module docstring for what the peak is on GPU and CPU). Starts a process group of one when none
+    exists (run_isolated starts one per rank). Raises steptime.OutOfMemory."""
+    import torch.distributed as dist
+    from launcher import engine as ds
+
+    own_group = not dist.is_initialized()
+    if own_group:  # called in-process: a group of one, dropped (and the environment restored) at the end
+        env_before = dict(os.environ)
+        ds.init_distributed()
+    try:
+        return _measure_memory(preset, vocab_size, seq_len, micro_batch, dtype, seed, warmup_micro_batch, ds_config)
+    finally:
+        if own_group:
+            ds.close()
+            os.environ.clear()
+            os.environ.update(env_before)
+
+
+def _measure_memory(preset, vocab_size, seq_len, micro_batch, dtype, seed, warmup_micro_batch, ds_config) -> dict:
+    import torch
+    import torch.distributed as dist
+    from launcher import engine as ds
+    from launcher.optim import param_groups
+    from model import CausalLM, ModelConfig
+
+    world = dist.get_world_size()
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = ds.device()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:  # load kernels and libraries first (a throw-away 1x8 step), so the baseline excludes one-time costs
-        warm = _model("tiny", 128, device, dtype)
+        warm = _model("tiny", 128, device, "fp32")
         w = torch.randint(0, 128, (1, 9))
         warm(w[:, :-1], labels=w[:, 1:]).backward()
         del warm, w
-        base = _peak_rss_bytes()
+        base = reset_peak_rss()
     torch.manual_seed(seed)
-    model = opt = x = None
+    engine = x = None
+    cfg = probe_ds_config(ds_config, dtype, micro_batch, world)
 
     def step() -> None:
-        nonlocal model, opt, x
-        model = _model(preset, vocab_size, device, dtype)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        nonlocal engine, x
+        model = CausalLM(ModelConfig.from_preset(preset, vocab_size=vocab_size))  # as the launcher builds it
+        engine = ds.create_engine(model, cfg, param_groups(model))
         x = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), device=device)
-        _train_step(model, opt, x[:warmup_micro_batch or micro_batch])
-        _train_step(model, opt, x)  # the steady one: optimizer moments and the first step's allocator slack exist
+        # optimizer steps of ACCUMULATION micro-batches, as the launcher's: the last ones are the steady state
+        for batch in (x[:warmup_micro_batch or micro_batch],) + (x,) * (STEPS - 1):
+            for i in range(ACCUMULATION):
+                ds.set_accumulation_boundary(engine, i == ACCUMULATION - 1)
+                loss = engine(batch[:, :-1], labels=batch[:, 1:])
+                engine.backward(loss)
+            engine.step()  # once per optimizer step, after its last micro-batch (the launcher's train_step)
         if cuda:
             torch.cuda.synchronize()
 
@@ -148,11 +226,11 @@ def measure_memory(preset: str, vocab_size: int, seq_len: int, micro_batch: int,
         steptime.run_guarded(step, seq_len)
         peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()) - base
     finally:
-        del model, opt, x
+        del engine, x
         if cuda:
             torch.cuda.empty_cache()
     return {"seq_len": seq_len, "micro_batch": micro_batch, "peak_bytes": int(peak),
-            "device": "cuda" if cuda else "cpu"}
+            "device": "cuda" if cuda else "cpu", "ranks": world}
 
 
 def _worker(job: dict) -> dict:
@@ -167,20 +245,35 @@ def _worker(job: dict) -> dict:
         return {"oom": {"seq_len": e.seq_len, "detail": e.detail}}
 
 
-def run_isolated(job: dict) -> dict:
-    """:func:`_worker` in a fresh process (CPU: the peak RSS then belongs to this job alone, and the memory it used
-    goes back to the system when it ends). A process killed by SIGKILL (the kernel's OOM killer) counts as out of
-    memory."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
+def run_isolated(job: dict, ranks: int = 1) -> dict:
+    """:func:`_worker` in fresh processes, one per rank, joined in a process group as the launcher's ranks are
+    (CPU: each rank's peak RSS then belongs to its job alone, and the memory goes back to the system when it
+    ends; CUDA: rank r on GPU r). A memory job's result is the rank with the highest peak. A process killed by
+    SIGKILL (the kernel's OOM killer) counts as out of memory."""
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "evidence.bench_lengths", "--_worker", json.dumps(job)],
-                          cwd=root, env=env, capture_output=True, text=True)
-    if proc.returncode == -9:
-        return {"oom": {"seq_len": job.get("seq_len"), "detail": "the process was killed (SIGKILL: the kernel's "
-                                                                    "out-of-memory killer?)"}}
-    if proc.returncode != 0:
-        raise RuntimeError(f"measurement {job} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(ranks):
+        env = dict(os.environ, OMP_NUM_THREADS=threads, RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "evidence.bench_lengths", "--_worker", json.dumps(job)],
+                                      cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [(p, *p.communicate()) for p in procs]
+    results = []
+    for proc, stdout, stderr in outs:
+        if proc.returncode == -9:
+            return {"oom": {"seq_len": job.get("seq_len"), "detail": "the process was killed (SIGKILL: the kernel's "
+                                                                        "out-of-memory killer?)"}}
+        if proc.returncode != 0:
+            raise RuntimeError(f"measurement {job} failed:\n{stderr[-2000:]}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    ooms = [r for r in results if "oom" in r]
+    if ooms:
+        return ooms[0]
+    return max(results, key=lambda r: r.get("peak_bytes", 0))
 
 
 def _too_big(what: str, oom: dict, device: str) -> EvidenceError:
@@ -190,15 +283,12 @@ def _too_big(what: str, oom: dict, device: str) -> EvidenceError:
 
 
 # ---- the largest batch that fits --------------------------------------------------------------------------------
-def max_batch_gpu(preset, vocab_size, seq_len, dtype, fits_mb: int) -> int:
+def max_batch_gpu(preset, vocab_size, seq_len, dtype, fits_mb: int, ds_config: str = None, ranks: int = 1) -> int:
     """Double the micro-batch from ``fits_mb`` (measured to fit) until CUDA runs out of memory, then bisect; returns
-    the largest micro-batch that ran."""
+    the largest micro-batch that ran (each measurement in fresh processes, under the run's DeepSpeed config)."""
     def fits(mb: int) -> bool:
-        try:
-            measure_memory(preset, vocab_size, seq_len, mb, dtype, warmup_micro_batch=min(mb, fits_mb))
-            return True
-        except steptime.OutOfMemory:
-            return False
+        m = _memory_isolated(preset, vocab_size, seq_len, dtype, mb, min(mb, fits_mb), ds_config, ranks)
+        return "oom" not in m
 
     lo, hi = fits_mb, 2 * fits_mb
     while fits(hi):
@@ -209,13 +299,16 @@ def max_batch_gpu(preset, vocab_size, seq_len, dtype, fits_mb: int) -> int:
     return lo
 
 
-def _memory_isolated(preset, vocab_size, seq_len, dtype, micro_batch, warmup_micro_batch=None) -> dict:
+def _memory_isolated(preset, vocab_size, seq_len, dtype, micro_batch, warmup_micro_batch=None, ds_config=None,
+                     ranks: int = 1) -> dict:
     return run_isolated(dict(kind="memory", preset=preset, vocab_size=vocab_size, seq_len=seq_len,
-                             micro_batch=micro_batch, dtype=dtype, warmup_micro_batch=warmup_micro_batch))
+                             micro_batch=micro_batch, dtype=dtype, warmup_micro_batch=warmup_micro_batch,
+                             ds_config=ds_config or DEFAULT_DS_CONFIG), ranks)
 
 
 def max_batch_cpu(preset, vocab_size, seq_len, dtype, first: dict, cap_bytes: int,
-                  fixed_bytes: float | None = None) -> tuple[int, list[dict], float]:
+                  fixed_bytes: float | None = None, ds_config: str = None,
+                  ranks: int = 1) -> tuple[int, list[dict], float]:
     """Largest micro-batch whose measured peak stays under ``cap_bytes``: affine fit (peak = fixed + micro_batch x
     per-micro-batch cost), then verified by measuring the prediction and stepping down while it is over the cap.
 
@@ -224,17 +317,20 @@ def max_batch_cpu(preset, vocab_size, seq_len, dtype, first: dict, cap_bytes: in
     checks = []
     per_mb = (first["peak_bytes"] - fixed_bytes) / first["micro_batch"] if fixed_bytes is not None else 0.0
     if per_mb <= 0:  # no shared fit yet (or it does not hold at this length): a second point here
-        second = _memory_isolated(preset, vocab_size, seq_len, dtype, 2 * first["micro_batch"], first["micro_batch"])
+        second = _memory_isolated(preset, vocab_size, seq_len, dtype, 2 * first["micro_batch"], first["micro_batch"],
+                                  ds_config, ranks)
         if "oom" in second:
             return first["micro_batch"], [second], first["peak_bytes"]
         checks.append(second)
         per_mb = max(1.0, (second["peak_bytes"] - first["peak_bytes"]) / first["micro_batch"])
         fixed_bytes = first["peak_bytes"] - per_mb * first["micro_batch"]
+    cap_bytes = int(cap_bytes * (1 - CPU_HEADROOM))
     mb = max(0, int((cap_bytes - fixed_bytes) // per_mb))
     for _ in range(4):
         if mb < 1:
             return 0, checks, fixed_bytes
-        check = _memory_isolated(preset, vocab_size, seq_len, dtype, mb, min(mb, first["micro_batch"]))
+        check = _memory_isolated(preset, vocab_size, seq_len, dtype, mb, min(mb, first["micro_batch"]), ds_config,
+                                 ranks)
         checks.append(check)
         if "oom" not in check and check["peak_bytes"] <= cap_bytes:
             return mb, checks, fixed_bytes
@@ -275,7 +371,8 @@ def time_rows(times: steptime.StepTimes, tokens_per_batch: int) -> dict[int, dic
 
 
 def bench(preset: str, lengths: list[int], tokens_per_batch: int, memory_cap_gb: float | None = None,
-          vocab_size: int | None = None, dtype: str = "bf16", steps: int = 2, repeats: int = 3) -> dict:
+          vocab_size: int | None = None, dtype: str = "bf16", steps: int = 2, repeats: int = 3,
+          ds_config: str = DEFAULT_DS_CONFIG, ranks: int = 1) -> dict:
     import torch
 
     check_args(preset, lengths, tokens_per_batch, memory_cap_gb, steps, repeats)
@@ -300,21 +397,15 @@ def bench(preset: str, lengths: list[int], tokens_per_batch: int, memory_cap_gb:
     fixed = None
     for L, row in rows.items():
         mb = row["micro_batch"]
-        if cuda:
-            try:
-                m = measure_memory(preset, vocab_size, L, mb, dtype)
-            except steptime.OutOfMemory as e:
-                raise _too_big(f"micro_batch {mb}", {"seq_len": L, "detail": e.detail}, device) from None
-        else:
-            m = _memory_isolated(preset, vocab_size, L, dtype, mb)
-            if "oom" in m:
-                raise _too_big(f"micro_batch {mb}", m["oom"], device)
+        m = _memory_isolated(preset, vocab_size, L, dtype, mb, None, ds_config, ranks)
+        if "oom" in m:
+            raise _too_big(f"micro_batch {mb}", m["oom"], device)
         row.update(peak_bytes=m["peak_bytes"], device=m["device"])
         if cuda:
-            row["max_micro_batch"] = max_batch_gpu(preset, vocab_size, L, dtype, mb)
+            row["max_micro_batch"] = max_batch_gpu(preset, vocab_size, L, dtype, mb, ds_config, ranks)
         elif memory_cap_gb:
             row["max_micro_batch"], row["probe_checks"], fixed = max_batch_cpu(
-                preset, vocab_size, L, dtype, m, int(memory_cap_gb * (1 << 30)), fixed)
+                preset, vocab_size, L, dtype, m, int(memory_cap_gb * (1 << 30)), fixed, ds_config, ranks)
         if "max_micro_batch" in row:
             row["max_tokens_per_batch"] = row["max_micro_batch"] * L
         log.info("L=%d: peak %.1f MiB%s", L, m["peak_bytes"] / MiB,
@@ -329,7 +420,8 @@ def bench(preset: str, lengths: list[int], tokens_per_batch: int, memory_cap_gb:
     if warning:
         log.warning("%s", warning)
     return {"preset": preset, "vocab_size": vocab_size, "dtype": dtype, "tokens_per_batch": tokens_per_batch,
-            "device": device, "memory_cap_gb": memory_cap_gb, "threads": torch.get_num_threads(), "steps": steps,
+            "device": device, "memory_cap_gb": memory_cap_gb, "ds_config": ds_config, "ranks": ranks,
+            "threads": torch.get_num_threads(), "steps": steps,
             "repeats": repeats, "warmup": 1, "noisy_lengths": times.noisy(), "warning": warning,
             "elapsed_s": time.perf_counter() - t_start, "lengths": rows}
 
@@ -369,6 +461,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per length in each round")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all lengths (after one warm-up step each); "
                                                           "raise it when a length is flagged noisy")
+    p.add_argument("--ds_config", "--ds-config", default=DEFAULT_DS_CONFIG,
+                   help="the run's DeepSpeed JSON: memory is measured through this engine (ZeRO stage, buckets, "
+                        "offload, optimizer); default the launcher's ds_configs/zero2.json")
+    p.add_argument("--ranks", type=int, default=1, help="the run's ranks per node: memory is measured on as many "
+                                                         "ranks (ZeRO partitions over them); the highest rank counts")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--_worker", help=argparse.SUPPRESS)  # worker mode: one isolated job (a memory or timing run)
     args = p.parse_args(argv)
@@ -377,8 +474,18 @@ def main(argv=None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        import torch
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+        if args.ranks < 1 or (gpus is not None and args.ranks > gpus):
+            raise EvidenceError(f"--ranks {args.ranks}: must be at least 1" + (f" and at most the {gpus} visible GPUs"
+                                if gpus is not None else "") + " (one process per rank, as in the run)")
+        from launcher.ds_config import DSConfigError, load_ds_config
+        try:
+            load_ds_config(args.ds_config)
+        except DSConfigError as e:
+            raise EvidenceError(str(e)) from None
         report = bench(args.preset, parse_lengths(args.lengths), args.tokens_per_batch, args.memory_cap_gb,
-                       args.vocab_size, args.dtype, args.steps, args.repeats)
+                       args.vocab_size, args.dtype, args.steps, args.repeats, args.ds_config, args.ranks)
     except EvidenceError as e:
         log.error("%s", e)
         return 2

@@ -2,7 +2,8 @@
 validation windows. (The model is built in launcher/modeling.py.)
 
 Rank 0 prepares whatever is missing (the built-in corpus on first use, the sample index); the other ranks wait
-at a barrier and then memory-map the same files.
+for it (launcher.engine.wait_for_rank0: under GROWLENGTH_RANK0_TIMEOUT_MIN, not the collective timeout) and then
+memory-map the same files; an error on rank 0 is raised on every rank.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from launcher.config import RunConfig
 from launcher.plan import Stage, StagePlan
 
 log = logging.getLogger("growlength")
+
+# optimizer steps of micro-batches read ahead by the loader's thread: two keep it one step ahead even when a step's
+# reads are slower than usual; each is this rank's tokens_per_step / ranks tokens as int64
+PREFETCH_STEPS = 2
 
 
 def check_vocab(dataset: IndexedDataset, tokenizer: Tokenizer, prefix: str, probe_tokens: int = 1 << 22) -> None:
@@ -74,9 +79,8 @@ class TrainData:
         kwargs = dict(stages=plan.data_stages(), seed=self.cfg.seed, valid_fraction=d.valid_fraction,
                       epochs=d.epochs, cache_dir=str(self.cache_dir()))
         self.samples = GrowLengthSamples(self.prefix, **kwargs)
-        if self.rank == 0:
-            self.samples.build()
-        ds.barrier()
+        # minutes on a large corpus: the others wait under GROWLENGTH_RANK0_TIMEOUT_MIN, not the collective timeout
+        ds.wait_for_rank0(self.samples.build, self.rank, self.world)
         if self.rank != 0:
             self.samples.load()
         log.info("sample index ready in %.2fs (%s)", time.perf_counter() - t0, self.cache_dir())
@@ -86,12 +90,14 @@ class TrainData:
                         f"{self.samples.tokens_needed:,}", self.prefix, f"{self.samples.tokens_per_epoch:,}",
                         self.samples.num_epochs)
 
-    def loader(self, stage: Stage, consumed_steps: int) -> StageLoader:
-        """This rank's loader for ``stage``, positioned after ``consumed_steps`` optimizer steps of it."""
+    def loader(self, stage: Stage, consumed_steps: int, prefetch: int = PREFETCH_STEPS) -> StageLoader:
+        """This rank's loader for ``stage``, positioned after ``consumed_steps`` optimizer steps of it; a thread
+        reads ``prefetch`` steps ahead, into pinned memory on CUDA (close it at the stage's end)."""
         global_batch = stage.micro_batch_size * stage.grad_accum * self.world
         return StageLoader(self.samples, stage.index, stage.micro_batch_size, stage.grad_accum, self.rank,
                            self.world, consumed_samples=consumed_steps * global_batch,
-                           documents=self.document_masking)
+                           documents=self.document_masking, prefetch=prefetch,
+                           pin_memory=ds.device().type == "cuda")
 
     @property
     def document_masking(self) -> bool:
@@ -119,9 +125,7 @@ class TrainData:
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
     d = cfg.data
     if d.prefix is None:
-        if rank == 0:
-            prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
-        ds.barrier()
+        ds.wait_for_rank0(lambda: prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size), rank, world)
         tokenizer_path, prefix = prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
     else:
         tokenizer_path, prefix = d.tokenizer, d.prefix

@@ -5,9 +5,11 @@ This is the only module that imports deepspeed (DESIGN.md decision 4, STYLE.md).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
+import sys
 from datetime import timedelta
 
 import deepspeed
@@ -111,18 +113,91 @@ def _map_launcher_env() -> str:
     return kind
 
 
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+
+# (variable, default minutes): how long a collective may wait (NCCL's watchdog, gloo's timeout), and how long the
+# other ranks wait for rank 0's one-off start-up work (the built-in corpus, the sample index of a large corpus)
+DIST_TIMEOUT = ("GROWLENGTH_DIST_TIMEOUT_MIN", 30.0)
+RANK0_TIMEOUT = ("GROWLENGTH_RANK0_TIMEOUT_MIN", 360.0)
+
+_rank0_group = None  # a gloo group with RANK0_TIMEOUT, for wait_for_rank0
+
+
+def set_allocator_defaults() -> None:
+    """``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless the user configured the allocator: every stage
+    has new shapes, and fixed-size segments left by the last stage's activations fragment the cache. Set in the
+    environment before CUDA initialises (the allocator reads it then; ranks and probes started from here inherit
+    it), and applied at once if CUDA already has."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.memory._set_allocator_settings(EXPANDABLE_SEGMENTS)
+
+
+def timeout_setting(setting: tuple[str, float]) -> timedelta:
+    """A timeout from its environment variable, in minutes (fractions allowed). A bad value exits with status 2
+    and one line (this runs before the launcher's own error handling: there is no process group yet)."""
+    name, default = setting
+    raw = os.environ.get(name, str(default))
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if not 0 < minutes < math.inf:
+        print(f"error: {name}={raw!r}: must be a positive number of minutes (default {default:g}); unset it or "
+              f"e.g. export {name}={default:g}", file=sys.stderr)
+        raise SystemExit(2)
+    return timedelta(minutes=minutes)
+
+
 def init_distributed() -> tuple[int, int, int]:
-    """Start the process group (NCCL on CUDA, gloo on CPU); returns ``(rank, world_size, local_rank)``."""
+    """Start the process group (NCCL on CUDA, gloo on CPU); returns ``(rank, world_size, local_rank)``.
+
+    Collectives time out after GROWLENGTH_DIST_TIMEOUT_MIN minutes (default 30); a second, gloo group with
+    GROWLENGTH_RANK0_TIMEOUT_MIN (default 360) carries the waits for rank 0's start-up work (wait_for_rank0)."""
+    set_allocator_defaults()  # first: before anything below can initialise CUDA
+    timeout, rank0_timeout = timeout_setting(DIST_TIMEOUT), timeout_setting(RANK0_TIMEOUT)
     kind = _map_launcher_env()
     local_rank = int(os.environ["LOCAL_RANK"])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         # srun --gpus-per-task / --gpu-bind leave each task one visible GPU: LOCAL_RANK 3 is then device 0
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    timeout = timedelta(minutes=int(os.environ.get("GROWLENGTH_DIST_TIMEOUT_MIN", "30")))
     log.debug("process group from %s: %s", kind, {k: os.environ[k] for k in _ENV_KEYS})
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    global _rank0_group
+    _rank0_group = torch.distributed.new_group(backend="gloo", timeout=rank0_timeout)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def wait_for_rank0(work, rank: int, world: int) -> None:
+    """Run ``work()`` on rank 0 while the other ranks wait for it; then every rank goes on, or raises what it raised.
+
+    Work that outlasts the collective timeout (the sample index of a large corpus) must not leave the others in a
+    barrier of the main group, where NCCL's watchdog (or gloo) would abort them after GROWLENGTH_DIST_TIMEOUT_MIN:
+    they wait in a broadcast on the gloo group made by init_distributed, whose timeout is
+    GROWLENGTH_RANK0_TIMEOUT_MIN, and no operation is pending on the main group meanwhile. An exception on rank 0
+    is raised on every rank (same type and message), instead of leaving them waiting until that timeout."""
+    failure = None
+    if rank == 0:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - sent to the other ranks, then re-raised here
+            failure = e
+    if world > 1:
+        group = _rank0_group or torch.distributed.group.WORLD
+        box = [None if failure is None else (type(failure), str(failure))]
+        torch.distributed.broadcast_object_list(box, src=0, group=group, device=torch.device("cpu"))
+        if rank != 0 and box[0] is not None:
+            kind, message = box[0]
+            try:
+                error = kind(message)
+            except Exception:  # noqa: BLE001 - a type that needs other arguments
+                error = RuntimeError(f"rank 0 failed: {kind.__name__}: {message}")
+            raise error
+    if failure is not None:
+        raise failure
 
 
 def device() -> torch.device:
@@ -135,8 +210,41 @@ def create_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[di
     ``param_groups`` (torch optimizer groups) go to the optimizer DeepSpeed builds from the JSON; a group without
     its own ``weight_decay`` takes the JSON's value."""
     params = param_groups if param_groups is not None else model.parameters()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=cpu_adam_or_fallback(ds_config))
+    log.info("optimizer %s%s", type(engine.basic_optimizer).__name__,
+             " (ZeRO-Offload: the update runs on the CPU)" if engine.zero_cpu_offload() else "")
     return engine
+
+
+def uses_cpu_adam(ds_config: dict) -> bool:
+    """Whether DeepSpeed will build its CPU Adam for this config: Adam/AdamW with the optimizer offloaded to the
+    CPU and no ``torch_adam``."""
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    opt = ds_config.get("optimizer") or {}
+    return (offload.get("device") == "cpu" and str(opt.get("type", "")).lower() in ("adam", "adamw")
+            and not (opt.get("params") or {}).get("torch_adam"))
+
+
+def cpu_adam_or_fallback(ds_config: dict, builder=None) -> dict:
+    """``ds_config``, or where DeepSpeed's CPU Adam op (a C++ extension it JIT-compiles on first use, cached under
+    TORCH_EXTENSIONS_DIR) cannot be built here, a copy with ``optimizer.params.torch_adam`` set: torch's AdamW on
+    the CPU, slower, with a warning that says why. ``builder`` is for tests (default: DeepSpeed's CPUAdamBuilder)."""
+    if not uses_cpu_adam(ds_config):
+        return ds_config
+    if builder is None:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+        builder = CPUAdamBuilder()
+    try:
+        builder.load(verbose=False)
+        return ds_config
+    except Exception as e:  # noqa: BLE001 - any build failure: no compiler, no ninja, a missing header
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+    log.warning("DeepSpeed's CPU Adam could not be built here (%s): the offloaded optimizer runs torch's AdamW on "
+                "the CPU instead, several times slower; install g++ and ninja (pip install ninja) for CPU Adam, or set "
+                "optimizer.params.torch_adam: true in the ds_config to silence this", reason[:300])
+    out = {**ds_config, "optimizer": {**ds_config["optimizer"],
+                                      "params": {**ds_config["optimizer"].get("params", {}), "torch_adam": True}}}
+    return out
 
 
 def set_stage_batch(engine, micro_batch_size: int, grad_accum: int, world_size: int) -> None:
@@ -208,6 +316,8 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> dict:
 
 
 def close() -> None:
+    global _rank0_group
+    _rank0_group = None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     # DeepSpeed caches a clone of the world group; a later run in this process (a notebook, the in-process

@@ -235,6 +235,8 @@ class Trainer:
                 # ---- GrowLength stage switch: same engine, new micro-batch, next slice of the stream ----
                 previous, stage = stage, plan.stage_at(p.step)
                 ds.set_stage_batch(self.engine, stage.micro_batch_size, stage.grad_accum, self.world)
+                if self.loader is not None:
+                    self.loader.close()  # the finished stage's prefetch thread
                 self.loader = self.data.loader(stage, consumed_steps=p.step - stage.first_step)
                 batches = iter(self.loader)
                 self.step_times = []
@@ -437,6 +439,8 @@ class Trainer:
                      f"{tokens:,}", fmt_duration(secs), f"{tokens / secs:,.0f}" if secs else "-")
 
     def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
         self.metrics.close()
         self.compiler.close()
 

@@ -1,4 +1,7 @@
 """StageLoader: disjoint rank slices, exact resume mid-stage and at a boundary, micro-batch changes."""
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +89,83 @@ def test_errors(samples):
         StageLoader(samples, 0, 0, 3, 0, 2)
     with pytest.raises(SamplePlanError, match=r"missing keys \['consumed_samples'\]"):
         StageLoader.from_state_dict(samples, {"stage": 0}, 2, 3, 0, 2)
+
+
+def prefetch_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("growlength-prefetch")]
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 5])
+@pytest.mark.parametrize("stop_after", [1, 3, 4])  # 4 = exactly at the stage boundary
+def test_prefetched_batches_equal_serial_across_resume_and_switch(samples, prefetch, stop_after):
+    world = 2
+    for rank in range(world):
+        serial = run(samples, 0, 2, 3, rank, world) + run(samples, 1, 1, 6, rank, world)
+        loader = StageLoader(samples, 0, 2, 3, rank, world, prefetch=prefetch)
+        got = []
+        for i, step in enumerate(loader):
+            got.append([mb.clone() for mb in step])
+            if i + 1 == stop_after:
+                break
+        time.sleep(0.05)  # let the thread read ahead as far as the queue allows
+        # the position served, not the position read: a checkpoint here resumes at the next step
+        assert loader.state_dict() == {"stage": 0, "consumed_samples": 12 * stop_after}
+        loader.close()
+        assert prefetch_threads() == []
+        restored = StageLoader.from_state_dict(samples, loader.state_dict(), 2, 3, rank, world, prefetch=prefetch)
+        got += [[mb.clone() for mb in step] for step in restored]
+        assert restored.exhausted and prefetch_threads() == []  # the stage's end ends the thread
+        nxt = StageLoader(samples, 1, 1, 6, rank, world, prefetch=prefetch)  # the switch: other micro-batch size
+        got += [[mb.clone() for mb in step] for step in nxt]
+        assert len(got) == len(serial) == 4 + 2
+        assert all(torch.equal(a, b) for x, y in zip(got, serial) for a, b in zip(x, y))
+
+
+def test_prefetch_reads_ahead_and_close_joins(samples):
+    loader = StageLoader(samples, 0, 1, 1, 0, 1, prefetch=3)  # 48 steps of one sample
+    it = iter(loader)
+    next(it)
+    deadline = time.monotonic() + 10
+    while it._queue.qsize() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert it._queue.qsize() == 3  # bounded: three steps ahead, no more
+    assert loader.state_dict()["consumed_samples"] == 1
+    assert prefetch_threads() == ["growlength-prefetch-stage0-rank0"]
+    loader.close()
+    assert prefetch_threads() == []
+    with pytest.raises(StopIteration):
+        next(it)
+    rest = [s[0].clone() for s in loader]  # iterating again starts at the served position
+    assert len(rest) == 47 and torch.equal(rest[0], torch.from_numpy(samples.samples(0, [1])))
+    assert prefetch_threads() == []
+
+
+def test_prefetch_thread_error_reaches_the_caller(samples, monkeypatch):
+    loader = StageLoader(samples, 0, 2, 3, 0, 2, prefetch=2)
+
+    def torn(stage, indices):  # the memmap read failing mid-stage (e.g. an I/O error on the .bin)
+        if int(np.min(indices)) >= 12:
+            raise OSError("Input/output error")
+        return GrowLengthSamples.samples(samples, stage, indices)
+
+    monkeypatch.setattr(samples, "samples", torn)
+    it = iter(loader)
+    next(it)
+    with pytest.raises(OSError, match="Input/output error"):
+        next(it)
+    loader.close()
+    assert prefetch_threads() == [] and loader.state_dict()["consumed_samples"] == 12
+
+
+def test_prefetch_error(samples):
+    with pytest.raises(SamplePlanError, match=r"prefetch -1: must be a non-negative integer"):
+        StageLoader(samples, 0, 2, 3, 0, 2, prefetch=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_batches(samples):
+    loader = StageLoader(samples, 0, 2, 3, 0, 2, prefetch=2, pin_memory=True)
+    step = next(iter(loader))
+    assert all(mb.is_pinned() for mb in step)
+    assert torch.equal(step[0], run(samples, 0, 2, 3, 0, 2)[0][0])
+    loader.close()

@@ -116,7 +116,8 @@ def test_ds_config_files(tmp_path):
         load_ds_config(str(bad))
     for name in ("zero1", "zero2", "zero2_offload"):
         cfg = load_ds_config(str(ROOT / f"ds_configs/{name}.json"))
-        assert cfg["optimizer"]["params"]["torch_adam"] is True
+        # torch's AdamW on the GPU; DeepSpeed's CPU Adam where the optimizer is offloaded (test_ds_configs.py)
+        assert cfg["optimizer"]["params"].get("torch_adam", False) is (name != "zero2_offload")
 
 
 def test_micro_batch_probe_needs_free_accumulation():
