@@ -17,7 +17,7 @@ def run(monkeypatch, tmp_path, tokenized, sp_model, capsys):
         monkeypatch.setenv(key, value)
     run_dir = tmp_path / "run"
 
-    def go(*args, prefix=tokenized, tokenizer=sp_model, ds_config=None):
+    def go(*args, prefix=tokenized, tokenizer=sp_model, ds_config=None, run_dir=run_dir):
         argv = ["--ds_config", ds_config or str(pretrain_ds_config()), f"run_dir={run_dir}",
                 f"data.prefix={prefix}", f"data.tokenizer={tokenizer}", f"data.cache_dir={tmp_path}/cache",
                 "growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 2048}]",

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from launcher.net import free_port
 from launcher import pretrain
 from launcher.config import ConfigError, DataConfig, LoggingConfig, RunConfig, check_value, load_config
 from launcher.ds_config import DSConfigError, check_ds_config, load_ds_config
@@ -170,20 +169,9 @@ def test_ds_config_accepts_what_deepspeed_accepts(tmp_path):
 
 # ---- through the launcher: exit code 2, nothing of the run written ----------------------------------------------
 @pytest.fixture
-def launch(monkeypatch, tmp_path, tokenized, sp_model, capsys):
-    port = free_port()
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}.items():
-        monkeypatch.setenv(key, value)
-
-    def go(*args, ds_config=str(ROOT / "ds_configs" / "zero2.json"), run_dir=tmp_path / "run"):
-        code = pretrain.main(["--ds_config", ds_config, f"run_dir={run_dir}", f"data.prefix={tokenized}",
-                              f"data.tokenizer={sp_model}", f"data.cache_dir={tmp_path}/cache",
-                              "growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 2048}]",
-                              *args])
-        return code, capsys.readouterr().out
-
-    return go
+def launch(run):
+    """The in-process launcher of tests/launcher/conftest.py (rank 0 of 1)."""
+    return run
 
 
 def refused(result, message: str, run_dir: Path) -> None:
