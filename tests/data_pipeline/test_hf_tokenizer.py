@@ -211,5 +211,9 @@ def test_megatron_tokenizer_tooling_data_reads_and_serves_here(tmp_path, corpus_
     from data_pipeline.samples import GrowLengthSamples
     samples = GrowLengthSamples(meg, stages=plan.data_stages(), seed=cfg.seed).build()
     data.samples = samples
-    batch = next(iter(data.loader(plan.stages[1], 0)))[0]
+    loader = data.loader(plan.stages[1], 0)
+    try:
+        batch = next(iter(loader))[0]
+    finally:
+        loader.close()  # its prefetch thread must not outlive the test
     assert batch.shape == (plan.stages[1].micro_batch_size, 65) and int(batch.max()) < 1000
