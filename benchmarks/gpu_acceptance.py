@@ -108,7 +108,7 @@ GPU = Sizes()
 DRY = Sizes(parity_preset="tiny", parity_vocab=512, parity_len=64, bench_preset="tiny", bench_vocab=512,
             bench_lengths=(32, 64), bench_tokens=256, bench_rounds=1, bench_steps=1, switch_preset="tiny",
             switch_lengths=(32, 64), switch_tokens_per_rank=512, probe_preset="tiny", probe_lengths=(32, 64),
-            probe_tokens=256, probe_memory_cap_gb=0.15, compare_preset="tiny", compare_lengths=(32, 64),
+            probe_tokens=256, probe_memory_cap_gb=0.3, compare_preset="tiny", compare_lengths=(32, 64),
             compare_shares=(0.5, 0.5), compare_tokens_per_rank=512, compare_seconds=3.0, compare_min_seconds=1.0,
             compare_overhead_s=60.0, compare_points=2, eval_tokens=256,
             budgets={"parity": 60, "throughput": 60, "switch": 240, "probe": 240, "compare": 300}, timeout_s=900.0)
