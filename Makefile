@@ -27,7 +27,8 @@ $(STAMP): setup.py Makefile
 demo: $(STAMP)
 	$(VENV)/bin/deepspeed launcher/pretrain.py --ds_config ds_configs/zero2.json $(ARGS)
 
-# tests/cluster runs on a real one-node SLURM cluster (+ Open MPI): started here when root, skipped otherwise.
+# tests/cluster runs on a real SLURM cluster of two loopback nodes (+ Open MPI, sshd for pdsh): started here when
+# root, skipped otherwise.
 test: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then bash slurm/setup_local_cluster.sh; \
 	else echo "make test: not root, so no local SLURM cluster is started; tests/cluster skip unless one is up"; fi
