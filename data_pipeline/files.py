@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from contextlib import contextmanager
 
 from data_pipeline.errors import DatasetError
@@ -176,6 +177,20 @@ def deferred_signal() -> str | None:
     """The name of a stop signal that arrived while outputs were being renamed (they are complete), if any."""
     signum, _signals["deferred"] = _signals["deferred"], None
     return signal.Signals(signum).name if signum else None
+
+
+def dataset_interrupted(prefix: str, e: KeyboardInterrupt) -> int:
+    """A dataset CLI stopped by a signal: one line (nothing written, an existing dataset unchanged), 128 + signal."""
+    print(f"interrupted ({e or 'SIGINT'}): {prefix}.bin/.idx not written (an existing one is unchanged)",
+          file=sys.stderr)
+    return exit_code(e)
+
+
+def report_deferred_signal(prefix: str) -> None:
+    """After a dataset CLI's renames: say so if a stop signal waited for them (the outputs are complete)."""
+    if signame := deferred_signal():
+        print(f"{signame} arrived while {prefix}.bin/.idx were renamed into place: they are complete",
+              file=sys.stderr)
 
 
 def replace_all(pairs: list[tuple[str, str]]) -> None:

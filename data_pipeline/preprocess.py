@@ -31,7 +31,8 @@ import numpy as np
 
 from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import check_output_prefix, deferred_signal, exit_code, stop_on_signals
+from data_pipeline.files import (check_output_prefix, dataset_interrupted, report_deferred_signal,
+                                 stop_on_signals)
 from data_pipeline.indexed_dataset import IndexedDatasetBuilder, discard_build, optimal_dtype
 from data_pipeline.tokenizer import Tokenizer
 
@@ -267,12 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"interrupted ({e or 'SIGINT'}): {args.output_prefix}.bin/.idx not written (an existing one is "
-              f"unchanged)", file=sys.stderr)
-        return exit_code(e)
-    if signame := deferred_signal():
-        print(f"{signame} arrived while {args.output_prefix}.bin/.idx were renamed into place: they are complete",
-              file=sys.stderr)
+        return dataset_interrupted(args.output_prefix, e)
+    report_deferred_signal(args.output_prefix)
     return 0
 
 
