@@ -43,9 +43,12 @@ def records(run_dir):
     return [r for r in got if "kind" not in r], [r for r in got if r.get("kind") == "stage"]
 
 
-def test_compiled_stages_train_as_eager_and_report_compile_time(run, fp32_config, tmp_path):
+@pytest.mark.parametrize("masking", ["false", "true"])
+def test_compiled_stages_train_as_eager_and_report_compile_time(run, fp32_config, tmp_path, masking):
+    """With activation checkpointing and ZeRO-2, and with document masking (the block's graph then takes the
+    window's block-causal mask)."""
     common = ("growlength.tokens_per_step=512", TWO_STAGES, "model.activation_checkpointing=true",
-              "logging.log_interval=1", "optimisation.warmup_steps=1")
+              "logging.log_interval=1", "optimisation.warmup_steps=1", f"model.document_masking={masking}")
     code, out = run(*common, "model.compile=true", ds_config=fp32_config)
     assert code == 0, out
     compiled_steps, compiled_stages = records(run.run_dir)
