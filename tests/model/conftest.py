@@ -31,3 +31,4 @@ def sp_model_path(request, tmp_path_factory):
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, split_digits=True,
         character_coverage=1.0, minloglevel=2, **NORMALIZATIONS[request.param])
     return d / "tok.model"
+
