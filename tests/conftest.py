@@ -1,7 +1,31 @@
-"""Shared fixtures: a tiny corpus and a sentencepiece model trained on it (once per session)."""
+"""Shared fixtures (a tiny corpus and a sentencepiece model trained on it, once per session) and two session rules:
+
+- GPUs are hidden (``CUDA_VISIBLE_DEVICES=""``, set here before anything imports torch) unless every path given to
+  pytest is under tests/gpu: the CPU suite, and every process it starts, stays on the CPU and gloo on a GPU machine.
+- ``slow`` marks the tests that start processes: every test whose fixtures include ``spawns``. A test that starts
+  a process without it fails, naming the process, so ``make test-fast`` (``-m "not slow"``) never starts one.
+"""
 import json
+import multiprocessing.process
+import os
+import sys
+from pathlib import Path
 
 import pytest
+
+GPU_TESTS = Path(__file__).resolve().parent / "gpu"
+
+
+def only_gpu_tests(args: list[str]) -> bool:
+    """Whether the command line names test paths and all of them are in tests/gpu."""
+    paths = [Path(a.split("::")[0]).resolve() for a in args if not a.startswith("-")]
+    paths = [p for p in paths if p.exists()]
+    return bool(paths) and all(p == GPU_TESTS or GPU_TESTS in p.parents for p in paths)
+
+
+GPUS_HIDDEN = not only_gpu_tests(sys.argv[1:])
+if GPUS_HIDDEN:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 # hand-written edge cases that a tokenizer round trip must survive
 EDGE_DOCS = [
@@ -57,3 +81,95 @@ def _clean_torch_state():
     torch.set_default_dtype(dtype)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ---- slow: the tests that start processes -------------------------------------------------------------------------
+# commands that start a Python interpreter, a launcher or a job (build tools that libraries run, such as ninja or a
+# C++ compiler, are not counted)
+SPAWNING = ("python", "deepspeed", "torchrun", "sbatch", "srun", "salloc", "mpirun", "mpiexec", "pdsh", "ssh", "bash")
+
+
+@pytest.fixture(scope="session")
+def spawns():
+    """Request this in a test or fixture that starts processes: the test is then marked ``slow``."""
+
+
+@pytest.fixture(scope="session")
+def launch(spawns):
+    """tests/launching.py's ``launch``: the launcher in a subprocess."""
+    from launching import launch
+    return launch
+
+
+@pytest.fixture(scope="session")
+def run_distributed(spawns):
+    """tests/distributed.py's ``run_distributed``: a function on N spawned ranks joined by a gloo group."""
+    from distributed import run_distributed
+    return run_distributed
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "spawns" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        if GPUS_HIDDEN and GPU_TESTS in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.skip(reason="GPUs are hidden from the CPU suite: run tests/gpu on its own "
+                                                    "(make test-gpu)"))
+
+
+class SpawnWatch:
+    """The processes started while a test that is not marked slow sets up or runs."""
+
+    def __init__(self):
+        self.item = None
+        self.started: list[str] = []
+
+    def note(self, what: str) -> None:
+        if self.item is not None and self.item.get_closest_marker("slow") is None:
+            self.started.append(what)
+
+    def audit(self, event: str, args: tuple) -> None:
+        if event != "subprocess.Popen" or self.item is None:
+            return
+        executable, argv = args[0], args[1]
+        if not executable:
+            executable = argv if isinstance(argv, (str, bytes)) else argv[0]
+        name = os.path.basename(os.fsdecode(executable)).split()[0] if executable else ""
+        if name.startswith(SPAWNING):
+            self.note(" ".join(map(os.fsdecode, argv))[:200] if not isinstance(argv, (str, bytes)) else str(argv))
+
+
+WATCH = SpawnWatch()
+sys.addaudithook(WATCH.audit)
+_start_process = multiprocessing.process.BaseProcess.start
+
+
+def _watched_start(self):
+    WATCH.note(f"multiprocessing process {self.name}")
+    return _start_process(self)
+
+
+multiprocessing.process.BaseProcess.start = _watched_start
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    WATCH.item, WATCH.started = item, []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item):
+    WATCH.item = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when in ("setup", "call") and WATCH.started:
+        started, WATCH.started = WATCH.started, []
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid} started a process but is not marked slow: {started[0]}\n"
+                               f"request the `spawns` fixture in the test (or in the fixture that starts it), so that "
+                               f"`make test-fast` leaves it out")

@@ -16,7 +16,7 @@ from launcher import compile as compiling
 from launcher.metrics import read_metrics
 from model import CausalLM, ModelConfig
 
-from runner import pretrain_ds_config
+from launching import ZERO2
 
 TWO_STAGES = "growlength.stages=[{seq_len: 16, tokens: 2048}, {seq_len: 32, tokens: 2048}]"
 
@@ -31,7 +31,7 @@ def fresh_dynamo():
 
 @pytest.fixture(scope="module")
 def fp32_config(tmp_path_factory):
-    cfg = json.loads(pretrain_ds_config().read_text())
+    cfg = json.loads(ZERO2.read_text())
     cfg["bf16"] = {"enabled": False}
     path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
     path.write_text(json.dumps(cfg))

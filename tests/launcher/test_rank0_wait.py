@@ -8,8 +8,6 @@ import pytest
 
 from launcher.net import free_port
 
-from distributed import run_distributed
-
 DIST_TIMEOUT_MIN = 0.05  # 3 s
 SLOW_S = 7.0
 
@@ -50,13 +48,13 @@ def _slow_rank0(rank, world, port, mode):
     return waited, total, message
 
 
-def test_slow_rank0_work_outlasts_the_collective_timeout():
+def test_slow_rank0_work_outlasts_the_collective_timeout(run_distributed):
     results = run_distributed(_slow_rank0, 2, free_port(), "wait", timeout=240)
     for waited, total, message in results:
         assert waited >= SLOW_S - 0.5 and total == 2.0
         assert message == "PREFIX.bin: truncated; preprocess again"  # on rank 1 too, not a hang
 
 
-def test_control_a_plain_barrier_times_out():
+def test_control_a_plain_barrier_times_out(run_distributed):
     with pytest.raises(AssertionError, match=r"(?i)timed? ?out|timeout"):
         run_distributed(_slow_rank0, 2, free_port(), "barrier", timeout=240)
