@@ -576,33 +576,17 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     else:
         ds.begin_schedule(engine)
     if rank == 0:
-<<<<<<< HEAD
-        write_json(run_dir / "ds_config.resolved.json", ds_config)
-    trainer = Trainer(cfg, plan, data, engine, rank, world, progress, preemption, clock)
-=======
         write_text(run_dir / "ds_config.resolved.json", json.dumps(ds_config, indent=1))
-    trainer = Trainer(cfg, plan, data, engine, rank, world, progress, preemption)
->>>>>>> main
+    trainer = Trainer(cfg, plan, data, engine, rank, world, progress, preemption, clock)
     try:
         return trainer.train()
     finally:
         trainer.close()
 
 
-<<<<<<< HEAD
-def write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON under a temporary name and rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def main(argv=None, clock: Callable[[], float] = time.perf_counter) -> int:
     """Parse, build, train, close: the process's exit code. ``clock`` (seconds) times the run: its steps, its
     records and growlength.max_time_s; tests give one that does not depend on how busy the machine is."""
-=======
-def main(argv=None) -> int:
->>>>>>> main
     args = parse_args(argv)
     preemption = Preemption()  # first: a signal during start-up is honoured at the first step boundary
     rank, world, _ = ds.init_distributed()

@@ -58,7 +58,7 @@ def test_allocator_setting_keeps_the_users(monkeypatch):
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
-def test_allocator_set_before_cuda_in_a_fresh_launcher_process(tmp_path):
+def test_allocator_set_before_cuda_in_a_fresh_launcher_process(spawns, tmp_path):
     """The variable is in the environment as soon as the process group exists: before any CUDA call of the run."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
@@ -69,7 +69,7 @@ def test_allocator_set_before_cuda_in_a_fresh_launcher_process(tmp_path):
     assert proc.stdout.split()[-2:] == ["expandable_segments:True", "False"]
 
 
-def test_cpu_adam_fallback_when_it_cannot_build(tmp_path):
+def test_cpu_adam_fallback_when_it_cannot_build(spawns, tmp_path):
     """A machine where DeepSpeed's CPU Adam cannot compile (here: no usable C++ compiler) trains with torch's AdamW
     and says why; a fresh extensions directory forces a real build attempt."""
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), CC=str(tmp_path / "no-such-compiler"),

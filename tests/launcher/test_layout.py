@@ -5,7 +5,7 @@ import sys
 from evidence.launch import ROOT
 
 
-def test_the_training_path_imports_no_evidence_tool():
+def test_the_training_path_imports_no_evidence_tool(spawns):
     code = ("import sys, launcher.pretrain, launcher.modeling, launcher.data, launcher.plan; "
             "bad = sorted(m for m in sys.modules if m == 'evidence' or m.startswith('evidence.')); "
             "print(bad); sys.exit(1 if bad else 0)")
