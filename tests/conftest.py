@@ -2,8 +2,9 @@
 
 - GPUs are hidden (``CUDA_VISIBLE_DEVICES=""``, set here before anything imports torch) unless every path given to
   pytest is under tests/gpu: the CPU suite, and every process it starts, stays on the CPU and gloo on a GPU machine.
-- ``slow`` marks the tests that start processes: every test whose fixtures include ``spawns``. A test that starts
-  a process without it fails, naming the process, so ``make test-fast`` (``-m "not slow"``) never starts one.
+- ``slow`` marks the tests that start processes: every test whose fixtures include ``spawns`` (or marked by hand). A
+  test that starts a process without it fails, naming the process, so ``make test-fast`` (``-m "not slow"``) never
+  starts one. docs/testing.md has the fixtures and the rules.
 """
 import json
 import multiprocessing.process
@@ -84,9 +85,10 @@ def _clean_torch_state():
 
 
 # ---- slow: the tests that start processes -------------------------------------------------------------------------
-# commands that start a Python interpreter, a launcher or a job (build tools that libraries run, such as ninja or a
-# C++ compiler, are not counted)
+# commands that start a Python interpreter, a launcher or a job; and inductor's C++ builds of a compiled model (other
+# builds that libraries run for themselves, such as DeepSpeed's cached ops through ninja, are not counted)
 SPAWNING = ("python", "deepspeed", "torchrun", "sbatch", "srun", "salloc", "mpirun", "mpiexec", "pdsh", "ssh", "bash")
+COMPILERS = ("g++", "c++", "gcc", "cc", "clang", "clang++")
 
 
 @pytest.fixture(scope="session")
@@ -135,8 +137,9 @@ class SpawnWatch:
         if not executable:
             executable = argv if isinstance(argv, (str, bytes)) else argv[0]
         name = os.path.basename(os.fsdecode(executable)).split()[0] if executable else ""
-        if name.startswith(SPAWNING):
-            self.note(" ".join(map(os.fsdecode, argv))[:200] if not isinstance(argv, (str, bytes)) else str(argv))
+        command = os.fsdecode(argv) if isinstance(argv, (str, bytes)) else " ".join(map(os.fsdecode, argv))
+        if name.startswith(SPAWNING) or (name in COMPILERS and "torchinductor" in command):
+            self.note(command[:200])
 
 
 WATCH = SpawnWatch()
@@ -171,5 +174,5 @@ def pytest_runtest_makereport(item, call):
         if report.passed:
             report.outcome = "failed"
             report.longrepr = (f"{item.nodeid} started a process but is not marked slow: {started[0]}\n"
-                               f"request the `spawns` fixture in the test (or in the fixture that starts it), so that "
-                               f"`make test-fast` leaves it out")
+                               f"request the `spawns` fixture in the test (or in the fixture that starts it), or mark "
+                               f"it @pytest.mark.slow, so that `make test-fast` leaves it out")

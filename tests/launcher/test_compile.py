@@ -43,6 +43,7 @@ def records(run_dir):
     return [r for r in got if "kind" not in r], [r for r in got if r.get("kind") == "stage"]
 
 
+@pytest.mark.slow  # inductor builds each graph with the C++ compiler
 @pytest.mark.parametrize("masking", ["false", "true"])
 def test_compiled_stages_train_as_eager_and_report_compile_time(run, fp32_config, tmp_path, masking):
     """With activation checkpointing and ZeRO-2, and with document masking (the block's graph then takes the
@@ -66,6 +67,7 @@ def test_compiled_stages_train_as_eager_and_report_compile_time(run, fp32_config
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-4), (c["step"], c["loss"], e["loss"])
 
 
+@pytest.mark.slow
 def test_recompile_within_a_stage_is_counted(caplog):
     m = CausalLM(ModelConfig.from_preset("tiny", vocab_size=128, attention="sdpa", num_layers=1))
     compiler = compiling.StageCompiler(m, True, torch.device("cpu"), torch.float32)
@@ -82,6 +84,7 @@ def test_recompile_within_a_stage_is_counted(caplog):
         compiler.close()
 
 
+@pytest.mark.slow
 def test_bf16_builds_on_cpu():
     m = CausalLM(ModelConfig.from_preset("tiny", vocab_size=128, attention="sdpa", num_layers=1)).to(torch.bfloat16)
     compiler = compiling.StageCompiler(m, True, torch.device("cpu"), torch.bfloat16)
