@@ -1,7 +1,6 @@
-"""How the data tools write files: outputs are checked before any work, written under `NAME.tmp-PID` and renamed
-when complete, temporary files left by a stopped run (a dead PID) are removed at the next start, an OS error
-(read-only place, full disk, a file where a directory should be) becomes one `DatasetError` line naming the file,
-and SIGTERM stops a CLI like Ctrl-C does, so its temporary files are removed too.
+"""How the data tools write files: outputs checked before any work, written as `NAME.tmp-PID` and renamed when
+complete, stale temporaries of dead processes removed, OS errors as one `DatasetError` line, and SIGTERM handled
+like Ctrl-C so temporaries are removed.
 """
 from __future__ import annotations
 
