@@ -23,6 +23,8 @@ if os.environ.get("GROWLENGTH_ACCEPTANCE_DETERMINISTIC") == "1":
 
 import torch  # noqa: E402
 
+from data_pipeline.atomic import write_text  # noqa: E402
+
 
 def _vm_hwm() -> int:
     with open("/proc/self/status") as f:
@@ -87,13 +89,6 @@ class PeakPerLength:
                 "reset_per_length": self.reset_ok, "capacity_bytes": capacity, "backend": self.backend}
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     if os.environ.get("GROWLENGTH_ACCEPTANCE_DETERMINISTIC") == "1":
         torch.use_deterministic_algorithms(True, warn_only=True)  # ops without one keep running, with a warning
@@ -109,7 +104,7 @@ def main() -> int:
         if watch is not None:
             watch.handle.remove()
             rank = os.environ.get("RANK", "0")
-            _write_json(f"{prefix}.rank{rank}.json", watch.report())
+            write_text(f"{prefix}.rank{rank}.json", json.dumps(watch.report(), indent=1))
 
 
 if __name__ == "__main__":

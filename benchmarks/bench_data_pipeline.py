@@ -18,6 +18,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from data_pipeline.atomic import atomic_path  # noqa: E402
 from data_pipeline.builtin_corpus import iter_builtin_documents  # noqa: E402
 from data_pipeline.indexed_dataset import IndexedDataset  # noqa: E402
 from data_pipeline.loader import StageLoader  # noqa: E402
@@ -31,14 +32,13 @@ def make_corpus(path: str, target_mb: int) -> str:
         return path
     docs = list(iter_builtin_documents())
     rng = np.random.default_rng(0)
-    size, tmp = 0, path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    size = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         while size < target_mb * 1e6:
             for i in rng.permutation(len(docs)):
                 line = json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n"
                 f.write(line)
                 size += len(line.encode())
-    os.replace(tmp, path)
     return path
 
 

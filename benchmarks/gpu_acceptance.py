@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from data_pipeline.atomic import check_dir_writable, write_text  # noqa: E402
+
 RANK_SCRIPT = "benchmarks/acceptance_rank.py"
 CHECKS = ("parity", "throughput", "switch", "probe", "compare")
 CORRECTNESS = {"parity", "switch", "probe"}
@@ -210,9 +212,7 @@ def tail(path: Path, lines: int = 3) -> str:
 
 def write_json(path: Path, obj) -> Path:
     """Write under a temporary name and rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1, default=str))
     return path
 
 
@@ -692,10 +692,7 @@ def check_args(args: argparse.Namespace, cuda: bool) -> list[str]:
         import torch
         if args.ranks > torch.cuda.device_count():
             raise UsageError(f"--ranks {args.ranks}: only {torch.cuda.device_count()} GPU(s) are visible")
-    parent = Path(args.json).resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"--json {args.json}: directory {parent} does not exist or is not writable; give a path "
-                         f"in a writable directory")
+    check_dir_writable(Path(args.json).resolve().parent, "--json", args.json, UsageError)
     return checks
 
 

@@ -11,8 +11,8 @@ from typing import Iterable
 import numpy as np
 
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import (check_output_prefix, make_parent_dir, os_error, remove_quietly, remove_stale_temps,
-                                 renaming, tmp_name)
+from data_pipeline.atomic import fsync_file, remove_quietly, remove_stale_temps, tmp_name
+from data_pipeline.files import check_output_prefix, make_parent_dir, os_error, renaming
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -312,6 +312,8 @@ class IndexedDatasetBuilder:
                 f.write(lengths.astype("<i4").tobytes())
                 f.write(pointers.astype("<i8").tobytes())
                 f.write(doc_idx.astype("<i8").tobytes())
+            for tmp in (self._tmp_bin, self._tmp_idx):
+                fsync_file(tmp)
         except OSError as e:
             raise os_error(self._tmp_idx, e) from None
         # both files are complete: only renames are left. .idx is removed first so no reader ever pairs an

@@ -11,13 +11,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from data_pipeline.errors import DatasetError, SamplePlanError
-from data_pipeline.files import os_error, remove_stale_temps
+from data_pipeline.atomic import atomic_dir, remove_quietly, remove_stale_temps_in, tmp_name
+from data_pipeline.files import os_error
 from data_pipeline.indexed_dataset import IndexedDataset
 
 log = logging.getLogger(__name__)
@@ -225,7 +224,7 @@ class GrowLengthSamples:
         Call on one rank (rank 0); after a barrier the others call `load()`. A cached index that fails
         verification is replaced (with a warning)."""
         if self.cache_path is not None:
-            remove_stale_temps(os.path.join(self.cache_dir, ""))  # .tmp-PID-* of builds that were killed
+            remove_stale_temps_in(self.cache_dir)  # KEY.tmp-PID* of builds that were killed
             if os.path.isdir(self.cache_path):
                 try:
                     return self.load()
@@ -241,27 +240,18 @@ class GrowLengthSamples:
     def _write_cache(self, index: dict[str, np.ndarray]) -> None:
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=self.cache_dir)
+            with atomic_dir(self.cache_path, replace=False) as tmp:  # a lost race keeps the other builder's copy
+                arrays = {}
+                for name in self._names():
+                    np.save(os.path.join(tmp, f"{name}.npy"), index[name])
+                    arrays[name] = {"dtype": index[name].dtype.str, "shape": list(index[name].shape),
+                                    "sha256": _sha256(index[name])}
+                meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
+                        "stages": self.stages, "prefix": os.path.abspath(self.dataset.prefix), "arrays": arrays}
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f, indent=1)
         except OSError as e:
-            raise self._cache_write_error(self.cache_dir, e) from None
-        try:
-            arrays = {}
-            for name in self._names():
-                np.save(os.path.join(tmp, f"{name}.npy"), index[name])
-                arrays[name] = {"dtype": index[name].dtype.str, "shape": list(index[name].shape),
-                                "sha256": _sha256(index[name])}
-            meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
-                    "stages": self.stages, "prefix": os.path.abspath(self.dataset.prefix), "arrays": arrays}
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            os.rename(tmp, self.cache_path)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not os.path.isdir(self.cache_path):  # not just a lost race with another builder
-                raise self._cache_write_error(tmp, e) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            raise self._cache_write_error(e.filename or self.cache_dir, e) from None
 
     def _cache_write_error(self, path: str, e: OSError) -> DatasetError:
         err = os_error(path, e)
@@ -270,14 +260,14 @@ class GrowLengthSamples:
 
     def _discard_cache(self) -> None:
         """Move a bad cache out of the way (a rename, so a reader never sees it half-deleted), then delete it."""
-        trash = os.path.join(self.cache_dir, f".tmp-{os.getpid()}-bad-{os.path.basename(self.cache_path)}")
+        trash = tmp_name(self.cache_path) + "-bad"
         try:
             os.rename(self.cache_path, trash)
         except FileNotFoundError:  # another builder moved it first
             return
         except OSError as e:
             raise self._cache_write_error(self.cache_path, e) from None
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_quietly(trash)
 
     def load(self) -> "GrowLengthSamples":
         """Memory-map an index that `build()` wrote (on this or another rank), after verifying it.

@@ -20,8 +20,9 @@ import sentencepiece as spm
 
 from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, remove_quietly,
-                                 remove_stale_temps, replace_all, stop_on_signals, tmp_name)
+from data_pipeline.atomic import remove_quietly, remove_stale_temps, tmp_name, write_text
+from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, replace_all,
+                                 stop_on_signals)
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3  # the ids given to sentencepiece's special pieces
 BPE_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "pad_token": "<|padding|>"}
@@ -174,9 +175,7 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
     for name, text in (("tokenizer_config.json", json.dumps(config, indent=2) + "\n"),
                        ("special_tokens_map.json", json.dumps(BPE_SPECIALS, indent=2) + "\n"),
                        ("tokenizer.json", tok.to_str(pretty=True))):
-        tmp = out / f"{name}.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        write_text(out / name, text)
     if stats.bad_lines and not quiet:
         print(f"train_tokenizer: skipped {stats.bad_lines} unreadable lines, e.g. {stats.first_bad[0]}",
               file=sys.stderr)

@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline.atomic import check_dir_writable
 from evidence.launch import ROOT, launch_command
 from launcher import steptime
-from evidence.runs import EvidenceError, check_dir_writable, find_data_prefix, load_run, parse_lengths, \
+from evidence.runs import EvidenceError, find_data_prefix, load_run, parse_lengths, \
     write_json, write_text
 
 log = logging.getLogger("growlength")
@@ -415,7 +416,7 @@ def markdown(summary: dict, command: str, figures: list[str]) -> str:
 
 def compare(s: Setup, command: str = "") -> dict:
     check_setup(s)
-    check_dir_writable(s.out, "--out")  # before the runs: a report that cannot be saved is refused, not lost
+    check_dir_writable(s.out, "--out", error=EvidenceError)  # before the runs: a report that cannot be saved is refused, not lost
     s.out.mkdir(parents=True, exist_ok=True)
     ds_config = ds_config_for(s)
     times = step_seconds(s, ds_config)  # every budget: the calibrated clock is charged to every run

@@ -13,15 +13,14 @@ import argparse
 import json
 import logging
 import pickle
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from data_pipeline.atomic import atomic_dir, check_dir_writable
 from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
-from evidence.runs import EvidenceError, check_dir_writable, find_tokenizer, replace_dir, run_dir_of
+from evidence.runs import EvidenceError, find_tokenizer, run_dir_of
 from model import CausalLM, ModelConfig
 
 log = logging.getLogger("growlength")
@@ -95,18 +94,12 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
         tok = Tokenizer(tokenizer_path) if tokenizer_path else None
     except DatasetError as e:
         raise DatasetError(f"{found}: the tokenizer this run trained with does not open ({e})") from None
-    check_dir_writable(out_path.parent, "--out", out)
+    check_dir_writable(out_path.parent, "--out", out, EvidenceError)
     model, state, found = load_trained_model(found)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
+    with atomic_dir(out_path) as tmp:
         save_hf(model, tmp)
         if tok is not None:
             write_tokenizer(tok, tmp)
-        replace_dir(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s (step %d, %s tokens) to %s", found, state["step"], f"{state['tokens_seen']:,}", out_path)
     return out_path
 

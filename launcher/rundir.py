@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+from data_pipeline.atomic import check_dir_writable
 from launcher.config import ConfigError
 
 LOCK_FILE = ".growlength.lock"
@@ -19,13 +20,12 @@ class RunDirError(ConfigError):
 
 
 def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` or refuse with one line (the config already refused a run_dir that is a file)."""
+    """Create ``run_dir`` or refuse with one line naming the place that cannot be written."""
+    check_dir_writable(run_dir, "run_dir", run_dir, RunDirError)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"run_dir {run_dir} cannot be created ({e.strerror}): choose a writable run_dir") from e
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise RunDirError(f"run_dir {run_dir} is not writable: choose a writable run_dir")
 
 
 class RunLock:
