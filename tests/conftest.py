@@ -87,7 +87,8 @@ def _clean_torch_state():
 # ---- slow: the tests that start processes -------------------------------------------------------------------------
 # commands that start a Python interpreter, a launcher or a job; and inductor's C++ builds of a compiled model (other
 # builds that libraries run for themselves, such as DeepSpeed's cached ops through ninja, are not counted)
-SPAWNING = ("python", "deepspeed", "torchrun", "sbatch", "srun", "salloc", "mpirun", "mpiexec", "pdsh", "ssh", "bash")
+SPAWNING = ("python", "deepspeed", "torchrun", "sbatch", "srun", "salloc", "mpirun", "mpiexec", "pdsh", "ssh", "bash",
+            "make")
 COMPILERS = ("g++", "c++", "gcc", "cc", "clang", "clang++")
 
 

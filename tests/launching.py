@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from evidence.launch import launch_command
+from evidence.launch import PRETRAIN, launch_command
 from launcher.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,7 @@ def launch(args: list[str], ranks: int = 1, runner: bool = False, fault: str | N
     base.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)), **(env or {}))
     if fault:
         base["GROWLENGTH_FAULT"] = fault
-    cmd, env = launch_command(ranks, runner=runner, env=base)
-    cmd[-1] = str(script or ROOT / cmd[-1])
+    cmd, env = launch_command(ranks, runner=runner, env=base, script=str(script or ROOT / PRETRAIN))
     cmd += [str(a) for a in args]
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

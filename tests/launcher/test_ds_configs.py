@@ -133,11 +133,11 @@ def _collectives_per_micro_batch(rank, world, name, accum):
 
 
 @pytest.mark.parametrize("name, reduces_every_micro_batch", [("zero1", False), ("zero2", True)])
-def test_zero1_communicates_once_per_step_and_zero2_every_micro_batch(name, reduces_every_micro_batch):
+def test_zero1_communicates_once_per_step_and_zero2_every_micro_batch(name, reduces_every_micro_batch,
+                                                                      run_distributed):
     """What docs/ds-configs.md's size table rests on: under accumulation, ZeRO-2 reduces every micro-batch's
     gradients (and on a GPU synchronises after each one, overlap_comm), ZeRO-1 (bf16 with fp32 accumulation:
     DeepSpeed's BF16_Optimizer) only after the step's last micro-batch. 2 ranks on gloo, 2 steps x 4 micro-batches."""
-    from distributed import run_distributed
     counts = run_distributed(_collectives_per_micro_batch, 2, name, 4)[0]
     inner = [c for step in (counts[0:3], counts[5:8]) for c in step]  # the micro-batches before each boundary
     assert (min(inner) > 0) if reduces_every_micro_batch else (inner == [0] * 6), counts

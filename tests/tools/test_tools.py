@@ -229,8 +229,8 @@ def test_compare_equal_wall_clock_stops_every_run_at_the_budget(spawns, tmp_path
     launch_command = compare.launch_command
 
     def on_the_step_clock(ranks, **kw):
-        cmd, env = launch_command(ranks, **kw)
-        return cmd[:-1] + [str(stepclock.SCRIPT)], {**env, **stepclock.env(seconds)}
+        cmd, env = launch_command(ranks, script=str(stepclock.SCRIPT), **kw)
+        return cmd, {**env, **stepclock.env(seconds)}
 
     monkeypatch.setattr(compare, "launch_command", on_the_step_clock)
     budget = 5.8
