@@ -7,22 +7,13 @@
   starts one. docs/testing.md has the fixtures and the rules.
 """
 import json
-import multiprocessing.process
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-GPU_TESTS = Path(__file__).resolve().parent / "gpu"
-
-
-def only_gpu_tests(args: list[str]) -> bool:
-    """Whether the command line names test paths and all of them are in tests/gpu."""
-    paths = [Path(a.split("::")[0]).resolve() for a in args if not a.startswith("-")]
-    paths = [p for p in paths if p.exists()]
-    return bool(paths) and all(p == GPU_TESTS or GPU_TESTS in p.parents for p in paths)
-
+from session_rules import GPU_TESTS, SpawnWatch, only_gpu_tests
 
 GPUS_HIDDEN = not only_gpu_tests(sys.argv[1:])
 if GPUS_HIDDEN:
@@ -85,13 +76,6 @@ def _clean_torch_state():
 
 
 # ---- slow: the tests that start processes -------------------------------------------------------------------------
-# commands that start a Python interpreter, a launcher or a job; and inductor's C++ builds of a compiled model (other
-# builds that libraries run for themselves, such as DeepSpeed's cached ops through ninja, are not counted)
-SPAWNING = ("python", "deepspeed", "torchrun", "sbatch", "srun", "salloc", "mpirun", "mpiexec", "pdsh", "ssh", "bash",
-            "make")
-COMPILERS = ("g++", "c++", "gcc", "cc", "clang", "clang++")
-
-
 @pytest.fixture(scope="session")
 def spawns():
     """Request this in a test or fixture that starts processes: the test is then marked ``slow``."""
@@ -120,40 +104,8 @@ def pytest_collection_modifyitems(config, items):
                                                     "(make test-gpu)"))
 
 
-class SpawnWatch:
-    """The processes started while a test that is not marked slow sets up or runs."""
-
-    def __init__(self):
-        self.item = None
-        self.started: list[str] = []
-
-    def note(self, what: str) -> None:
-        if self.item is not None and self.item.get_closest_marker("slow") is None:
-            self.started.append(what)
-
-    def audit(self, event: str, args: tuple) -> None:
-        if event != "subprocess.Popen" or self.item is None:
-            return
-        executable, argv = args[0], args[1]
-        if not executable:
-            executable = argv if isinstance(argv, (str, bytes)) else argv[0]
-        name = os.path.basename(os.fsdecode(executable)).split()[0] if executable else ""
-        command = os.fsdecode(argv) if isinstance(argv, (str, bytes)) else " ".join(map(os.fsdecode, argv))
-        if name.startswith(SPAWNING) or (name in COMPILERS and "torchinductor" in command):
-            self.note(command[:200])
-
-
 WATCH = SpawnWatch()
-sys.addaudithook(WATCH.audit)
-_start_process = multiprocessing.process.BaseProcess.start
-
-
-def _watched_start(self):
-    WATCH.note(f"multiprocessing process {self.name}")
-    return _start_process(self)
-
-
-multiprocessing.process.BaseProcess.start = _watched_start
+WATCH.install()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,10 +1,10 @@
-"""tests/conftest.py's two session rules: GPUs hidden unless only tests/gpu is run, and the watch that fails a test
+"""tests/session_rules.py, the two rules tests/conftest.py applies: GPUs hidden unless only tests/gpu is run, and the watch that fails a test
 starting a process without the slow marker."""
 import os
 
 import pytest
 
-from conftest import GPU_TESTS, SpawnWatch, only_gpu_tests
+from session_rules import GPU_TESTS, SpawnWatch, only_gpu_tests
 
 
 def test_gpus_are_hidden_unless_every_path_given_is_in_tests_gpu():
