@@ -9,7 +9,6 @@
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -99,7 +98,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "spawns" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-        if GPUS_HIDDEN and GPU_TESTS in Path(str(item.fspath)).parents:
+        if GPUS_HIDDEN and GPU_TESTS in item.path.parents:
             item.add_marker(pytest.mark.skip(reason="GPUs are hidden from the CPU suite: run tests/gpu on its own "
                                                     "(make test-gpu)"))
 
