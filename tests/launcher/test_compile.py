@@ -104,9 +104,9 @@ def test_compile_true_without_a_cxx_compiler_is_refused_at_start(run):
 
 
 @pytest.fixture
-def broken_compiler(monkeypatch, tmp_path):
+def broken_compiler(monkeypatch, tmp_path, spawns):
     """A "compiler" that answers --version and builds nothing: the C++ build fails for real. Fresh caches, so that
-    nothing built earlier is loaded instead."""
+    nothing built earlier is loaded instead (inductor then checks the build in a Python subprocess)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
     with inductor_config.patch({"cpp.cxx": (None, "true"), "fx_graph_cache": False}):
         yield

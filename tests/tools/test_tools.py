@@ -125,7 +125,7 @@ def test_plot_bad_inputs(tmp_path, caplog):
 
 
 # ---- bench_lengths ----------------------------------------------------------------------------------------------
-def test_bench_lengths_table_json_and_stage_micro_batches(tmp_path, capsys):
+def test_bench_lengths_table_json_and_stage_micro_batches(spawns, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench_lengths.main(["--preset", "tiny", "--lengths", "32,64", "--tokens-per-batch", "256", "--vocab-size",
                              "1000", "--dtype", "fp32", "--steps", "1", "--memory-cap-gb", "0.4", "--json", str(out)])
@@ -183,7 +183,7 @@ def test_bench_lengths_table_and_json_flag_a_noisy_length():
     assert lines[4].split()[3] == "1.00" and "noisy; rerun with more --repeats" in lines[-1]
 
 
-def test_bench_lengths_bad_inputs(caplog):
+def test_bench_lengths_bad_inputs(spawns, caplog):
     with pytest.raises(EvidenceError, match="not a multiple of length"):
         bench_lengths.bench("tiny", [48, 64], tokens_per_batch=256)
     with pytest.raises(EvidenceError, match="choose one of"):
