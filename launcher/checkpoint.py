@@ -177,8 +177,7 @@ _RUNTIME_MODEL_KEYS = {"attention", "activation_checkpointing", "rope_scaling", 
 def model_identity(state: dict) -> dict:
     """What must not change across a resume: the built model's config (but for runtime-only switches) and where
     its initial weights came from."""
-    ident = {"document_masking": False, "reset_position_ids": False}  # what checkpoints older than these keys used
-    ident.update((k, v) for k, v in state.get("model", {}).items() if k not in _RUNTIME_MODEL_KEYS)
+    ident = {k: v for k, v in state.get("model", {}).items() if k not in _RUNTIME_MODEL_KEYS}
     section = state.get("config", {}).get("model", {})
     ident["preset"] = section.get("preset")
     ident["init_from_hf"] = section.get("init_from_hf")
