@@ -14,6 +14,7 @@
 1c. input formats: the same texts as .jsonl, .parquet (pyarrow's defaults: snappy, one row group per 1M rows;
    FineWeb's layout), .jsonl.zst (zstd level 3) and a `datasets` save_to_disk directory, each through
    preprocess at 2 workers; the outputs must be byte-identical. The issue's rule: within 1.1x of the .jsonl path.
+   First the readers alone (iter_documents over each input, no tokenizer), which is what differs by format.
 2. sample-index build: 10M samples at seq_len 128 and 1M at 1024 over that corpus, against megatron-core's
    GPTDataset index build (its own steps: _build_document_index, the C++ helpers.build_sample_idx,
    _build_shuffle_index) in the same run.
@@ -187,6 +188,7 @@ def bench_formats(corpus: str, model: str, work: str, repeats: int) -> None:
             zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
     if not os.path.isdir(inputs["datasets dir"]):
         datasets.Dataset.from_dict({"text": texts}).save_to_disk(inputs["datasets dir"])
+    bench_reading(inputs, len(texts), repeats)
     times: dict[str, list[float]] = {name: [] for name in inputs}
     outputs = {}
 
@@ -210,6 +212,22 @@ def bench_formats(corpus: str, model: str, work: str, repeats: int) -> None:
             else os.path.getsize(path)
         print(f"{name:16s} {size / 1e6:9.1f} {statistics.median(ts):8.2f} {statistics.median(ts) / base:9.3f}x   "
               f"(runs: {', '.join(f'{t:.2f}' for t in ts)})")
+
+
+def bench_reading(inputs: dict[str, str], documents: int, repeats: int) -> None:
+    """The readers alone (no tokenizer): every document of each input through corpus.iter_documents."""
+    from data_pipeline.corpus import check_inputs, iter_documents
+    times: dict[str, list[float]] = {name: [] for name in inputs}
+    for _ in range(repeats):
+        for name, path in inputs.items():
+            sources = check_inputs([path])
+            times[name].append(_timed(lambda: sum(1 for _ in iter_documents(sources))))
+    base = statistics.median(times[".jsonl"])
+    print(f"\n## reading only (data_pipeline.corpus.iter_documents): {documents:,} documents, median of {repeats}")
+    print(f"{'':16s} {'seconds':>8s} {'vs .jsonl':>10s}")
+    for name, ts in times.items():
+        print(f"{name:16s} {statistics.median(ts):8.3f} {statistics.median(ts) / base:9.3f}x   "
+              f"(runs: {', '.join(f'{t:.3f}' for t in ts)})")
 
 
 def megatron_index_build(ds: IndexedDataset, seq_len: int, num_samples: int, seed: int) -> int:
