@@ -1,9 +1,9 @@
-"""Reading raw corpora: `.jsonl`/`.json` (one JSON object per line, text under a key) or `.txt` (one document
-per line), each optionally `.gz` or `.zst`; `.parquet` and `.arrow` files and `datasets` directories (a text
-column, see `arrow_corpus`); a directory or glob of any of them. Bad lines (rows) raise `DatasetError` naming
-`FILE:LINE`, or are counted and skipped when the caller asks for it. A file that cannot be read to its end (a
-truncated or corrupt `.gz`/`.zst`/`.parquet`, an I/O error) always raises: its missing tail is not a bad line.
-Every format yields the same documents for the same texts, so its output is the `.jsonl` path's byte for byte."""
+"""Reading raw corpora, one document per line or row: `.jsonl`/`.json` (text under a key) or `.txt`, optionally
+`.gz` or `.zst`; `.parquet`/`.arrow` files and `datasets` directories (a text column, see `arrow_corpus`); a
+directory or glob of these. A bad line or row raises `DatasetError` as `FILE:LINE` (or is counted and skipped when
+asked); a file that cannot be read to its end always raises. Every format yields the same documents for the same
+texts, so the output is the `.jsonl` path's byte for byte. Reference: docs/data-formats.md.
+"""
 from __future__ import annotations
 
 import glob
