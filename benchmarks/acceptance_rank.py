@@ -1,17 +1,12 @@
-"""One rank of ``launcher/pretrain.py`` with two instruments for ``benchmarks/gpu_acceptance.py``.
+"""One rank of launcher/pretrain.py with two instruments, for benchmarks/gpu_acceptance.py; it runs the launcher's
+own `main()` unchanged.
 
     [deepspeed --num_gpus N] benchmarks/acceptance_rank.py --ds_config ... key=value ...   (the launcher's arguments)
 
-It runs the launcher's own ``main()`` unchanged; around it, from the environment:
-
-  GROWLENGTH_ACCEPTANCE_MEMORY=PREFIX   peak memory per training length, written to PREFIX.rank{R}.json when the
-        launcher returns: CUDA ``max_memory_allocated``, or on CPU the process's peak resident set (VmHWM). The peak
-        is read and reset whenever a training forward (grad enabled) of the model arrives at a new sequence length,
-        i.e. at each stage switch; a stage's validation runs before the next switch and counts in its stage.
-  GROWLENGTH_ACCEPTANCE_DETERMINISTIC=1 torch's deterministic algorithms (and cuBLAS's fixed workspace), so that a
-        resumed run can be compared bit for bit with the steps it recomputes on a GPU as it is on the CPU.
-
-Nothing here changes what the launcher computes; a rank killed by a fault injection writes no memory file.
+GROWLENGTH_ACCEPTANCE_MEMORY=PREFIX writes the peak memory per training length to PREFIX.rank{R}.json (CUDA
+max_memory_allocated, else VmHWM; read and reset when a training forward meets a new length).
+GROWLENGTH_ACCEPTANCE_DETERMINISTIC=1 turns on torch's deterministic algorithms, so a resumed run can be compared
+bit for bit.
 """
 from __future__ import annotations
 

@@ -1,25 +1,9 @@
 """Fixed-length samples for GrowLength stages, cut from one token stream so no token is skipped or repeated.
 
-The stream: the training documents (each already ends with EOD) in a per-epoch seeded order; epoch e is ordered
-by a permutation seeded by (seed, e), and the stream is epoch 0, epoch 1, ... back to back.
-
-A stage plan [(seq_len_0, tokens_0), (seq_len_1, tokens_1), ...] gives stage k the next tokens_k tokens:
-with p_0 = 0 and p_{k+1} = p_k + tokens_k, the k-th stage's sample i (before shuffling) is
-
-    stream[p_k + i * L_k : p_k + (i + 1) * L_k + 1]        (L_k + 1 tokens: inputs and shifted labels)
-
-Consecutive windows overlap by one token, so every stream token after position 0 is a label exactly once, across
-all stage switches. Samples are shuffled within a stage by a permutation seeded by (seed, k).
-
-Train/validation split: a fraction of documents (seeded by split_seed, independent of the training seed so runs
-with different seeds share a validation set) is held out; `valid_samples(L, n)` serves unshuffled windows of the
-validation documents' stream (original order), never truncated.
-
-The index (epoch orders, stream offsets, per-stage shuffles) is vectorised numpy, deterministic, and cached on disk
-under a key of everything it depends on, with a SHA-256 of every array recorded at build time. A cache is verified
-when it is opened (what it was built from, each array's dtype and shape, cheap invariants, the checksums): rank 0's
-`build()` replaces one that does not match, `load()` refuses it. Distributed use: rank 0 calls `build()`, the
-caller runs a barrier, then every rank calls `load()` (memory-maps the same files).
+Stage k's sample i (before its seeded shuffle) is `stream[p_k + i*L_k : p_k + (i+1)*L_k + 1]`, where the stream
+is the training documents in a seeded order per epoch and `p_k` the tokens of the stages before. A seeded share of
+documents is held out for validation. The index is deterministic and cached under a key of everything it depends
+on, verified on load: rank 0 `build()`s, every rank `load()`s. Reference: docs/data-pipeline.md.
 """
 from __future__ import annotations
 

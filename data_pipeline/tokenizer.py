@@ -1,14 +1,7 @@
-"""The project's tokenizer: a sentencepiece `.model`, a Hugging Face `tokenizer.json`, or an HF tokenizer directory.
+"""The project's tokenizer over a sentencepiece `.model`, a Hugging Face `tokenizer.json`, or an HF tokenizer directory.
 
-    tok = Tokenizer("tok.model")          # sentencepiece (data_pipeline.train_tokenizer, Llama 2, ...)
-    tok = Tokenizer("pythia/tokenizer.json")   # HF tokenizers (GPT-NeoX-20B, Llama 3, Qwen, ...)
-    tok = Tokenizer("pythia/")            # a directory holding tokenizer.json (+ tokenizer_config.json)
-
-The end-of-document token (EOD, appended by preprocess) is the tokenizer's own eos, never a constant: the
-sentencepiece model's eos id, or for HF the `eos_token` of tokenizer_config.json / special_tokens_map.json beside
-the tokenizer.json (without either file: the one conventional end-of-text special token it holds, see
-EOS_CANDIDATES). `encode` adds no special tokens (as Megatron's preprocess_data.py). `save(dir)` writes a
-self-contained copy that `Tokenizer(returned path)` reopens.
+EOD is the tokenizer's own eos, never a constant. `encode` adds no special tokens (as Megatron's preprocessing);
+`save(dir)` writes a self-contained copy that `Tokenizer(returned path)` reopens.
 """
 from __future__ import annotations
 

@@ -1,19 +1,10 @@
-"""Train a tokenizer from `.jsonl`/`.json`/`.txt` corpora: sentencepiece (default) or a byte-level BPE.
+"""Train a tokenizer on `.jsonl`/`.json`/`.txt` corpora: sentencepiece BPE (default) or a byte-level BPE.
 
     python -m data_pipeline.train_tokenizer --input corpus.jsonl --model-prefix tok --vocab-size 32000
     python -m data_pipeline.train_tokenizer --type bpe-bytelevel --input corpus.jsonl --model-prefix tok
 
-sentencepiece: BPE by default, byte fallback on (no id is ever unknown), unk=0 bos=1 eos=2 pad=3, EOD = eos.
-Normalisation is the identity and whitespace is kept, so decode(encode(text)) == text. Large inputs are sampled:
-sentencepiece keeps a random `--input-sentence-size` lines (seeded by `--seed`). Writes PREFIX.model and
-PREFIX.vocab, each under a temporary name renamed when both are complete (a failed or stopped run leaves existing
-ones unchanged).
-
-bpe-bytelevel: the Hugging Face `tokenizers` library's byte-level BPE (GPT-2/GPT-NeoX style: every byte is a
-token, GPT-2's pre-tokenizer regex, no normaliser, so decode(encode(text)) == text), trained on every document.
-Special tokens <|endoftext|>=0 (eos, EOD), <|startoftext|>=1 (bos), <|padding|>=2 (pad). Writes the Hugging Face
-tokenizer directory PREFIX/ (tokenizer.json, tokenizer_config.json, special_tokens_map.json; each file
-atomically), which `--tokenizer-model PREFIX` and `transformers.AutoTokenizer.from_pretrained(PREFIX)` open.
+Both round-trip text exactly (`decode(encode(text)) == text`); EOD is the eos. Outputs are renamed into place when
+complete. Special ids and options: docs/data-pipeline.md.
 """
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
-"""Export a trained checkpoint to a Hugging Face directory (tokenizer included): GPTNeoXForCausalLM or
-LlamaForCausalLM, by the family of the checkpoint's model.
+"""Export a trained checkpoint to a Hugging Face directory, tokenizer included: GPTNeoXForCausalLM or LlamaForCausalLM,
+by the checkpoint's model family.
 
     python -m evidence.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--overwrite] [--tokenizer PATH]
 
-The tokenizer is the run's own copy (RUN_DIR/<tokenizer_in_run>), else the path recorded at training
-(``evidence.runs.find_tokenizer``), so a moved run exports from anywhere. ``--out`` is built in a temporary
-directory beside it and renamed into place; ``--overwrite`` replaces only a previous export (a directory with
-config.json), never the run being exported nor a directory holding it. The ZeRO shards are consolidated into one
-fp32 state dict with DeepSpeed's own zero_to_fp32 utilities; the model's converter writes config, weights and
-tokenizer. ``load_trained_model`` is shared with the other tools
-(evaluate, plot) that read checkpoints.
+The ZeRO shards are consolidated with DeepSpeed's zero_to_fp32; --out is built beside itself and renamed into
+place, and --overwrite replaces only a previous export. `load_trained_model` is shared with the tools that read
+checkpoints.
 """
 from __future__ import annotations
 

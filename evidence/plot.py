@@ -4,10 +4,8 @@ perplexity against evaluation length (Figure 4).
     python -m evidence.plot RUN_DIR [RUN_DIR ...] [--out DIR] [--labels a,b,...] [--val-length L]
         [--eval-json REPORT.json ...]
 
-Writes ``loss_vs_tokens.png``, ``loss_vs_time.png`` and ``ppl_vs_length.png`` (the last when some run evaluated
-at two or more lengths, or evaluate reports are given). Reads only ``metrics.jsonl`` (and the JSON reports of
-``evidence.evaluate``). Validation loss is drawn at one length shared by the runs (``--val-length``; default the
-longest length every run evaluated), since losses at different lengths are not comparable.
+Reads only metrics.jsonl and evidence.evaluate reports; writes loss_vs_tokens.png, loss_vs_time.png and
+ppl_vs_length.png.
 """
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Reading what a training run left behind, for the evidence tools (evaluate, plot, compare).
-
-The tools read only ``RUN_DIR/metrics.jsonl`` (DESIGN.md "metrics.jsonl") and checkpoints; this module turns the
-former into step, eval and stage records and checks user-given lengths, with errors that name the file and the fix.
-It also holds what every tool shares: finding a run's tokenizer and data wherever the run directory now is
-(``find_tokenizer``, ``find_data_prefix``), and writing reports complete or not at all (``check_writable``,
-``write_json``, over ``data_pipeline.atomic``).
+"""Reading what a training run left behind, for the evidence tools: metrics.jsonl as step, eval and stage records;
+a run's tokenizer and data wherever the run directory now is (`find_tokenizer`, `find_data_prefix`); reports
+written complete or not at all (`check_writable`, `write_json`, over `data_pipeline.atomic`).
 """
 from __future__ import annotations
 

@@ -12,11 +12,15 @@ import socket
 import sys
 from datetime import timedelta
 
-import deepspeed
-import deepspeed.comm as dist
-import torch
+from launcher import versions
 
-from launcher.net import free_port
+versions.require()  # one line and exit 2 for a torch or DeepSpeed too old, before importing either
+
+import deepspeed  # noqa: E402
+import deepspeed.comm as dist  # noqa: E402
+import torch  # noqa: E402
+
+from launcher.net import free_port  # noqa: E402
 
 log = logging.getLogger(__name__)
 

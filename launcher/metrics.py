@@ -1,8 +1,8 @@
-"""metrics.jsonl, TensorBoard and the step line (rank 0 writes; DESIGN.md "metrics.jsonl").
+"""metrics.jsonl, TensorBoard and the step line (rank 0 writes); the record fields: docs/training.md.
 
-Throughput is counted at the real length (decision 8): tokens/s from the tokens the step really used; ``tflops`` and
-``mfu`` (against a known peak) from the attention the step computed (causal pairs, within documents under masking:
-``attn_flops``), ``tflops_palm`` / ``mfu_palm`` from PaLM's full-square ``flops_per_token(seq_len)`` for comparison.
+Throughput is counted at the real length: tokens/s from the tokens the step used; `tflops`/`mfu` from the
+attention the step computed (`attn_flops`), `tflops_palm`/`mfu_palm` from PaLM's full-square
+`flops_per_token(seq_len)` for comparison.
 """
 from __future__ import annotations
 

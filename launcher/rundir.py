@@ -1,6 +1,5 @@
-"""The run directory besides its checkpoints: who may write it (a lock), and the copy of the tokenizer that makes
-it stand on its own (DESIGN.md decision 10: export, evaluate and resume work from any working directory and
-after the directory is moved).
+"""The run directory besides its checkpoints: who may write it (a lock), and the copy of the tokenizer that lets
+export, evaluate and resume work from any working directory and after the directory is moved.
 """
 from __future__ import annotations
 
