@@ -12,8 +12,8 @@ setup(
     # torch is not pinned here: `make` installs the CPU build pinned in the Makefile (TORCH_SPEC) first,
     # and a GPU user installs their own CUDA build before this package.
     install_requires=[
-        "torch>=2.1",
-        "deepspeed>=0.19,<0.20",
+        "torch>=2.5",  # these two ranges are launcher/versions.py's REQUIRED, checked at start-up
+        "deepspeed>=0.19.8,<0.20",
         "sentencepiece>=0.2",
         "numpy>=1.24",
         "pyyaml>=6",

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import logging
 
-import deepspeed
-import torch
+from launcher import versions
 
-from launcher import distributed
-from launcher.distributed import DIST_TIMEOUT, RANK0_TIMEOUT
+versions.require()  # one line and exit 2 for a torch or DeepSpeed too old, before importing either
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+
+from launcher import distributed  # noqa: E402
+from launcher.distributed import DIST_TIMEOUT, RANK0_TIMEOUT  # noqa: E402
 
 log = logging.getLogger(__name__)
 
