@@ -475,7 +475,7 @@ def main(argv=None) -> int:
     p.add_argument("--ds-config", default="ds_configs/zero2.json")
     p.add_argument("--calibration-rounds", type=int, default=3,
                    help="calibration runs before the runs, each timing every length once in turn")
-    p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.overrides=...)")
+    p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.num_layers=4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -102,7 +102,7 @@ class TrainData:
     @property
     def document_masking(self) -> bool:
         """Batches come with their document boundaries (``MicroBatch``es) for a model trained with masking."""
-        return self.cfg.model.document_masking
+        return bool(self.cfg.model.document_masking)  # null: the presets' (off)
 
     def valid_batches(self, seq_len: int, eval_tokens: int, tokens_per_batch: int):
         """This rank's share of the validation windows at ``seq_len``, in batches of about ``tokens_per_batch``:

@@ -33,24 +33,23 @@ def run_model_config(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
         raise ConfigError(f"model section: {e}") from e
 
 
+# model fields a Hugging Face start (model.init_from_hf) may set: how it runs, not its architecture
+HF_RUNTIME = ("attention", "activation_checkpointing", "document_masking", "reset_position_ids")
+
+
 def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
-    """The run's ModelConfig: the preset with the section's settings, or the architecture of model.init_from_hf's
-    config.json (read only; its weights are loaded by build_model)."""
-    runtime = dict(attention=m.attention, activation_checkpointing=m.activation_checkpointing,
-                   document_masking=m.document_masking, reset_position_ids=m.reset_position_ids)
+    """The run's ModelConfig: the preset with the section's model fields, or the architecture of model.init_from_hf's
+    config.json (read only; its weights are loaded by build_model) with the section's runtime fields."""
+    settings = m.model_settings()
     if not m.init_from_hf:
-        overrides = {**m.overrides, **runtime}
-        for key in ("family", "rotary_pct", "rope_base"):
-            if getattr(m, key) is not None:
-                overrides[key] = getattr(m, key)
-        return ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
+        return ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **settings)
     from model.hf import read_hf_config
-    fixed = [k for k in ("rotary_pct", "rope_base", "overrides") if getattr(m, k)]
+    fixed = [k for k in settings if k not in HF_RUNTIME + ("family",)]
     if fixed:
         raise ConfigError(f"model.init_from_hf {m.init_from_hf}: the architecture comes from its config.json; "
                           f"drop model.{', model.'.join(fixed)}")
     try:
-        config = read_hf_config(m.init_from_hf, **runtime)
+        config = read_hf_config(m.init_from_hf, **{k: v for k, v in settings.items() if k in HF_RUNTIME})
     except FileNotFoundError:
         raise ConfigError(f"model.init_from_hf {m.init_from_hf}: no config.json there; give a Hugging Face "
                           f"GPT-NeoX or Llama directory (save_pretrained's layout)") from None

@@ -214,7 +214,9 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.device = dist.device()
         self.model: CausalLM = engine.module
-        self.metrics = MetricsWriter(self.run_dir, rank == 0, cfg.logging.tensorboard)
+        self.metrics = MetricsWriter(self.run_dir, rank == 0, cfg.logging.tensorboard, cfg.logging.wandb,
+                                     {"config": cfg.to_dict(), "plan": plan.describe(),
+                                      "tokens_per_step": plan.tokens_per_step, "world_size": world})
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak = peak_tflops(cfg.logging.peak_tflops, name)
         self.preemption = preemption
