@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
-from launcher import engine as ds
+from launcher import distributed as dist
 from launcher import steptime
 from launcher.config import ConfigError, ModelSection, RunConfig
 from launcher.plan import micro_batch_for
@@ -88,7 +88,7 @@ def probe_step_times(cfg: RunConfig, model_config: ModelConfig, rank: int, world
     Only the ratios between lengths matter for a time-share plan with a token total. (The engine's own ZeRO
     step cannot be timed here: the plan this probe sizes is what the engine's scheduler is built from.)"""
     g = cfg.growlength
-    device = ds.device()
+    device = dist.device()
     shapes = {L: micro_batch_for(L, g.tokens_per_step, world, g.grad_accum, g.max_tokens_per_micro_batch,
                                  f"growlength.stages[{i}]") for i, L in enumerate(seq_lens)}
     times = oom = None
@@ -117,7 +117,7 @@ def probe_step_times(cfg: RunConfig, model_config: ModelConfig, rank: int, world
             torch.cuda.empty_cache()
     n = len(seq_lens)
     mine = times.medians() + [t.spread for t in times.lengths.values()] if times else [math.inf] * 2 * n
-    worst = ds.all_reduce_max(mine)
+    worst = dist.all_reduce_max(mine)
     out, spreads = worst[:n], worst[n:]
     if math.inf in out:
         where = f"at seq_len {oom.seq_len} ({oom.detail})" if oom else "on another rank"
