@@ -1,19 +1,11 @@
-"""Train a tokenizer from `.jsonl`/`.json`/`.txt` corpora: sentencepiece (default) or a byte-level BPE.
+"""Train a tokenizer on any corpus preprocess reads (docs/data-formats.md): sentencepiece BPE (default) or a
+byte-level BPE.
 
     python -m data_pipeline.train_tokenizer --input corpus.jsonl --model-prefix tok --vocab-size 32000
     python -m data_pipeline.train_tokenizer --type bpe-bytelevel --input corpus.jsonl --model-prefix tok
 
-sentencepiece: BPE by default, byte fallback on (no id is ever unknown), unk=0 bos=1 eos=2 pad=3, EOD = eos.
-Normalisation is the identity and whitespace is kept, so decode(encode(text)) == text. Large inputs are sampled:
-sentencepiece keeps a random `--input-sentence-size` lines (seeded by `--seed`). Writes PREFIX.model and
-PREFIX.vocab, each under a temporary name renamed when both are complete (a failed or stopped run leaves existing
-ones unchanged).
-
-bpe-bytelevel: the Hugging Face `tokenizers` library's byte-level BPE (GPT-2/GPT-NeoX style: every byte is a
-token, GPT-2's pre-tokenizer regex, no normaliser, so decode(encode(text)) == text), trained on every document.
-Special tokens <|endoftext|>=0 (eos, EOD), <|startoftext|>=1 (bos), <|padding|>=2 (pad). Writes the Hugging Face
-tokenizer directory PREFIX/ (tokenizer.json, tokenizer_config.json, special_tokens_map.json; each file
-atomically), which `--tokenizer-model PREFIX` and `transformers.AutoTokenizer.from_pretrained(PREFIX)` open.
+Both round-trip text exactly (`decode(encode(text)) == text`); EOD is the eos. Outputs are renamed into place when
+complete. Special ids and options: docs/data-pipeline.md.
 """
 from __future__ import annotations
 
@@ -29,8 +21,9 @@ import sentencepiece as spm
 
 from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, remove_quietly,
-                                 remove_stale_temps, replace_all, stop_on_signals, tmp_name)
+from data_pipeline.atomic import remove_quietly, remove_stale_temps, tmp_name, write_text
+from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, replace_all,
+                                 stop_on_signals)
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3  # the ids given to sentencepiece's special pieces
 BPE_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "pad_token": "<|padding|>"}
@@ -86,7 +79,7 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
                     json_key: str = "text", input_sentence_size: int = 1_000_000, num_threads: int | None = None,
                     seed: int = 0, character_coverage: float = 0.9995, quiet: bool = False) -> str:
     """Train and write `model_prefix.model` (+ `.vocab`); returns the model path."""
-    check_inputs(list(inputs))
+    sources = check_inputs(list(inputs))
     check_arguments(model_prefix, vocab_size, json_key, input_sentence_size, num_threads, seed, character_coverage)
     stats, failure = ReadStats(), []
     model = io.BytesIO()
@@ -94,7 +87,7 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
     t0 = time.time()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(list(inputs), json_key, stats, failure), model_writer=model,
+            sentence_iterator=_sentences(sources, json_key, stats, failure), model_writer=model,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -158,7 +151,7 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
     The library trains in its own thread pool (RAYON_NUM_THREADS, set by the CLI from --workers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    check_inputs(list(inputs))
+    sources = check_inputs(list(inputs))
     if vocab_size < 256 + len(BPE_SPECIALS):
         raise DatasetError(f"--vocab-size {vocab_size}: too small; a byte-level BPE holds the 256 bytes and "
                            f"{len(BPE_SPECIALS)} special tokens, use at least {256 + len(BPE_SPECIALS)} "
@@ -175,7 +168,7 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=not quiet)
     stats = ReadStats()
     t0 = time.time()
-    tok.train_from_iterator(iter_documents(list(inputs), json_key, skip_bad_lines=True, stats=stats), trainer)
+    tok.train_from_iterator(iter_documents(sources, json_key, skip_bad_lines=True, stats=stats), trainer)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **BPE_SPECIALS, "add_bos_token": False,
               "add_eos_token": False, "clean_up_tokenization_spaces": False}
     out.mkdir(parents=True, exist_ok=True)
@@ -183,9 +176,7 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
     for name, text in (("tokenizer_config.json", json.dumps(config, indent=2) + "\n"),
                        ("special_tokens_map.json", json.dumps(BPE_SPECIALS, indent=2) + "\n"),
                        ("tokenizer.json", tok.to_str(pretty=True))):
-        tmp = out / f"{name}.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        write_text(out / name, text)
     if stats.bad_lines and not quiet:
         print(f"train_tokenizer: skipped {stats.bad_lines} unreadable lines, e.g. {stats.first_bad[0]}",
               file=sys.stderr)
@@ -199,7 +190,8 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.train_tokenizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz)")
+    p.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz/.zst), "
+                   ".parquet/.arrow files, `datasets` directories, or directories/globs of these")
     p.add_argument("--type", choices=["sentencepiece", "bpe-bytelevel"], default="sentencepiece",
                    help="sentencepiece (default) or a byte-level BPE trained with the Hugging Face tokenizers library")
     p.add_argument("--model-prefix", required=True, help="sentencepiece: writes MODEL_PREFIX.model and "

@@ -5,36 +5,12 @@ Figures 1-2 on this machine): the time ratio predicted before training, and the 
         [--preset tiny] [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048] [--seeds 1,2,3]
         [--plans fixed-short,fixed-long,growlength] [--calibration-rounds 3] [--calibration-steps 3] [key=value ...]
 
-Runs of the real launcher (subprocesses) with the same model, data, ds_config and tokens per step; only the stage
-plan differs: fixed-short (every step at the shortest length), fixed-long (the reference: every step at the
-longest) and GrowLength (the lengths in turn, by ``--shares``). Each seed runs every plan, the order turned by one
-from seed to seed. One report, DIR/report.md and DIR/summary.json, with figures.
-
-Calibration, before the runs: ``--calibration-rounds`` short runs of the real launcher, each timing
-``--calibration-steps`` steps at every length in turn after a warm-up step (OUT/runs/calibration-R); the medians
-per length (launcher.steptime) are the **calibrated** step times.
-
-Prediction, before the runs (logged, and written to DIR/prediction.json): each plan's time for its tokens against
-fixed-long's for the same tokens, from the calibrated step times and the plan's token shares (evidence.speedup),
-with its range over the calibration rounds.
-
-Realized, after the runs, each run against the same seed's fixed-long run, under two clocks: the **training
-clock** (the launcher's own time of each step and stage switch; start-up, evaluations and checkpoints excluded) and
-the **calibrated clock** (every step charged the calibrated time of its length, whatever the neighbours on a shared
-machine did meanwhile): the time per token (for the same tokens), and the time to reach fixed-long's final
-validation loss at the longest length (the launcher's own evaluation, about ``--points`` times per run and at every
-stage end, on the same held-out windows; linear between evaluations; "not reached" when it never does). The report
-gives the median and min-max over seeds.
-
-Budgets:
-  --budget-tokens N   every plan trains N tokens (rounded down to whole steps) with the ds_config's schedule
-                      (warmup, then decay to the end): all finish the same number of optimizer steps (Figure 2).
-  --budget-calibrated-seconds C   every plan gets the steps that cost C calibrated seconds (GrowLength's stages
-                      ``--shares`` of C), with the ds_config's schedule (Figure 1, free of the machine's noise).
-  --budget-seconds S  every run stops at S seconds of wall-clock (``growlength.max_time_s``, checked after each
-                      step); the learning rate is warmup then constant (WarmupLR) so that no plan's schedule is cut
-                      short; GrowLength's stages before the last are sized to ``--shares`` of S at the calibrated
-                      step times, the last stage and the fixed runs oversized so that the clock ends every run.
+Runs the real launcher once per plan and seed, only the stage plan differing (the order turned by one from seed to
+seed). Before the runs: calibration runs time every length (launcher.steptime medians), and each plan's time against
+fixed-long for the same tokens is predicted from them and the plan's token shares (DIR/prediction.json). After the
+runs: each run's training and calibrated clocks, its time per token and its time to reach the same seed's fixed-long
+final validation loss, from the launcher's own evaluations (evidence.speedup); DIR/report.md, summary.json and
+figures. Budgets and clocks: docs/tools.md.
 """
 from __future__ import annotations
 
@@ -48,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline.atomic import check_dir_writable
 from evidence import speedup
 from evidence.launch import ROOT, launch_command
+from evidence.runs import EvidenceError, Run, load_run, parse_lengths, write_json, write_text
 from launcher import steptime
-from evidence.runs import EvidenceError, Run, check_dir_writable, load_run, parse_lengths, write_json, write_text
 
 log = logging.getLogger("growlength")
 
@@ -510,7 +487,8 @@ def speed_figure(summary: dict, out: Path) -> Path:
 
 def compare(s: Setup, command: str = "") -> dict:
     check_setup(s)
-    check_dir_writable(s.out, "--out")  # before the runs: a report that cannot be saved is refused, not lost
+    # before the runs: a report that cannot be saved is refused, not lost
+    check_dir_writable(s.out, "--out", error=EvidenceError)
     s.out.mkdir(parents=True, exist_ok=True)
     ds_config = ds_config_for(s)
     calibration = calibrate(s, ds_config)  # every budget: the calibrated clock is charged to every run
@@ -576,7 +554,7 @@ def main(argv=None) -> int:
                    help="timed steps per length in each calibration run (after one warm-up step)")
     p.add_argument("--no-extrapolation", dest="extrapolation", action="store_false",
                    help="skip evaluating the final models at 2x and 4x the longest length (Figure 4)")
-    p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.overrides=...)")
+    p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.num_layers=4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -1,17 +1,18 @@
-"""metrics.jsonl, TensorBoard and the step line (rank 0 writes; DESIGN.md "metrics.jsonl").
+"""metrics.jsonl, TensorBoard and the step line (rank 0 writes); the record fields: docs/training.md.
 
-Throughput is counted at the real length (decision 8): tokens/s from the tokens the step really used; ``tflops`` and
-``mfu`` (against a known peak) from the attention the step computed (causal pairs, within documents under masking:
-``attn_flops``), ``tflops_palm`` / ``mfu_palm`` from PaLM's full-square ``flops_per_token(seq_len)`` for comparison.
+Throughput is counted at the real length: tokens/s from the tokens the step used; `tflops`/`mfu` from the
+attention the step computed (`attn_flops`), `tflops_palm`/`mfu_palm` from PaLM's full-square
+`flops_per_token(seq_len)` for comparison.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
+
+from data_pipeline.atomic import write_text
 
 log = logging.getLogger("growlength")
 
@@ -117,26 +118,21 @@ def truncate_after(run_dir: str | Path, step: int) -> int:
     # a stage record at the checkpoint's step announces the step after it: the resumed run writes it again
     keep = [r for r in records if r.get("step", 0) < step or (r.get("step") == step and r.get("kind") != "stage")]
     if len(keep) != len(records) or not clean:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in keep))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
     return len(records) - len(keep)
 
 
 class MetricsWriter:
-    """Appends JSON records to RUN_DIR/metrics.jsonl and scalars to TensorBoard. A no-op off rank 0."""
+    """Appends JSON records to RUN_DIR/metrics.jsonl, scalars to TensorBoard, and the same records to the trackers
+    (``wandb``: the ``logging.wandb`` mapping; ``run_info``: the config and plan they record once). A no-op off
+    rank 0."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, wandb: dict | None = None,
+                 run_info: dict | None = None):
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._trackers = []
         if not enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -144,11 +140,16 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb is not None and wandb.get("mode", "online") != "disabled":
+            from launcher.trackers import WandbSink
+            self._trackers.append(WandbSink(wandb, run_dir, run_info or {}))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
+        for tracker in self._trackers:
+            tracker.log(record)
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():
@@ -161,6 +162,8 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
 
 
 def fmt_count(x: float) -> str:

@@ -1,13 +1,8 @@
-"""Causal self-attention kernels, optionally kept within documents.
+"""Causal self-attention kernels, optionally kept within documents (`cu_seqlens`, see `Documents`).
 
-Without document boundaries: flash-attn's `flash_attn_func(causal=True)` or torch SDPA (`is_causal=True`). With
-them (`cu_seqlens`, see `Documents`): flash-attn's variable-length kernel `flash_attn_varlen_func` over the
-flattened batch, or SDPA with a block-causal boolean mask.
-
-`auto` takes flash-attn when it imports, the tensors are CUDA fp16/bf16 and the GPU's compute capability is 8.0 or
-newer (flash-attn 2 raises on V100/T4), else SDPA. `flash` where it cannot run raises (no silent fallback). A
-flash-attn that is installed but fails to import (a build for another torch or CUDA) is reported with its own error,
-not as "not installed". The choice is logged once per distinct (setting, backend, reason, masking).
+flash-attn (`flash_attn_func`, or `flash_attn_varlen_func` with documents) or torch SDPA (`is_causal`, or a
+block-causal mask with documents). `auto` takes flash-attn when it imports and can run (CUDA fp16/bf16, sm80+),
+else SDPA; `flash` where it cannot run raises, never a silent fallback. The choice is logged once.
 """
 from __future__ import annotations
 

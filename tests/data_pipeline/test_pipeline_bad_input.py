@@ -155,7 +155,8 @@ def test_preprocess_same_input_twice(tmp_path, sp_model, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("make, extra, pattern", [
-    (lambda d: os.mkdir(d / "in.jsonl"), [], r"--input .*in\.jsonl: is a directory; pass the files in it"),
+    (lambda d: os.mkdir(d / "in.jsonl"), [], r"--input .*in\.jsonl: a directory with no input in it; it should "
+                                              r"hold \.jsonl/\.json \(one JSON object per line\)"),
     (lambda d: (d / "in.jsonl").write_text(""), [], r"--input .*in\.jsonl: no documents: 0 lines, 0 empty, 0 bad; "
                                                      r"nothing written"),
     (lambda d: (d / "in.jsonl").write_text('{"text": " "}\n\n'), [], r"no documents: 2 lines, 2 empty, 0 bad"),
@@ -214,7 +215,7 @@ def test_preprocess_read_only_directory(tmp_path, sp_model, corpus_jsonl, capsys
     try:
         for prefix in [ro / "out", ro / "new" / "x"]:
             argv = ["--input", corpus_jsonl, "--output-prefix", str(prefix), "--tokenizer-model", sp_model]
-            assert_one_line_error(*cli(pp.main, argv, capsys), r"cannot write in .*ro \(permission denied\); choose "
+            assert_one_line_error(*cli(pp.main, argv, capsys), r"cannot write in .*ro \(Permission denied\); choose "
                                                                r"a directory you can write to")
     finally:
         ro.chmod(0o755)
@@ -468,8 +469,8 @@ def test_index_cache_dir_errors_and_stale_builds(cached, tmp_path):
         GrowLengthSamples(prefix, plan, seed=6, cache_dir=str(tmp_path / "afile")).build()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = os.path.join(cache, f".tmp-{dead.pid}-abc")
-    mine = os.path.join(cache, f".tmp-{os.getpid()}-abc")
+    stale = f"{path}.tmp-{dead.pid}-bad"
+    mine = f"{path}.tmp-{os.getpid()}"
     os.mkdir(stale)
     os.mkdir(mine)
     GrowLengthSamples(prefix, plan, seed=7, cache_dir=cache).build()
