@@ -273,7 +273,8 @@ def summarise(s: Setup, runs: dict[tuple[str, int], Run], times: dict[int, float
     return {"budget_seconds": s.budget_seconds, "budget_tokens": s.budget_tokens,
             "budget_calibrated_seconds": s.budget_calibrated, "preset": s.preset, "ranks": s.ranks,
             "tokens_per_step": s.tokens_per_step, "lengths": s.lengths, "shares": s.shares, "seeds": s.seed_list,
-            "long": s.long, "runs": rows, "by_plan": by_plan, "conclusions": conclusions(s, rows)}
+            "long": s.long, "target_val_loss": rows[s.run_name("fixed-long", s.seed_list[0])]["target_val_loss"],
+            "runs": rows, "by_plan": by_plan, "conclusions": conclusions(s, rows)}
 
 
 def run_row(s: Setup, plan: str, seed: int, run: Run, curve: list[dict], target: float,
