@@ -72,7 +72,11 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     """Epsilon of the norms (LayerNorm for gpt-neox, RMSNorm for llama)."""
     attention: str = "auto"
-    """Attention backend: auto (flash-attn on CUDA fp16/bf16 when installed, else SDPA) | flash | sdpa."""
+    """Attention backend: auto (flash-attn on CUDA fp16/bf16 sm80+ when installed, SDPA on Hopper without documents,
+    else torch's kernels; see docs/gpu.md) | flash | sdpa. A runtime choice: a checkpoint loads with any."""
+    deterministic_attention: bool = False
+    """Attention backward with a fixed summation order (flash-attn deterministic=True; SDPA without cuDNN or
+    memory-efficient kernels), so a bf16 resume on a GPU repeats the same bits; slower backward."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory on long stages)."""
     document_masking: bool = False

@@ -83,8 +83,9 @@ class CausalLM(nn.Module):
         each row is one causal sequence."""
         B, T = input_ids.shape
         x = self.embed_in(input_ids)  # (B, T, d)
-        backend = resolve_backend(self.config.attention, x.device, x.dtype, masked=cu_seqlens is not None)
-        docs = None if cu_seqlens is None else documents(cu_seqlens, B, T, x.device, need_mask=backend == "sdpa")
+        backend = resolve_backend(self.config.attention, x.device, x.dtype, cu_seqlens is not None,
+                                  self.config.deterministic_attention)
+        docs = None if cu_seqlens is None else documents(cu_seqlens, B, T, x.device, backend)
         cos, sin = self.rotary_tables(T, x.device, docs)
         for layer in self.layers:
             if self.config.activation_checkpointing and torch.is_grad_enabled():
@@ -108,7 +109,8 @@ class CausalLM(nn.Module):
     def attention_kernel(self, device: torch.device, dtype: torch.dtype) -> str:
         """The attention kernel a training forward on `device` in `dtype` uses (for the stage log line)."""
         masked = self.config.document_masking
-        kernel = KERNELS[resolve_backend(self.config.attention, device, dtype, masked), masked]
+        kernel = KERNELS[resolve_backend(self.config.attention, device, dtype, masked,
+                                         self.config.deterministic_attention), masked]
         return kernel + (", positions reset per document" if self.config.reset_position_ids else "")
 
     @torch.no_grad()
