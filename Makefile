@@ -40,7 +40,7 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q -ra tests/gpu
 
 bench: $(STAMP)
-	@echo "see README: Benchmarks"
+	@echo "see docs/benchmarks.md"
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -1,17 +1,12 @@
-"""One rank of ``launcher/pretrain.py`` with two instruments for ``benchmarks/gpu_acceptance.py``.
+"""One rank of launcher/pretrain.py with two instruments, for benchmarks/gpu_acceptance.py; it runs the launcher's
+own `main()` unchanged.
 
     [deepspeed --num_gpus N] benchmarks/acceptance_rank.py --ds_config ... key=value ...   (the launcher's arguments)
 
-It runs the launcher's own ``main()`` unchanged; around it, from the environment:
-
-  GROWLENGTH_ACCEPTANCE_MEMORY=PREFIX   peak memory per training length, written to PREFIX.rank{R}.json when the
-        launcher returns: CUDA ``max_memory_allocated``, or on CPU the process's peak resident set (VmHWM). The peak
-        is read and reset whenever a training forward (grad enabled) of the model arrives at a new sequence length,
-        i.e. at each stage switch; a stage's validation runs before the next switch and counts in its stage.
-  GROWLENGTH_ACCEPTANCE_DETERMINISTIC=1 torch's deterministic algorithms (and cuBLAS's fixed workspace), so that a
-        resumed run can be compared bit for bit with the steps it recomputes on a GPU as it is on the CPU.
-
-Nothing here changes what the launcher computes; a rank killed by a fault injection writes no memory file.
+GROWLENGTH_ACCEPTANCE_MEMORY=PREFIX writes the peak memory per training length to PREFIX.rank{R}.json (CUDA
+max_memory_allocated, else VmHWM; read and reset when a training forward meets a new length).
+GROWLENGTH_ACCEPTANCE_DETERMINISTIC=1 turns on torch's deterministic algorithms, so a resumed run can be compared
+bit for bit.
 """
 from __future__ import annotations
 
@@ -27,6 +22,8 @@ if os.environ.get("GROWLENGTH_ACCEPTANCE_DETERMINISTIC") == "1":
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must be set before cuBLAS starts
 
 import torch  # noqa: E402
+
+from data_pipeline.atomic import write_text  # noqa: E402
 
 
 def _vm_hwm() -> int:
@@ -92,13 +89,6 @@ class PeakPerLength:
                 "reset_per_length": self.reset_ok, "capacity_bytes": capacity, "backend": self.backend}
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main() -> int:
     if os.environ.get("GROWLENGTH_ACCEPTANCE_DETERMINISTIC") == "1":
         torch.use_deterministic_algorithms(True, warn_only=True)  # ops without one keep running, with a warning
@@ -114,7 +104,7 @@ def main() -> int:
         if watch is not None:
             watch.handle.remove()
             rank = os.environ.get("RANK", "0")
-            _write_json(f"{prefix}.rank{rank}.json", watch.report())
+            write_text(f"{prefix}.rank{rank}.json", json.dumps(watch.report(), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,7 @@
-"""Data pipeline benchmarks: preprocess throughput, sample-index build time, loader throughput. Prints figures.
+"""Data pipeline benchmarks: preprocess against its tokenizer's own batch encoding, the sample-index build against
+megatron-core's, the loader's tokens/s. Prints figures; method and results: docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/bench_data_pipeline.py [--work-dir .cache/bench_data] [--repeats 3] [--mb 50]
-
-1. preprocess end to end (`python -m data_pipeline.preprocess` as a subprocess, start-up included) at 1 and 2
-   workers on a >= 50 MB JSONL corpus (the built-in corpus, repeated in shuffled document order), against the
-   floor: sentencepiece's own batch encoding of the same texts with 2 threads, texts already in memory.
-   Megatron-LM's tools/preprocess_data.py is not in the megatron-core wheel; it is timed only if --megatron-tools
-   points at a Megatron-LM checkout.
-1b. preprocess with a Hugging Face tokenizer.json (a byte-level BPE trained by train_tokenizer --type bpe-bytelevel
-   on the same corpus) at --hf-workers threads, against the floor: the tokenizers library's own parallel batch
-   encoder (`encode_batch_fast`, the same thread count) over the same texts already in memory, both in one call
-   and in preprocess's ~1 MB batches; the faster of the two is the floor. The issue's rule: within 1.15x.
-2. sample-index build: 10M samples at seq_len 128 and 1M at 1024 over that corpus, against megatron-core's
-   GPTDataset index build (its own steps: _build_document_index, the C++ helpers.build_sample_idx,
-   _build_shuffle_index) in the same run.
-3. loader: StageLoader tokens/s on one rank (of 2) at seq_len 128 and 1024.
-Medians of --repeats runs; runs of the compared tools are interleaved so machine noise hits all of them alike.
+    python benchmarks/bench_data_pipeline.py [--work-dir .cache/bench_data] [--repeats 3] [--mb 50]
 """
 from __future__ import annotations
 
@@ -32,6 +18,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from data_pipeline.atomic import atomic_path  # noqa: E402
 from data_pipeline.builtin_corpus import iter_builtin_documents  # noqa: E402
 from data_pipeline.indexed_dataset import IndexedDataset  # noqa: E402
 from data_pipeline.loader import StageLoader  # noqa: E402
@@ -45,14 +32,13 @@ def make_corpus(path: str, target_mb: int) -> str:
         return path
     docs = list(iter_builtin_documents())
     rng = np.random.default_rng(0)
-    size, tmp = 0, path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    size = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         while size < target_mb * 1e6:
             for i in rng.permutation(len(docs)):
                 line = json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n"
                 f.write(line)
                 size += len(line.encode())
-    os.replace(tmp, path)
     return path
 
 

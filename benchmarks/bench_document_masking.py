@@ -1,15 +1,8 @@
-"""What document masking costs per optimizer step: building the boundaries and the mask against the step itself.
+"""What document masking costs per optimizer step: the document boundaries and the mask against the step itself.
+Prints a table; method and results: docs/benchmarks.md.
 
     python benchmarks/bench_document_masking.py                   # pythia-70m shape, fp32, 4096 tokens per step
     python benchmarks/bench_document_masking.py --preset tiny --lengths 128 1024 --repeats 5
-
-A synthetic stream of documents (lengths drawn log-normally around --mean-doc tokens, each ending with EOD) is
-indexed with GrowLengthSamples; per length, one step is one micro-batch of tokens_per_step / L windows. Columns
-(medians over --repeats, interleaved so background load hits all alike):
-  cu_seqlens  the loader's part: the step's document boundaries from the index's stream offsets (numpy)
-  layout      the model's part, once per forward: checks, positions and the (B, 1, T, T) SDPA mask (CPU)
-  step        forward + loss + backward with document masking (SDPA block-causal mask), and without (is_causal)
-and the share of the masked step spent in cu_seqlens + layout. Not a test: it prints a table and exits.
 """
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
-"""GrowLength vs fixed-length training on this machine: tokens/s per stage and wall-clock for one token budget.
+"""GrowLength vs fixed-length training (LLM128, LLM1024) through the real launcher: tokens/s per stage, wall-clock for
+one token budget, stage-switch overhead. Prints figures; method and results: docs/benchmarks.md.
 
     python benchmarks/bench_growlength.py [--preset tiny] [--steps 24] [--tokens-per-step 8192] [--ranks 1]
-
-Runs the real launcher three times with identical model, data, seed and tokens per step, only the stage plan
-differing: fixed 128 (LLM128), fixed 1024 (LLM1024) and GrowLength 128 -> 256 -> 512 -> 1024 (equal token
-shares). Prints tokens/s per stage, training wall-clock (sum of step times: start-up excluded) and ratios, the
-paper's Figure 2 claim (GrowLength spends the same tokens in less time than LLM1024), and the stage-switch
-overhead against the median step time. Figures are medians over steps after the first of each stage.
 """
 from __future__ import annotations
 

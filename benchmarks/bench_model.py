@@ -1,18 +1,8 @@
-"""Forward+backward throughput of our GPTNeoX vs transformers' GPTNeoXForCausalLM, same config/dtype/threads.
+"""Forward+backward throughput of our CausalLM (eager and compiled) vs transformers' GPTNeoXForCausalLM, same config,
+dtype and threads, interleaved; MFU against a matmul timed in the same loop. Method and results: docs/benchmarks.md.
 
     python benchmarks/bench_model.py                       # pythia-70m shape, vocab 8k, bf16, 2 threads
     python benchmarks/bench_model.py --dtype fp32 --lengths 128 1024 --repeats 5
-
-Per length, the models run forward + loss + backward on the same (B, T) batch with a fixed number of tokens
-per batch, interleaved (ours eager, ours compiled, theirs, ours eager, ...) so background load hits all alike; the
-table shows medians. "compiled" is the same weights with the blocks under torch.compile as the launcher's
-model.compile does it (launcher/compile.py: one static graph per length, built before the timed steps; its build
-time is the "compile s" column); --no-compile drops it. The last column is the compiled (else eager) ratio from
-process CPU time (HF CPU-s / ours CPU-s per step), a cross-check on a busy machine.
-MFU = flops_per_token(T) * tokens/s / (rate of a 2048^3 matmul in the same dtype and threads, timed inside the
-same interleaved loop so it sees the same background load); flops_per_token is
-model.GPTNeoX.flops_per_token (PaLM convention, attention term included), the same for both models.
-Not a test: it prints a table and exits.
 """
 from __future__ import annotations
 
@@ -26,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import GPTNeoX, ModelConfig  # noqa: E402
+from model import CausalLM, ModelConfig  # noqa: E402
 from model.hf import hf_config_dict, state_dict_to_hf  # noqa: E402
 from launcher.compile import StageCompiler  # noqa: E402
 
@@ -50,7 +40,7 @@ class MatmulProbe:
 
 def build_models(args, dtype):
     torch.manual_seed(0)
-    ours = GPTNeoX(ModelConfig.from_preset(args.preset, vocab_size=args.vocab, attention="sdpa"))
+    ours = CausalLM(ModelConfig.from_preset(args.preset, vocab_size=args.vocab, attention="sdpa"))
     import transformers
 
     hf_cfg = transformers.GPTNeoXConfig(**hf_config_dict(ours.config))

@@ -1,24 +1,8 @@
-"""Step time with and without the loader's prefetch thread, reading a large .bin cold.
+"""Step time with and without the loader's prefetch thread, reading a large .bin cold (its pages evicted before every
+pass). Prints median step time and data wait per variant; method and results: docs/benchmarks.md.
 
     python benchmarks/bench_prefetch.py [--work-dir .cache/bench_prefetch] [--gb 2] [--seq-len 1024]
         [--micro-batch 8] [--grad-accum 4] [--steps 12] [--rounds 2] [--compute sleep:0.05|model]
-
-A .bin of --gb GiB of random uint16 tokens in documents of 64-4095 tokens (written once, kept in --work-dir) under
-one GrowLength stage at --seq-len; the sample order is shuffled, so each step gathers its samples from all over
-the file. Before every measured pass the file's pages are evicted from the page cache with
-posix_fadvise(POSIX_FADV_DONTNEED), after this process's own mapping lets go of them (madvise)
-(``/proc/sys/vm/drop_caches`` needs a privilege containers rarely grant, and
-would empty every other job's cache too); ``fincore`` reports the resident share, checked to be ~0 after
-eviction. Each pass runs --steps optimizer steps of the launcher's loop shape: take the step's micro-batches
-from the loader (the wait is ``data_wait_s``), then the step's compute:
-
-  sleep:S   a GPU step seen from the host: S seconds in which the host thread waits (as in a CUDA synchronize) and
-            the CPU is free, so the reads can overlap it
-  model     a real forward+backward+AdamW step of the tiny preset on this CPU (the reads then compete with compute
-            for the cores)
-
-Passes without prefetch (prefetch=0) and with the launcher's default (launcher.data.PREFETCH_STEPS) alternate for
---rounds rounds, every pass cold. Prints median step time and median data wait per variant.
 """
 from __future__ import annotations
 

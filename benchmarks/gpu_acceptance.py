@@ -3,34 +3,11 @@
     python benchmarks/gpu_acceptance.py --json OUT.json [--out DIR] [--checks parity,throughput,switch,probe,compare]
         [--timeout-s 480] [--ranks N] [--compare-seconds 90] [--peak-tflops T] [--builtin-dir DIR] [--dry-run]
 
-Needs only ``pip install -e .[gpu]`` (flash-attn optional) and the repo's built-in corpus (the launcher's default
-``data.prefix: null``, prepared on first use). Checks, in this order, each with its own time budget:
-
-  parity      correctness  flash-attn vs SDPA, pythia-160m at L=2048 in bf16: max |logit difference|, and each
-                           kernel's max error against an fp32 SDPA forward of the same weights. Passes when flash's
-                           error is at most FLASH_ERROR_FACTOR x SDPA's (a wrong mask, scale or layout is O(1)).
-  throughput  measurement  forward+backward tokens/s and MFU per length 128 ... 4096, pythia-160m: ours with
-                           flash-attn, ours with SDPA and transformers' GPTNeoXForCausalLM (sdpa, the same weights),
-                           all (implementation, length) cells interleaved in one launcher.steptime measurement.
-  switch      correctness  two-stage GrowLength through the launcher on every visible GPU (NCCL), fp32, where the
-                           accumulation changes 1 -> 4 at the switch: losses and grad norms equal the
-                           accumulation-1 run's; killed mid-stage (GROWLENGTH_FAULT=kill@N) and resumed, the steps
-                           between the checkpoint and the kill come out bit for bit the same.
-  probe       correctness  evidence.bench_lengths doubles the micro-batch to out-of-memory per length; a launcher run
-                           with growlength.micro_batch_probe then trains at the micro-batch the probe allows without
-                           running out; peak memory per stage (benchmarks/acceptance_rank.py).
-  compare     measurement  evidence.compare at equal wall-clock (--compare-seconds of training per run, so 2 x that for
-                           the pair): GrowLength 128 -> 512 -> 2048 vs fixed 2048, pythia-70m; the validation loss
-                           each reached and the time GrowLength took to reach fixed-2048's final loss.
-
-Every figure is labelled with the GPU, torch, CUDA, flash-attn (and DeepSpeed, transformers) versions. A check that
-cannot run here is skipped with the reason (flash-attn not installed: the SDPA columns run, flash is skipped).
-``--timeout-s`` bounds the whole run; a check that would start past it is skipped, and compare shrinks its per-run
-budget to what is left. ``--dry-run``: the same code on the CPU at tiny size (preset tiny, lengths 32/64, gloo,
-seconds), so that ``make test`` keeps the script from rotting where there is no GPU.
-
-Exit code: 0 when every check that ran passed, 1 when one failed (a correctness check's figures out of bounds, or a
-check that could not finish), 2 for bad arguments.
+Checks, each with its own time budget: parity (flash-attn vs SDPA), throughput (ours vs transformers per length),
+switch (accumulation change and exact resume through the launcher), probe (micro-batch caps from bench_lengths
+hold), compare (GrowLength vs fixed at equal time). A check that cannot run is skipped with the reason;
+--dry-run runs the same code on the CPU at tiny size. Exit 0 when every check that ran passed, 1 when one failed,
+2 for bad arguments. What each check asserts: docs/gpu.md.
 """
 from __future__ import annotations
 
@@ -52,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from data_pipeline.atomic import check_dir_writable, write_text  # noqa: E402
 
 RANK_SCRIPT = "benchmarks/acceptance_rank.py"
 CHECKS = ("parity", "throughput", "switch", "probe", "compare")
@@ -233,9 +212,7 @@ def tail(path: Path, lines: int = 3) -> str:
 
 def write_json(path: Path, obj) -> Path:
     """Write under a temporary name and rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1, default=str))
     return path
 
 
@@ -715,10 +692,7 @@ def check_args(args: argparse.Namespace, cuda: bool) -> list[str]:
         import torch
         if args.ranks > torch.cuda.device_count():
             raise UsageError(f"--ranks {args.ranks}: only {torch.cuda.device_count()} GPU(s) are visible")
-    parent = Path(args.json).resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"--json {args.json}: directory {parent} does not exist or is not writable; give a path "
-                         f"in a writable directory")
+    check_dir_writable(Path(args.json).resolve().parent, "--json", args.json, UsageError)
     return checks
 
 

@@ -1,9 +1,6 @@
-"""The built-in corpus: real English that every Python installation carries, so the demo needs no download.
-
-Documents, in a fixed order: every pydoc topic (`pydoc_data.topics`, sorted by name), then one document per
-standard-library module of the running interpreter holding its module, class and function docstrings in source
-order (`ast` over the `.py` sources, files sorted by relative path; test suites and site-packages excluded, as
-distributions often strip them). About 2.2 MB on CPython 3.11 (648 documents, 0.59M tokens at vocab 8192).
+"""The built-in corpus: real English that every Python installation carries (pydoc topics, then the standard
+library's docstrings, in a fixed order), so the demo needs no download. `prepare_builtin_dataset` prepares its
+tokenizer and dataset once and rebuilds either when it no longer opens.
 """
 from __future__ import annotations
 
@@ -14,8 +11,9 @@ import os
 import sysconfig
 import warnings
 
+from data_pipeline.atomic import atomic_path, remove_quietly
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import make_parent_dir, os_error, remove_quietly, remove_stale_temps, tmp_name
+from data_pipeline.files import make_parent_dir, os_error
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +57,12 @@ def iter_builtin_documents():
 def write_builtin_corpus(path: str) -> str:
     """Write the corpus as JSONL ({"text": ...} per line), atomically. Returns `path`."""
     make_parent_dir(path, "built-in corpus")
-    remove_stale_temps(path)
-    tmp = tmp_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for doc in iter_builtin_documents():
                 f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
     except OSError as e:
-        raise os_error(tmp, e) from None
-    finally:
-        remove_quietly(tmp)  # no-op once renamed
+        raise os_error(e.filename or path, e) from None
     return path
 
 

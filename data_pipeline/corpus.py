@@ -1,7 +1,7 @@
-"""Reading raw corpora: `.jsonl`/`.json` (one JSON object per line, text under a key) or `.txt` (one document
-per line); any of them optionally `.gz`. Bad lines raise `DatasetError` naming file and line number, or are
-counted and skipped when the caller asks for it. A file that cannot be read to its end (a truncated or corrupt
-`.gz`, an I/O error) always raises: its missing tail is not a bad line."""
+"""Reading raw corpora: `.jsonl`/`.json` (text under a key) or `.txt`, one document per line, optionally `.gz`.
+A bad line raises `DatasetError` as `FILE:LINE` (or is counted and skipped when asked); a file that cannot be read
+to its end always raises.
+"""
 from __future__ import annotations
 
 import gzip

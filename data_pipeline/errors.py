@@ -1,7 +1,4 @@
-"""Errors raised by the data pipeline.
-
-Every message names the file or field, the offending value, and what to do about it.
-"""
+"""Errors raised by the data pipeline; every message names the file or field, the value, and the fix."""
 
 
 class DatasetError(ValueError):

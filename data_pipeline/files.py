@@ -1,67 +1,18 @@
-"""How the data tools write files: outputs are checked before any work, written under `NAME.tmp-PID` and renamed
-when complete, temporary files left by a stopped run (a dead PID) are removed at the next start, an OS error
+"""How the data tools write files: outputs are checked before any work, written through `data_pipeline.atomic`
+(`NAME.tmp-PID`, renamed when complete; a dead PID's temporaries removed at the next start), an OS error
 (read-only place, full disk, a file where a directory should be) becomes one `DatasetError` line naming the file,
 and SIGTERM stops a CLI like Ctrl-C does, so its temporary files are removed too.
 """
 from __future__ import annotations
 
 import errno
-import glob
-import logging
 import os
-import re
-import shutil
 import signal
 import sys
 from contextlib import contextmanager
 
+from data_pipeline.atomic import check_dir_writable, fsync_file, remove_quietly
 from data_pipeline.errors import DatasetError
-
-log = logging.getLogger(__name__)
-_TMP = re.compile(r"\.tmp-(\d+)(?:-.*)?$")  # NAME.tmp-PID (files) or .tmp-PID-XXXX (directories)
-
-
-def tmp_name(path: str) -> str:
-    """The temporary name this process writes `path` under."""
-    return f"{path}.tmp-{os.getpid()}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this machine (one we may not signal counts as alive)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(base: str) -> list[str]:
-    """Remove `BASE.tmp-PID*` files/directories whose PID names a dead process; returns what was removed.
-
-    A live process's temporary files are never touched (it may still be writing them)."""
-    removed = []
-    for path in sorted(glob.glob(glob.escape(base) + ".tmp-*")):
-        m = _TMP.search(os.path.basename(path))
-        if m is None or pid_alive(int(m.group(1))):
-            continue
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-        except FileNotFoundError:  # another process cleaned it first
-            continue
-        except OSError as e:
-            log.warning("%s: left by a stopped run (pid %s) but cannot be removed (%s)", path, m.group(1),
-                        e.strerror or e)
-            continue
-        removed.append(path)
-        log.warning("removed %s, left by a stopped run (pid %s)", path, m.group(1))
-    return removed
 
 
 def os_error(path: str, e: OSError, action: str = "write") -> DatasetError:
@@ -119,12 +70,7 @@ def check_output_prefix(prefix: str, suffixes: tuple[str, ...], flag: str = "out
         if os.path.isdir(prefix + suffix):
             raise DatasetError(f"{flag} {prefix}: {prefix}{suffix} is a directory; remove it or choose another "
                                f"{flag}")
-    probe = _existing_ancestor(prefix)
-    if not os.path.isdir(probe):
-        raise DatasetError(f"{flag} {prefix}: {probe} is a file, not a directory; choose another {flag}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DatasetError(f"{flag} {prefix}: cannot write in {probe} (permission denied); choose a directory "
-                           f"you can write to")
+    check_dir_writable(os.path.dirname(os.path.abspath(prefix)), flag, prefix, DatasetError)
 
 
 class Stopped(KeyboardInterrupt):
@@ -196,6 +142,8 @@ def report_deferred_signal(prefix: str) -> None:
 def replace_all(pairs: list[tuple[str, str]]) -> None:
     """Rename each (tmp, final) into place; on failure remove every temporary file and raise one line."""
     try:
+        for tmp, _ in pairs:
+            fsync_file(tmp)
         with renaming():
             for tmp, final in pairs:
                 os.replace(tmp, final)
@@ -203,10 +151,3 @@ def replace_all(pairs: list[tuple[str, str]]) -> None:
         for tmp, _ in pairs:
             remove_quietly(tmp)
         raise os_error(final, e, "rename into place") from None
-
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass

@@ -1,17 +1,6 @@
-"""Megatron MMIDIDX v1 datasets: `PREFIX.bin` (token ids) + `PREFIX.idx` (index), byte-compatible with
-megatron-core's `IndexedDataset` in both directions. The layout is documented in `data_pipeline/README.md`.
-
-`.idx` (all integers little-endian):
-    magic   b"MMIDIDX\\x00\\x00"   9 bytes
-    version uint64 = 1
-    dtype   uint8 code of the token dtype in `.bin` (DTYPE_CODES)
-    S       uint64 number of sequences
-    D1      uint64 number of entries of document_indices (= documents + 1)
-    sequence_lengths  int32[S]   tokens per sequence
-    sequence_pointers int64[S]   byte offset of each sequence in .bin
-    document_indices  int64[D1]  sequence index where each document starts; [0, ..., S]
-    (megatron's multimodal files append int8[S] sequence modes; read and ignored here)
-`.bin`: the sequences' tokens back to back, in the dtype above.
+"""Megatron MMIDIDX v1 datasets, `PREFIX.bin` (tokens) + `PREFIX.idx` (index), byte-compatible with megatron-core's
+`IndexedDataset` both ways. `IndexedDataset` memory-maps and checks a dataset on open; `IndexedDatasetBuilder`
+writes one under temporary names. The layout: docs/data-pipeline.md.
 """
 from __future__ import annotations
 
@@ -22,8 +11,8 @@ from typing import Iterable
 import numpy as np
 
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import (check_output_prefix, make_parent_dir, os_error, remove_quietly, remove_stale_temps,
-                                 renaming, tmp_name)
+from data_pipeline.atomic import fsync_file, remove_quietly, remove_stale_temps, tmp_name
+from data_pipeline.files import check_output_prefix, make_parent_dir, os_error, renaming
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -323,6 +312,8 @@ class IndexedDatasetBuilder:
                 f.write(lengths.astype("<i4").tobytes())
                 f.write(pointers.astype("<i8").tobytes())
                 f.write(doc_idx.astype("<i8").tobytes())
+            for tmp in (self._tmp_bin, self._tmp_idx):
+                fsync_file(tmp)
         except OSError as e:
             raise os_error(self._tmp_idx, e) from None
         # both files are complete: only renames are left. .idx is removed first so no reader ever pairs an

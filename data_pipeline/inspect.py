@@ -1,12 +1,8 @@
-"""Inspect a dataset: header, dtype, counts, document-length histogram, first document decoded; check every
-invariant and exit non-zero naming the first violation.
+"""Inspect a dataset (header, counts, document lengths, the first document) and check every invariant.
 
     python -m data_pipeline.inspect data/corpus [--tokenizer-model tok.model]
 
-Checks: header (magic, version, dtype code), .idx size vs its counts, sequence lengths non-negative, pointers equal
-the running sum of lengths, document index from 0 to the sequence count and non-decreasing, .bin length equals
-the tokens described, and (with --tokenizer-model or --vocab-size) every token id below the vocabulary size.
-Exit status: 0 all good, 1 an invariant is violated, 2 usage error (a bad flag, a missing or unreadable file).
+Exit status: 0 all good, 1 an invariant is violated (named), 2 a bad flag or a missing or unreadable file.
 """
 from __future__ import annotations
 

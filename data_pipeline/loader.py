@@ -1,20 +1,9 @@
-"""Distributed loader over one GrowLength stage: per optimizer step, this rank's `grad_accum` micro-batches.
+"""Per-rank micro-batches of one GrowLength stage: for each optimizer step, this rank's `grad_accum` micro-batches.
 
-Global batch = micro_batch_size * grad_accum * world_size consecutive samples of the stage's shuffled order.
-Micro-step m of a step starting at sample s serves the samples s + m * (mbs * W) + [r * mbs, (r + 1) * mbs) to
-rank r, so ranks get disjoint slices and the union over ranks and micro-steps is the whole global batch.
-
-The position is `{"stage": k, "consumed_samples": n}` (global samples of stage k consumed, counted at whole
-optimizer steps); `StageLoader.from_state_dict` restores it mid-stage or exactly at a stage boundary and yields
-exactly the batches an uninterrupted loader would have. Each stage gets a new StageLoader (micro-batch size may
-change between stages). torch is used for tensors only.
-
-With ``prefetch=N`` a background thread gathers the next N steps' micro-batches while the caller computes (a
-bounded queue: the memmap's page faults and the gather overlap the step, numpy releases the GIL while it copies),
-optionally into pinned memory so that ``.to(cuda, non_blocking=True)`` is a real asynchronous copy. The batches and
-their order are exactly those of ``prefetch=0``, and ``state_dict`` still counts the steps *served*, not what the
-thread has read ahead: a checkpoint resumes at the next step the caller would have received. ``close()`` (or the
-end of the stage) stops and joins the thread.
+The global batch is `micro_batch_size * grad_accum * world_size` consecutive samples of the stage's shuffled order.
+The position `{"stage": k, "consumed_samples": n}` counts whole steps served; `StageLoader.from_state_dict` resumes
+to exactly the batches an uninterrupted loader would yield. `prefetch=N` reads ahead in a thread without changing
+the batches, their order or the position.
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""Merge several datasets into one, keeping every document boundary (sharded preprocessing, then merge).
+"""Merge several datasets into one, keeping every document boundary and their order.
 
     python -m data_pipeline.merge --input shard0 shard1 shard2 --output-prefix data/all
 
-Inputs and output are prefixes (PREFIX.bin/.idx). Documents keep their order: all of shard0, then shard1, ...
-Every input is opened (and so fully checked) before anything is written, and each must be a different dataset
-(`a`, `./a` and a link to it are the same); the output must not be one of them. The output is written under
-temporary names and renamed when complete: a failed or interrupted merge leaves an existing output unchanged.
+Every input is checked before anything is written; the output is renamed into place when complete.
 """
 from __future__ import annotations
 

@@ -1,21 +1,11 @@
-"""Tokenize corpora into a Megatron MMIDIDX v1 dataset: PREFIX.bin + PREFIX.idx (exactly those names).
+r"""Tokenize corpora into a Megatron MMIDIDX v1 dataset, PREFIX.bin + PREFIX.idx, with EOD after every document.
 
-    python -m data_pipeline.preprocess --input corpus.jsonl --output-prefix data/corpus \\
+    python -m data_pipeline.preprocess --input corpus.jsonl --output-prefix data/corpus \
         --tokenizer-model tok.model --workers 2
 
-One document per JSON line (text under --json-keys, default "text"; .txt inputs: one document per line), EOD
-appended to each document. Flags follow Megatron-LM's tools/preprocess_data.py where they mean the same thing.
-Output is written under temporary names and renamed when complete, so a failed or interrupted run (Ctrl-C,
-SIGTERM) leaves no new PREFIX.bin/.idx and an existing one unchanged; temporary files of a killed run are removed
-by the next run. Errors exit 2 with one line naming the file and the fix.
-
---tokenizer-model is a sentencepiece .model, a Hugging Face tokenizer.json or a directory holding one; EOD is
-its eos token.
-
-Speed: reading and JSON parsing run in one thread, the tokenizer's batch encoder (which releases the GIL) in
-`--workers` native threads (sentencepiece's, or the HF tokenizers library's own parallel `encode_batch_fast`, whose
-pool the CLI sizes through RAYON_NUM_THREADS), and writing in a third thread, so start-up, I/O and parsing hide
-beside the encoding. Output bytes do not depend on --workers.
+Flags follow Megatron-LM's tools/preprocess_data.py. The output is renamed into place when complete and its bytes
+do not depend on --workers; errors exit 2 with one line naming the file and the fix. Reference:
+docs/data-pipeline.md.
 """
 from __future__ import annotations
 

@@ -1,25 +1,9 @@
 """Fixed-length samples for GrowLength stages, cut from one token stream so no token is skipped or repeated.
 
-The stream: the training documents (each already ends with EOD) in a per-epoch seeded order; epoch e is ordered
-by a permutation seeded by (seed, e), and the stream is epoch 0, epoch 1, ... back to back.
-
-A stage plan [(seq_len_0, tokens_0), (seq_len_1, tokens_1), ...] gives stage k the next tokens_k tokens:
-with p_0 = 0 and p_{k+1} = p_k + tokens_k, the k-th stage's sample i (before shuffling) is
-
-    stream[p_k + i * L_k : p_k + (i + 1) * L_k + 1]        (L_k + 1 tokens: inputs and shifted labels)
-
-Consecutive windows overlap by one token, so every stream token after position 0 is a label exactly once, across
-all stage switches. Samples are shuffled within a stage by a permutation seeded by (seed, k).
-
-Train/validation split: a fraction of documents (seeded by split_seed, independent of the training seed so runs
-with different seeds share a validation set) is held out; `valid_samples(L, n)` serves unshuffled windows of the
-validation documents' stream (original order), never truncated.
-
-The index (epoch orders, stream offsets, per-stage shuffles) is vectorised numpy, deterministic, and cached on disk
-under a key of everything it depends on, with a SHA-256 of every array recorded at build time. A cache is verified
-when it is opened (what it was built from, each array's dtype and shape, cheap invariants, the checksums): rank 0's
-`build()` replaces one that does not match, `load()` refuses it. Distributed use: rank 0 calls `build()`, the
-caller runs a barrier, then every rank calls `load()` (memory-maps the same files).
+Stage k's sample i (before its seeded shuffle) is `stream[p_k + i*L_k : p_k + (i+1)*L_k + 1]`, where the stream
+is the training documents in a seeded order per epoch and `p_k` the tokens of the stages before. A seeded share of
+documents is held out for validation. The index is deterministic and cached under a key of everything it depends
+on, verified on load: rank 0 `build()`s, every rank `load()`s. Reference: docs/data-pipeline.md.
 """
 from __future__ import annotations
 
@@ -27,13 +11,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from data_pipeline.errors import DatasetError, SamplePlanError
-from data_pipeline.files import os_error, remove_stale_temps
+from data_pipeline.atomic import atomic_dir, remove_quietly, remove_stale_temps_in, tmp_name
+from data_pipeline.files import os_error
 from data_pipeline.indexed_dataset import IndexedDataset
 
 log = logging.getLogger(__name__)
@@ -241,7 +224,7 @@ class GrowLengthSamples:
         Call on one rank (rank 0); after a barrier the others call `load()`. A cached index that fails
         verification is replaced (with a warning)."""
         if self.cache_path is not None:
-            remove_stale_temps(os.path.join(self.cache_dir, ""))  # .tmp-PID-* of builds that were killed
+            remove_stale_temps_in(self.cache_dir)  # KEY.tmp-PID* of builds that were killed
             if os.path.isdir(self.cache_path):
                 try:
                     return self.load()
@@ -257,27 +240,18 @@ class GrowLengthSamples:
     def _write_cache(self, index: dict[str, np.ndarray]) -> None:
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=self.cache_dir)
+            with atomic_dir(self.cache_path, replace=False) as tmp:  # a lost race keeps the other builder's copy
+                arrays = {}
+                for name in self._names():
+                    np.save(os.path.join(tmp, f"{name}.npy"), index[name])
+                    arrays[name] = {"dtype": index[name].dtype.str, "shape": list(index[name].shape),
+                                    "sha256": _sha256(index[name])}
+                meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
+                        "stages": self.stages, "prefix": os.path.abspath(self.dataset.prefix), "arrays": arrays}
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(meta, f, indent=1)
         except OSError as e:
-            raise self._cache_write_error(self.cache_dir, e) from None
-        try:
-            arrays = {}
-            for name in self._names():
-                np.save(os.path.join(tmp, f"{name}.npy"), index[name])
-                arrays[name] = {"dtype": index[name].dtype.str, "shape": list(index[name].shape),
-                                "sha256": _sha256(index[name])}
-            meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
-                    "stages": self.stages, "prefix": os.path.abspath(self.dataset.prefix), "arrays": arrays}
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            os.rename(tmp, self.cache_path)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not os.path.isdir(self.cache_path):  # not just a lost race with another builder
-                raise self._cache_write_error(tmp, e) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            raise self._cache_write_error(e.filename or self.cache_dir, e) from None
 
     def _cache_write_error(self, path: str, e: OSError) -> DatasetError:
         err = os_error(path, e)
@@ -286,14 +260,14 @@ class GrowLengthSamples:
 
     def _discard_cache(self) -> None:
         """Move a bad cache out of the way (a rename, so a reader never sees it half-deleted), then delete it."""
-        trash = os.path.join(self.cache_dir, f".tmp-{os.getpid()}-bad-{os.path.basename(self.cache_path)}")
+        trash = tmp_name(self.cache_path) + "-bad"
         try:
             os.rename(self.cache_path, trash)
         except FileNotFoundError:  # another builder moved it first
             return
         except OSError as e:
             raise self._cache_write_error(self.cache_path, e) from None
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_quietly(trash)
 
     def load(self) -> "GrowLengthSamples":
         """Memory-map an index that `build()` wrote (on this or another rank), after verifying it.

@@ -1,14 +1,7 @@
-"""The project's tokenizer: a sentencepiece `.model`, a Hugging Face `tokenizer.json`, or an HF tokenizer directory.
+"""The project's tokenizer over a sentencepiece `.model`, a Hugging Face `tokenizer.json`, or an HF tokenizer directory.
 
-    tok = Tokenizer("tok.model")          # sentencepiece (data_pipeline.train_tokenizer, Llama 2, ...)
-    tok = Tokenizer("pythia/tokenizer.json")   # HF tokenizers (GPT-NeoX-20B, Llama 3, Qwen, ...)
-    tok = Tokenizer("pythia/")            # a directory holding tokenizer.json (+ tokenizer_config.json)
-
-The end-of-document token (EOD, appended by preprocess) is the tokenizer's own eos, never a constant: the
-sentencepiece model's eos id, or for HF the `eos_token` of tokenizer_config.json / special_tokens_map.json beside
-the tokenizer.json (without either file: the one conventional end-of-text special token it holds, see
-EOS_CANDIDATES). `encode` adds no special tokens (as Megatron's preprocess_data.py). `save(dir)` writes a
-self-contained copy that `Tokenizer(returned path)` reopens.
+EOD is the tokenizer's own eos, never a constant. `encode` adds no special tokens (as Megatron's preprocessing);
+`save(dir)` writes a self-contained copy that `Tokenizer(returned path)` reopens.
 """
 from __future__ import annotations
 
@@ -18,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic import write_bytes
 from data_pipeline.errors import DatasetError
 
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -101,12 +95,6 @@ def _tokenizer_json_in(directory: Path) -> Path:
                        f"needs one: save it with the tokenizer's save_pretrained){hint}; or {_HOW}")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class _SentencePiece:
     kind = "sentencepiece"
 
@@ -138,7 +126,7 @@ class _SentencePiece:
     def save(self, dest: Path) -> Path:
         out = dest / "tokenizer.model"
         if out.resolve() != self.file.resolve():
-            _write_atomic(out, self.file.read_bytes())
+            write_bytes(out, self.file.read_bytes())
         return out
 
 
@@ -220,8 +208,8 @@ class _HuggingFace:
         special_map = dict(self.configs.get("special_tokens_map.json") or specials)
         special_map.setdefault("eos_token", self.eos_token)
         if dest.resolve() != self.json_path.parent.resolve():
-            _write_atomic(dest / "tokenizer.json", self.json_path.read_bytes())
+            write_bytes(dest / "tokenizer.json", self.json_path.read_bytes())
         for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
-            _write_atomic(dest / name, (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode())
+            write_bytes(dest / name, (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode())
         return dest
 

@@ -1,19 +1,10 @@
-"""Train a tokenizer from `.jsonl`/`.json`/`.txt` corpora: sentencepiece (default) or a byte-level BPE.
+"""Train a tokenizer on `.jsonl`/`.json`/`.txt` corpora: sentencepiece BPE (default) or a byte-level BPE.
 
     python -m data_pipeline.train_tokenizer --input corpus.jsonl --model-prefix tok --vocab-size 32000
     python -m data_pipeline.train_tokenizer --type bpe-bytelevel --input corpus.jsonl --model-prefix tok
 
-sentencepiece: BPE by default, byte fallback on (no id is ever unknown), unk=0 bos=1 eos=2 pad=3, EOD = eos.
-Normalisation is the identity and whitespace is kept, so decode(encode(text)) == text. Large inputs are sampled:
-sentencepiece keeps a random `--input-sentence-size` lines (seeded by `--seed`). Writes PREFIX.model and
-PREFIX.vocab, each under a temporary name renamed when both are complete (a failed or stopped run leaves existing
-ones unchanged).
-
-bpe-bytelevel: the Hugging Face `tokenizers` library's byte-level BPE (GPT-2/GPT-NeoX style: every byte is a
-token, GPT-2's pre-tokenizer regex, no normaliser, so decode(encode(text)) == text), trained on every document.
-Special tokens <|endoftext|>=0 (eos, EOD), <|startoftext|>=1 (bos), <|padding|>=2 (pad). Writes the Hugging Face
-tokenizer directory PREFIX/ (tokenizer.json, tokenizer_config.json, special_tokens_map.json; each file
-atomically), which `--tokenizer-model PREFIX` and `transformers.AutoTokenizer.from_pretrained(PREFIX)` open.
+Both round-trip text exactly (`decode(encode(text)) == text`); EOD is the eos. Outputs are renamed into place when
+complete. Special ids and options: docs/data-pipeline.md.
 """
 from __future__ import annotations
 
@@ -29,8 +20,9 @@ import sentencepiece as spm
 
 from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
 from data_pipeline.errors import DatasetError
-from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, remove_quietly,
-                                 remove_stale_temps, replace_all, stop_on_signals, tmp_name)
+from data_pipeline.atomic import remove_quietly, remove_stale_temps, tmp_name, write_text
+from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, replace_all,
+                                 stop_on_signals)
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3  # the ids given to sentencepiece's special pieces
 BPE_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "pad_token": "<|padding|>"}
@@ -183,9 +175,7 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
     for name, text in (("tokenizer_config.json", json.dumps(config, indent=2) + "\n"),
                        ("special_tokens_map.json", json.dumps(BPE_SPECIALS, indent=2) + "\n"),
                        ("tokenizer.json", tok.to_str(pretty=True))):
-        tmp = out / f"{name}.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        write_text(out / name, text)
     if stats.bad_lines and not quiet:
         print(f"train_tokenizer: skipped {stats.bad_lines} unreadable lines, e.g. {stats.first_bad[0]}",
               file=sys.stderr)

@@ -4,44 +4,10 @@
         [--memory-cap-gb G] [--vocab-size V] [--dtype bf16|fp32] [--steps 2] [--repeats 3] [--json OUT]
         [--ds_config ds_configs/zero2.json] [--ranks N]
 
-Per length L, with micro_batch = tokens_per_batch / L: the step time of a training step (forward, backward and an
-AdamW update of the model in ``--dtype``; DeepSpeed's ZeRO bookkeeping is not included, it is the same at every
-length), the peak memory of that step, and the largest tokens per batch (a multiple of L) that fits. Ratios are to
-the longest length, as in the paper.
-
-Time (launcher.steptime, the launcher's own measurer): one model in one process, a warm-up step per length, then
-``--repeats`` rounds that visit the lengths in turn (A B C, A B C, ...) with ``--steps`` timed steps each. The table
-gives the median, min-max and max/min per length and the ratio with its range over rounds; a length whose max/min is
-above 1.2 is flagged (``!`` in the table, ``"noisy": true`` in the JSON) with a warning to raise ``--repeats``.
-On CUDA the clock is read after ``torch.cuda.synchronize()``.
-
-Memory, in the regime the launcher trains in: the run's DeepSpeed engine built from ``--ds_config`` (default the
-launcher's ds_configs/zero2.json: bf16 weights with an fp32 master copy and fp32 Adam moments, ZeRO partitioning of
-them over ``--ranks`` processes, gradient buckets, fp32 gradient accumulation, offload when the JSON asks), the
-launcher's own model construction and parameter groups, each measurement in fresh processes, one per rank, joined
-in a process group like the run's (the highest rank's peak counts). Steady state: the last of 3 optimizer steps of
-4 accumulated micro-batches each (the first step allocates the optimizer state and leaves the allocator's slack,
-as in a run). When the search measures a larger batch, the first step runs at the ``--tokens-per-batch``
-micro-batch, which is cheaper and gave the same peak within 0.3% (pythia-70m, L=128: 8 then 64 sequences against
-64 then 64). Memory takes the JSON's precision; ``--dtype fp32`` turns its bf16 off.
-  GPU  ``torch.cuda.max_memory_allocated`` (weights, gradients, optimizer state, activations), reset per
-       measurement; the largest batch is found by doubling micro_batch from the measured one until CUDA runs out of
-       memory, then bisecting between the last fit and the first failure.
-  CPU  there is no allocator counter, so each measurement runs in a fresh subprocess and reports the growth of the
-       process's peak resident set (Linux VmHWM, which the kernel keeps per process, restarted at the current RSS
-       just before the model is built) to the end of the steps: weights, gradients, optimizer state, buckets,
-       activations and the allocator's slack, but not the Python/torch runtime. The largest batch against
-       ``--memory-cap-gb`` is predicted from an affine fit (peak = fixed + tokens x per-token cost at each length;
-       the fixed part, weights and optimizer state, is the same at every length, so one extra measurement at the
-       first length serves all of them) and
-       then verified by measuring it, stepping down while the measurement exceeds the cap less 3% (a run's RSS
-       still grows a little after the probe's steps). tests/tools/test_probe_regime.py runs the launcher at the
-       chosen micro-batch and checks its peak RSS growth against the cap.
-A batch that does not fit (CUDA out of memory, or an allocator error) is a result in the search and a clear error
-at the measured ``--tokens-per-batch``.
-
-For the launcher, :func:`max_tokens_per_micro_batch` and :func:`stage_micro_batches` turn a saved report into
-per-stage micro-batches (``micro_batch * seq_len <= max tokens that fit``, tokens per step unchanged).
+Per length: the step time (launcher.steptime: interleaved rounds, medians, noisy lengths flagged), the peak memory
+of a step of the run's own DeepSpeed engine, and the largest tokens per batch that fits (to CUDA out-of-memory on a
+GPU, against --memory-cap-gb on the CPU). The JSON report feeds `growlength.micro_batch_probe`
+(:func:`stage_micro_batches`). Method: docs/tools.md.
 """
 from __future__ import annotations
 

@@ -4,40 +4,9 @@
         [--preset tiny] [--ranks 1] [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048]
         [--plans fixed-short,fixed-long,growlength] [--seeds 1,2,3]
 
-Three runs of the real launcher (subprocesses) with the same model, data, seed, ds_config and tokens per step; only
-the stage plan differs: fixed-short (every step at the shortest length), fixed-long (every step at the longest) and
-GrowLength (the lengths in turn, by ``--shares``). Then one report, DIR/report.md, with figures.
-
-Two clocks. Before the runs, ``--calibration-rounds`` short calibration runs of the real launcher and engine time
-a few steps at every length, in turn (OUT/runs/calibration-R; medians by launcher.steptime): those medians are the
-**calibrated** step times. Every run is then charged its steps at those times (calibrated seconds), beside its raw
-training wall-clock, which on a shared machine depends on what the neighbours did meanwhile.
-
-Budgets:
-  --budget-calibrated-seconds C   every plan gets the steps that cost C calibrated seconds (GrowLength's stages
-                      ``--shares`` of C); runs end at their plan's end, with the ds_config's schedule, so the budget
-                      is the same whatever the machine does during the runs.
-  --budget-tokens N   every plan trains N tokens (rounded down to whole steps) with the ds_config's schedule
-                      (warmup, then decay to the end): all finish the same number of optimizer steps.
-  --budget-seconds S  every run stops at S seconds of training wall-clock (``growlength.max_time_s``, rank 0's clock,
-                      checked after each step, so a run overshoots by less than one step). The learning rate is
-                      warmup then constant (DeepSpeed's WarmupLR) so that where the clock stops no plan's schedule is
-                      cut short. Plans are sized from the step time per length of the real launcher and engine, measured
-                      first by ``--calibration-rounds`` short calibration runs (each a round of a few steps at every
-                      length, OUT/runs/calibration-R; medians by launcher.steptime) so that GrowLength's stages take
-                      ``--shares`` of S; the last stage and the fixed runs are
-                      oversized so the clock ends every run (the report shows the wall-clock of each switch, i.e.
-                      the shares achieved).
-
-Validation: every run checkpoints about ``--points`` times; afterwards each checkpoint is evaluated at the longest
-length on the same held-out windows (``evidence.evaluate``, fp32), giving validation loss against tokens and
-wall-clock for all plans alike. "Time to reach" is the time (under each clock) at which a run's validation loss
-at the longest length first reaches the same seed's fixed-long final value (linear interpolation between
-checkpoints).
-
-Seeds: ``--seeds 1,2,3`` runs every plan once per seed (model init and data order; runs named PLAN-seedS); the
-report gives the mean and min-max over seeds, and states, for each plan against fixed-long, whether it ends lower
-at equal time under both clocks and in every seed.
+Runs the real launcher once per plan and seed, only the stage plan differing; evaluates every checkpoint at the
+longest length; charges each run its steps at calibrated step times beside its raw wall-clock; writes DIR/report.md,
+summary.json and figures. Budgets and clocks: docs/tools.md.
 """
 from __future__ import annotations
 
@@ -50,9 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline.atomic import check_dir_writable
 from evidence.launch import ROOT, launch_command
 from launcher import steptime
-from evidence.runs import EvidenceError, check_dir_writable, find_data_prefix, load_run, parse_lengths, \
+from evidence.runs import EvidenceError, find_data_prefix, load_run, parse_lengths, \
     write_json, write_text
 
 log = logging.getLogger("growlength")
@@ -446,7 +416,7 @@ def markdown(summary: dict, command: str, figures: list[str]) -> str:
 
 def compare(s: Setup, command: str = "") -> dict:
     check_setup(s)
-    check_dir_writable(s.out, "--out")  # before the runs: a report that cannot be saved is refused, not lost
+    check_dir_writable(s.out, "--out", error=EvidenceError)  # before the runs: a report that cannot be saved is refused, not lost
     s.out.mkdir(parents=True, exist_ok=True)
     ds_config = ds_config_for(s)
     times = step_seconds(s, ds_config)  # every budget: the calibrated clock is charged to every run

@@ -4,24 +4,9 @@
         [--lengths 128,256,...,4096] [--rope-scaling none|linear|ntk] [--rope-factor F] [--tokens N]
         [--split auto|run|all] [--dtype fp32|bf16] [--out JSON]
 
-Which tokens: whole, untruncated windows of ``L + 1`` tokens cut from the validation stream (the held-out documents
-back to back, each ending with EOD, in their original order); window i starts at ``i * L``. Per length the first
-``max(1, tokens // L)`` windows are scored, the same rule as the launcher's in-loop validation
-(``TrainData.valid_batches``), so at equal ``--tokens`` the two measure the same windows.
-
-Which documents (``--split``):
-  run   the run's own held-out documents: the split of the training prefix made with the checkpoint's
-        ``data.valid_fraction`` (the split's seed is fixed, independent of the training seed, so every run on this
-        prefix shares it). Requires that PREFIX is the training data.
-  all   every document of PREFIX: for a separate validation corpus that training never saw.
-  auto  (default) ``run`` when PREFIX's data fingerprint equals the checkpoint's training data, else ``all``.
-Evaluating ``all`` on the training prefix would score training documents; that is refused unless ``--split all`` is
-given explicitly (then a warning). A length whose single window does not fit the validation tokens is reported as
-skipped, not failed.
-
-The checkpoint is loaded in fp32 (the ZeRO master weights). ``--dtype bf16`` casts it to bf16, which is exactly
-what a bf16 DeepSpeed engine computes with (its module holds the bf16 rounding of the same master weights); use it
-to reproduce the in-loop numbers bit-for-bit up to summation order, fp32 to measure the model itself.
+Scores whole, untruncated windows of the validation stream by the same rule as the launcher's in-loop validation,
+so at equal --tokens the two measure the same windows. --split: run (the run's held-out documents), all (every
+document: a separate corpus), auto (run on the training data, else all). Details: docs/tools.md.
 """
 from __future__ import annotations
 

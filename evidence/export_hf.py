@@ -1,15 +1,11 @@
-"""Export a trained checkpoint to a Hugging Face directory (tokenizer included): GPTNeoXForCausalLM or
-LlamaForCausalLM, by the family of the checkpoint's model.
+"""Export a trained checkpoint to a Hugging Face directory, tokenizer included: GPTNeoXForCausalLM or LlamaForCausalLM,
+by the checkpoint's model family.
 
     python -m evidence.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--overwrite] [--tokenizer PATH]
 
-The tokenizer is the run's own copy (RUN_DIR/<tokenizer_in_run>), else the path recorded at training
-(``evidence.runs.find_tokenizer``), so a moved run exports from anywhere. ``--out`` is built in a temporary
-directory beside it and renamed into place; ``--overwrite`` replaces only a previous export (a directory with
-config.json), never the run being exported nor a directory holding it. The ZeRO shards are consolidated into one
-fp32 state dict with DeepSpeed's own zero_to_fp32 utilities; the model's converter writes config, weights and
-tokenizer. ``load_trained_model`` is shared with the other tools
-(evaluate, plot) that read checkpoints.
+The ZeRO shards are consolidated with DeepSpeed's zero_to_fp32; --out is built beside itself and renamed into
+place, and --overwrite replaces only a previous export. `load_trained_model` is shared with the tools that read
+checkpoints.
 """
 from __future__ import annotations
 
@@ -17,15 +13,14 @@ import argparse
 import json
 import logging
 import pickle
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from data_pipeline.atomic import atomic_dir, check_dir_writable
 from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
-from evidence.runs import EvidenceError, check_dir_writable, find_tokenizer, replace_dir, run_dir_of
+from evidence.runs import EvidenceError, find_tokenizer, run_dir_of
 from model import CausalLM, ModelConfig
 
 log = logging.getLogger("growlength")
@@ -99,18 +94,12 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
         tok = Tokenizer(tokenizer_path) if tokenizer_path else None
     except DatasetError as e:
         raise DatasetError(f"{found}: the tokenizer this run trained with does not open ({e})") from None
-    check_dir_writable(out_path.parent, "--out", out)
+    check_dir_writable(out_path.parent, "--out", out, EvidenceError)
     model, state, found = load_trained_model(found)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
+    with atomic_dir(out_path) as tmp:
         save_hf(model, tmp)
         if tok is not None:
             write_tokenizer(tok, tmp)
-        replace_dir(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s (step %d, %s tokens) to %s", found, state["step"], f"{state['tokens_seen']:,}", out_path)
     return out_path
 

@@ -4,10 +4,8 @@ perplexity against evaluation length (Figure 4).
     python -m evidence.plot RUN_DIR [RUN_DIR ...] [--out DIR] [--labels a,b,...] [--val-length L]
         [--eval-json REPORT.json ...]
 
-Writes ``loss_vs_tokens.png``, ``loss_vs_time.png`` and ``ppl_vs_length.png`` (the last when some run evaluated
-at two or more lengths, or evaluate reports are given). Reads only ``metrics.jsonl`` (and the JSON reports of
-``evidence.evaluate``). Validation loss is drawn at one length shared by the runs (``--val-length``; default the
-longest length every run evaluated), since losses at different lengths are not comparable.
+Reads only metrics.jsonl and evidence.evaluate reports; writes loss_vs_tokens.png, loss_vs_time.png and
+ppl_vs_length.png.
 """
 from __future__ import annotations
 
@@ -23,7 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from evidence.runs import EvidenceError, Run, atomic_path, check_dir_writable, load_run  # noqa: E402
+from data_pipeline.atomic import atomic_path, check_dir_writable  # noqa: E402
+from evidence.runs import EvidenceError, Run, load_run  # noqa: E402
 
 log = logging.getLogger("growlength")
 
@@ -157,7 +156,7 @@ def save_figure(fig, out: Path) -> Path:
     """Render to a temporary name beside ``out`` and rename: a reader never sees half a PNG."""
     try:
         with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=110)
+            fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
     except OSError as e:
         raise EvidenceError(f"{out}: cannot write the figure ({e.strerror}); choose another --out") from None
     finally:
@@ -185,7 +184,7 @@ def plot_runs(run_dirs: list[str], out_dir: str, labels: list[str] | None = None
         reports.append(report)
     val_length = val_length or common_val_length(runs)
     out = Path(out_dir)
-    check_dir_writable(out, "--out")
+    check_dir_writable(out, "--out", error=EvidenceError)
     out.mkdir(parents=True, exist_ok=True)
     written = [loss_figure(runs, "tokens", out / "loss_vs_tokens.png", val_length, extra_val),
                loss_figure(runs, "time", out / "loss_vs_time.png", val_length, extra_val)]

@@ -1,21 +1,15 @@
-"""Reading what a training run left behind, for the evidence tools (evaluate, plot, compare).
-
-The tools read only ``RUN_DIR/metrics.jsonl`` (DESIGN.md "metrics.jsonl") and checkpoints; this module turns the
-former into step, eval and stage records and checks user-given lengths, with errors that name the file and the fix.
-It also holds what every tool shares: finding a run's tokenizer and data wherever the run directory now is
-(``find_tokenizer``, ``find_data_prefix``), and writing outputs complete or not at all (``check_writable``,
-``atomic_path``, ``write_json``, ``replace_dir``).
+"""Reading what a training run left behind, for the evidence tools: metrics.jsonl as step, eval and stage records;
+a run's tokenizer and data wherever the run directory now is (`find_tokenizer`, `find_data_prefix`); reports
+written complete or not at all (`check_writable`, `write_json`, over `data_pipeline.atomic`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline import atomic
+from data_pipeline.atomic import check_dir_writable
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics
 
 
@@ -105,46 +99,13 @@ def check_writable(path: str | Path, flag: str = "--out") -> Path:
     out = Path(path)
     if out.is_dir():
         raise EvidenceError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {out / 'report.json'}")
-    return check_dir_writable(out.parent, flag, path)
-
-
-def check_dir_writable(directory: str | Path, flag: str = "--out", given: str | Path | None = None) -> Path:
-    """The nearest existing ancestor of ``directory`` must be a writable directory (the rest is created later)."""
-    directory = Path(directory)
-    given = directory if given is None else given
-    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise EvidenceError(f"{flag} {given}: {existing} is a file, not a directory; choose another location")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise EvidenceError(f"{flag} {given}: cannot write in {existing} ({e.strerror}); choose a writable "
-                            f"location") from None
-    return existing
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yields a temporary path beside ``path`` with the same suffix (matplotlib picks the format from it); on success
-    it is renamed over ``path``, on failure removed: readers see the old file or the new one, never a part."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return check_dir_writable(out.parent, flag, path, EvidenceError)
 
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write a text file atomically (a temporary name beside it, then a rename), creating its directory."""
     try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
+        atomic.write_text(path, text)
     except OSError as e:
         raise EvidenceError(f"{path}: cannot write it ({e.strerror}); choose another --out") from None
     return Path(path)
@@ -153,23 +114,6 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, obj) -> Path:
     """Write a report as JSON, atomically (a temporary name, then a rename), creating its directory."""
     return write_text(path, json.dumps(obj, indent=1))
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Put the complete directory ``tmp`` at ``out``, replacing what is there: the old one is renamed aside first
-    and deleted only once the new one is in place, so an interruption leaves one of them complete."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- a run stands on its own: where its tokenizer and data are -------------------------------------------------

@@ -8,7 +8,6 @@ save reuses its name (DESIGN.md decision 7).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from data_pipeline.atomic import atomic_path, write_text
 
 STATE_FILE = "growlength_state.json"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -141,9 +142,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_rng(path: Path, rank: int) -> None:
-    tmp = path / f".rng_rank{rank}.pt.tmp"
-    torch.save(rng_state(), tmp)
-    os.replace(tmp, path / f"rng_rank{rank}.pt")
+    with atomic_path(path / f"rng_rank{rank}.pt") as tmp:
+        torch.save(rng_state(), tmp)
 
 
 def load_rng(path: Path, rank: int) -> None:
@@ -155,9 +155,7 @@ def load_rng(path: Path, rank: int) -> None:
 
 def write_state(path: Path, state: dict) -> None:
     """Write the completeness marker atomically (the last file of a checkpoint)."""
-    tmp = path / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, path / STATE_FILE)
+    write_text(path / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
 
 
 def read_state(path: Path) -> dict:
@@ -178,8 +176,7 @@ _RUNTIME_MODEL_KEYS = {"attention", "deterministic_attention", "activation_check
 def model_identity(state: dict) -> dict:
     """What must not change across a resume: the built model's config (but for runtime-only switches) and where
     its initial weights came from."""
-    ident = {"document_masking": False, "reset_position_ids": False}  # what checkpoints older than these keys used
-    ident.update((k, v) for k, v in state.get("model", {}).items() if k not in _RUNTIME_MODEL_KEYS)
+    ident = {k: v for k, v in state.get("model", {}).items() if k not in _RUNTIME_MODEL_KEYS}
     section = state.get("config", {}).get("model", {})
     ident["preset"] = section.get("preset")
     ident["init_from_hf"] = section.get("init_from_hf")

@@ -1,22 +1,10 @@
-"""torch.compile per GrowLength stage (``model.compile: true | false | auto``).
+"""torch.compile per GrowLength stage (`model.compile: true | false | auto`).
 
-What is compiled: each decoder block, in place (``block.compile(dynamic=False)``), as torchtitan does. The blocks
-share one code object, so one graph per stage length serves every layer: compile time does not grow with depth. The
-embedding, the final norm, the head and the chunked loss stay eager (matmuls and a Python loop over chunks, which a
-graph would not speed up). Not ``engine.compile()``: in DeepSpeed 0.19 it calls ``module.compile()`` on the whole
-model (one graph through every layer, the loss's chunk loop and activation checkpointing, compiled per length) and
-adds nothing for ZeRO-2 (its own passes are DeepCompile's, for ZeRO-1/3). Compiling the blocks before
-``deepspeed.initialize`` keeps the parameters, and so ZeRO-2's gradient hooks, exactly where they were.
-
-Static shapes: ``dynamic=False``, so every stage length gets its own graph, specialised to (micro_batch, seq_len).
-At each stage switch, :meth:`StageCompiler.compile_stage` runs one forward + backward of the blocks on a throw-away
-batch of the stage's shape, before the stage's first step, and times it. Its backward asks only for the gradient
-of the input activations (``torch.autograd.grad``), so no parameter's ``.grad`` and none of ZeRO-2's gradient
-hooks see it. Compiles that happen later during training (grad enabled) are recompiles within the stage, counted
-and logged as warnings; compiles under ``no_grad`` are validation's own graphs (one per length), counted apart.
-
-Where the compiler cannot build (no C++ compiler, an inductor bug), ``compile: true`` stops the run with one line
-(:class:`CompileError`) and ``compile: auto`` trains eager with one warning.
+Each decoder block is compiled in place with static shapes before `deepspeed.initialize`, so ZeRO's hooks see the
+same parameters. At each stage switch :meth:`StageCompiler.compile_stage` builds the stage's graph on a throw-away
+batch (no parameter gradient) and times it; later compiles in a stage are counted and logged as warnings. Where the
+compiler cannot build, `true` raises :class:`CompileError` and `auto` trains eager with one warning. Why this way:
+docs/model.md.
 """
 from __future__ import annotations
 

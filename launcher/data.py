@@ -1,9 +1,9 @@
 """The launcher's side of the data: which corpus, the tokenizer check, the stage sample index, the loaders and the
-validation windows. (The model is built in launcher/modeling.py.)
+validation windows.
 
-Rank 0 prepares whatever is missing (the built-in corpus on first use, the sample index); the other ranks wait
-for it (launcher.engine.wait_for_rank0: under GROWLENGTH_RANK0_TIMEOUT_MIN, not the collective timeout) and then
-memory-map the same files; an error on rank 0 is raised on every rank.
+Rank 0 prepares whatever is missing (the built-in corpus on first use, the sample index); the other ranks wait for
+it under GROWLENGTH_RANK0_TIMEOUT_MIN (not the collective timeout), then memory-map the same files; an error on
+rank 0 is raised on every rank.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The DeepSpeed config: read the user's JSON, fill what follows from the stage plan, refuse contradictions.
 
-DeepSpeed owns ZeRO, precision, optimizer and scheduler (DESIGN.md decision 4). The launcher owns the batch
-keys and the scheduler's step counts, because they follow from the GrowLength plan: a JSON that sets one of them
-to a different value is refused, naming the key. Pure dict code: DeepSpeed itself is imported in engine.py only.
+DeepSpeed owns ZeRO, precision, optimizer and scheduler; the launcher owns the batch keys and the scheduler's step
+counts, and refuses a JSON that sets one of them to another value, naming the key. Pure dict code: DeepSpeed itself
+is imported in one launcher module only.
 """
 from __future__ import annotations
 

@@ -1,17 +1,18 @@
-"""metrics.jsonl, TensorBoard and the step line (rank 0 writes; DESIGN.md "metrics.jsonl").
+"""metrics.jsonl, TensorBoard and the step line (rank 0 writes); the record fields: docs/training.md.
 
-Throughput is counted at the real length (decision 8): tokens/s from the tokens the step really used; ``tflops`` and
-``mfu`` (against a known peak) from the attention the step computed (causal pairs, within documents under masking:
-``attn_flops``), ``tflops_palm`` / ``mfu_palm`` from PaLM's full-square ``flops_per_token(seq_len)`` for comparison.
+Throughput is counted at the real length: tokens/s from the tokens the step used; `tflops`/`mfu` from the
+attention the step computed (`attn_flops`), `tflops_palm`/`mfu_palm` from PaLM's full-square
+`flops_per_token(seq_len)` for comparison.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
+
+from data_pipeline.atomic import write_text
 
 log = logging.getLogger("growlength")
 
@@ -117,16 +118,7 @@ def truncate_after(run_dir: str | Path, step: int) -> int:
     # a stage record at the checkpoint's step announces the step after it: the resumed run writes it again
     keep = [r for r in records if r.get("step", 0) < step or (r.get("step") == step and r.get("kind") != "stage")]
     if len(keep) != len(records) or not clean:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in keep))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
     return len(records) - len(keep)
 
 

@@ -1,9 +1,7 @@
 """Optimizer parameter groups: weight decay on the matrices only, as GPT-NeoX and Megatron do.
 
-Biases and normalisation gains (every parameter with fewer than two dimensions) are not decayed: decaying a
-LayerNorm gain pulls it towards zero, which is not regularisation of anything. The decayed group carries no
-``weight_decay`` of its own, so it takes the DeepSpeed JSON's ``optimizer.params.weight_decay`` (DeepSpeed owns
-the optimizer, DESIGN.md decision 4); the other group is pinned to 0. DESIGN.md decision 11.
+Biases and norm gains (parameters with fewer than two dimensions) go in a group pinned to `weight_decay: 0`; the
+decayed group takes the DeepSpeed JSON's `optimizer.params.weight_decay` (DeepSpeed owns the optimizer).
 """
 from __future__ import annotations
 

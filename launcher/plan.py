@@ -1,8 +1,7 @@
 """The GrowLength stage plan: pure batch arithmetic, no torch.
 
-A plan is a list of stages, each a sequence length with a share of the run. ``tokens_per_step`` (global, per
-optimizer step) is the same in every stage, so step-based learning-rate schedules stay correct and stages are
-comparable (DESIGN.md decision 3). Per stage::
+A plan is a list of stages, each a sequence length with a share of the run, at a `tokens_per_step` (global, per
+optimizer step) that is the same in every stage. Per stage::
 
     tokens_per_step == micro_batch_size * seq_len * grad_accum * world_size
 

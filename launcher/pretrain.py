@@ -37,6 +37,7 @@ from launcher import modeling, rundir
 from launcher.optim import describe as describe_groups, param_groups
 from launcher.metrics import MetricsError, MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
 from launcher.plan import PlanError, StagePlan, max_tokens_per_micro_batch, plan_from_config
+from data_pipeline.atomic import write_text
 from data_pipeline.errors import DatasetError, SamplePlanError
 from model import CausalLM
 from model.attention import attention_pairs
@@ -572,19 +573,12 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     else:
         ds.begin_schedule(engine)
     if rank == 0:
-        write_json(run_dir / "ds_config.resolved.json", ds_config)
+        write_text(run_dir / "ds_config.resolved.json", json.dumps(ds_config, indent=1))
     trainer = Trainer(cfg, plan, data, engine, rank, world, progress, preemption)
     try:
         return trainer.train()
     finally:
         trainer.close()
-
-
-def write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON under a temporary name and rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

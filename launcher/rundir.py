@@ -1,6 +1,5 @@
-"""The run directory besides its checkpoints: who may write it (a lock), and the copy of the tokenizer that makes
-it stand on its own (DESIGN.md decision 10: export, evaluate and resume work from any working directory and
-after the directory is moved).
+"""The run directory besides its checkpoints: who may write it (a lock), and the copy of the tokenizer that lets
+export, evaluate and resume work from any working directory and after the directory is moved.
 """
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+from data_pipeline.atomic import check_dir_writable
 from launcher.config import ConfigError
 
 LOCK_FILE = ".growlength.lock"
@@ -20,13 +20,12 @@ class RunDirError(ConfigError):
 
 
 def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` or refuse with one line (the config already refused a run_dir that is a file)."""
+    """Create ``run_dir`` or refuse with one line naming the place that cannot be written."""
+    check_dir_writable(run_dir, "run_dir", run_dir, RunDirError)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"run_dir {run_dir} cannot be created ({e.strerror}): choose a writable run_dir") from e
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise RunDirError(f"run_dir {run_dir} is not writable: choose a writable run_dir")
 
 
 class RunLock:

@@ -1,21 +1,9 @@
 """Step time per sequence length, measured so that one slow step on a shared machine cannot decide the answer.
 
-The one measurer behind ``evidence.bench_lengths``, the launcher's ``time_share`` probe
-(``launcher.modeling.probe_step_times``) and ``evidence.compare``'s calibration. It keeps pyperf's and hyperfine's habits:
-
-  warm-up      ``warmup`` untimed steps at every length first (kernels, allocator pools, caches)
-  interleaved  lengths in rounds, A B C, A B C, ..., all in one process, so that a neighbour's job or a clock
-               change falls on every length alike instead of on whichever length was being measured
-  medians      a length's step time is the median of all its timed steps; min and max are reported beside it
-  spread       max/min per length; above ``NOISY_SPREAD`` the length is flagged and a warning says the machine
-               was noisy and how to measure longer
-  ratio        median / the reference length's median; its spread is the range over rounds of the ratio of the
-               two lengths' medians in the same round (paired, so a slow stretch that covers a round cancels)
-
-``clock`` and ``synchronize`` are injected. On CUDA pass ``synchronize=torch.cuda.synchronize``: it runs before each
-clock read, so a step is timed from its first kernel to its last, not by how fast kernels are launched.
-
-No torch import at module level (``compare`` uses ``summarize`` on the launcher's own step records).
+The one measurer behind `evidence.bench_lengths`, the `time_share` probe and `evidence.compare`'s calibration:
+warm-up at every length, then lengths interleaved in rounds in one process; per length the median, min, max and
+max/min (above `NOISY_SPREAD`: flagged, with a warning), and the ratio to a reference length paired per round.
+`clock` and `synchronize` are injected (on CUDA pass `torch.cuda.synchronize`). No torch import at module level.
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@
     model = CausalLM(ModelConfig.from_preset("smollm2-135m", vocab_size=sp.vocab_size()))    # llama
 
 Hugging Face interchange (needs transformers) lives in `model.hf`: save_hf, load_hf (GPTNeoXForCausalLM and
-LlamaForCausalLM). `GPTNeoX` is CausalLM's earlier name.
+LlamaForCausalLM).
 """
 from .config import FAMILIES, PRESETS, ModelConfig
-from .model import CausalLM, GPTNeoX
+from .model import CausalLM
 
-__all__ = ["CausalLM", "FAMILIES", "GPTNeoX", "ModelConfig", "PRESETS"]
+__all__ = ["CausalLM", "FAMILIES", "ModelConfig", "PRESETS"]

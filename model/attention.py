@@ -1,23 +1,11 @@
-"""Causal self-attention kernels, optionally kept within documents, and the rule that chooses between them.
+"""Causal self-attention kernels, optionally kept within documents (`cu_seqlens`, see `Documents`), and the rule
+that chooses one (`resolve_backend`; the table and the rule are in docs/gpu.md).
 
-Kernels (``resolve_backend`` returns the name; docs/gpu.md has the table):
-
-  flash         flash-attn 2: ``flash_attn_func(causal=True)``; with documents ``flash_attn_varlen_func``
-  sdpa          torch SDPA (``is_causal=True``); with documents a dense (B, 1, T, T) block-causal mask, CPU only
-  torch-varlen  with documents on CUDA without flash-attn: torch's own ``varlen_attn`` (its FlashAttention-2 kernel;
-                fp16/bf16 on sm80+)
-  flex          with documents on CUDA where torch-varlen cannot run (fp32, or before sm80): FlexAttention with a
-                document block mask built from the boundaries (blocks outside every document are skipped)
-
-``auto``: flash-attn when it imports, the tensors are CUDA fp16/bf16 and the GPU is sm80+, except that on sm90+
-(Hopper) batches without documents go to SDPA, whose cuDNN kernel recent torch prefers there (flash-attn 2 runs its
-sm80 kernels on Hopper), unless deterministic attention is asked for; else SDPA (with documents: torch-varlen or
-flex on CUDA). ``flash`` where it cannot run raises (no silent fallback). A flash-attn that is installed but fails
-to import is reported with its own error. Each distinct decision is logged once.
-
-flash-attn is resolved once (``flash_functions``), never inside the compiled forward. With documents every kernel
-gets the same shapes for every layout of a (B, T) batch: ``max_seqlen = T`` and ``cu_seqlens`` padded with empty
-segments to a power-of-two count (``padded_cu_seqlens``), so torch.compile does not recompile per layout.
+flash-attn (`flash_attn_func`, `flash_attn_varlen_func`), torch SDPA, and for documents without flash-attn torch's
+`varlen_attn` or FlexAttention on CUDA; a dense block-causal mask only on the CPU. `flash` where it cannot run
+raises, never a silent fallback; each decision is logged once. flash-attn is resolved once, never inside the
+compiled forward; document layouts of a (B, T) batch share one shape (`max_seqlen = T`, `cu_seqlens` padded), so
+torch.compile does not recompile per layout.
 """
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
-"""The GPT-NeoX / Pythia block; the rest of the model (embedding, RoPE tables, final norm, head, loss) is the
-shared decoder in model/model.py.
+"""The GPT-NeoX / Pythia block; the rest of the model is the shared decoder in model/model.py.
 
 Block (parallel residual, Pythia):   x = x + attn(ln1(x)) + mlp(ln2(x))
 Block (sequential):                  h = x + attn(ln1(x));  x = h + mlp(ln2(h))
-Attention: fused qkv (per head [q | k | v], GPT-NeoX's layout), partial RoPE on the first rotary_dim dims of
-q and k, causal softmax attention, output projection. MLP: Linear(d, 4d) -> exact GELU -> Linear(4d, d).
-All linears have biases; with the parallel residual the two output biases are added to the stream as one sum
-(same result: both only ever add to the same residual). Module names follow Hugging Face's GPTNeoXForCausalLM so that the weight mapping in
-model/hf.py is a rename.
+Attention: fused qkv (per head [q | k | v], GPT-NeoX's layout), partial RoPE on the first rotary_dim dims of q and
+k, causal attention, output projection. MLP: Linear(d, 4d) -> exact GELU -> Linear(4d, d). All linears have
+biases. Module names follow Hugging Face's GPTNeoXForCausalLM, so model/hf.py's weight mapping is a rename.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Interchange with Hugging Face `GPTNeoXForCausalLM` and `LlamaForCausalLM` (export for users, import to continue
-pretraining Pythia, SmolLM2, TinyLlama, ...).
+"""Interchange with Hugging Face `GPTNeoXForCausalLM` and `LlamaForCausalLM`: export, and import to continue
+pretraining Pythia, SmolLM2, TinyLlama, ...
 
-transformers is imported lazily inside the functions that need it: it is an export/test dependency, not a
-training one. Inside a block our module names equal HF's, so the weight mapping is a rename of the top level:
+transformers is imported lazily (an export and test dependency, not a training one). Inside a block our module
+names equal HF's, so the weight mapping renames the top level:
 
     ours                       GPTNeoXForCausalLM             LlamaForCausalLM
     embed_in.weight            gpt_neox.embed_in.weight       model.embed_tokens.weight
@@ -10,10 +10,7 @@ training one. Inside a block our module names equal HF's, so the weight mapping 
     final_layer_norm.*         gpt_neox.final_layer_norm.*    model.norm.weight
     embed_out.weight           embed_out.weight               lm_head.weight (absent when tied)
 
-RoPE scaling: `linear` is HF's linear rope type (written as `rope_parameters`, which transformers 5 reads, and
-for Llama also as the older `rope_scaling` + `rope_theta`, which transformers 4 reads). Our `ntk` is static
-NTK-aware scaling, exactly a larger base, so it is exported as that `rope_theta` (HF's `dynamic` type is another
-method: it rescales only past max_position_embeddings, by an amount that depends on the length).
+RoPE scaling on export: docs/model.md.
 """
 from __future__ import annotations
 

@@ -165,9 +165,6 @@ class CausalLM(nn.Module):
         return self.matmul_flops_per_token() + self.attention_flops(seq_len * seq_len) / seq_len
 
 
-GPTNeoX = CausalLM  # the name before the Llama family existed; kept so that existing imports keep working
-
-
 def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy over labels != -100, in fp32 whatever the logits' dtype.
 

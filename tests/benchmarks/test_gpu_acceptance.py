@@ -126,9 +126,11 @@ def test_exit_code_is_nonzero_when_a_check_fails():
 @pytest.mark.parametrize("args, message", [
     (["--checks", "parity,speed"], "--checks 'parity,speed': unknown ['speed']; choose from parity,throughput"),
     (["--timeout-s", "0"], "--timeout-s 0: must be positive"),
-    (["--json", "no/such/dir/a.json"], "does not exist or is not writable"),
+    (["--json", "{tmp}/afile/a.json"], "--json {tmp}/afile/a.json: {tmp}/afile is a file, not a directory"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    args, message = [a.format(tmp=tmp_path) for a in args], message.format(tmp=tmp_path)
     argv = ["--dry-run", "--out", str(tmp_path / "w"), *args]
     if "--json" not in args:
         argv += ["--json", str(tmp_path / "a.json")]

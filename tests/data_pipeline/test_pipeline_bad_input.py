@@ -214,7 +214,7 @@ def test_preprocess_read_only_directory(tmp_path, sp_model, corpus_jsonl, capsys
     try:
         for prefix in [ro / "out", ro / "new" / "x"]:
             argv = ["--input", corpus_jsonl, "--output-prefix", str(prefix), "--tokenizer-model", sp_model]
-            assert_one_line_error(*cli(pp.main, argv, capsys), r"cannot write in .*ro \(permission denied\); choose "
+            assert_one_line_error(*cli(pp.main, argv, capsys), r"cannot write in .*ro \(Permission denied\); choose "
                                                                r"a directory you can write to")
     finally:
         ro.chmod(0o755)
@@ -468,8 +468,8 @@ def test_index_cache_dir_errors_and_stale_builds(cached, tmp_path):
         GrowLengthSamples(prefix, plan, seed=6, cache_dir=str(tmp_path / "afile")).build()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = os.path.join(cache, f".tmp-{dead.pid}-abc")
-    mine = os.path.join(cache, f".tmp-{os.getpid()}-abc")
+    stale = f"{path}.tmp-{dead.pid}-bad"
+    mine = f"{path}.tmp-{os.getpid()}"
     os.mkdir(stale)
     os.mkdir(mine)
     GrowLengthSamples(prefix, plan, seed=7, cache_dir=cache).build()

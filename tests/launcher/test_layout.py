@@ -1,4 +1,4 @@
-"""The layers: the training runtime never imports the evidence tools; the tools' old names still start them."""
+"""The layers: the training runtime never imports the evidence tools."""
 import subprocess
 import sys
 
@@ -12,9 +12,3 @@ def test_the_training_path_imports_no_evidence_tool():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
-
-def test_old_tool_names_are_aliases_for_one_release():
-    for tool in ("evaluate", "plot", "bench_lengths", "compare", "export_hf"):
-        proc = subprocess.run([sys.executable, "-m", f"launcher.{tool}", "--help"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0 and "usage:" in proc.stdout, (tool, proc.stderr[-2000:])

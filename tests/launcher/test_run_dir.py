@@ -74,4 +74,4 @@ def test_run_holds_its_tokenizer_and_resolved_paths(run, sp_model, tokenized, mo
     assert state["tokenizer_in_run"] == "tokenizer/tokenizer.model" and copy.read_bytes() == Path(sp_model).read_bytes()
     resolved = json.loads((run.run_dir / "ds_config.resolved.json").read_text())
     assert resolved["train_micro_batch_size_per_gpu"] == 32
-    assert not list(run.run_dir.glob(".*.tmp-*"))
+    assert not list(run.run_dir.glob("*.tmp-*"))

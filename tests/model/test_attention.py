@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from model import GPTNeoX, ModelConfig
+from model import CausalLM, ModelConfig
 from model import attention as attention_mod
 from model.attention import causal_attention
 from model.rope import RotaryCache, apply_rotary, inv_frequencies
@@ -98,9 +98,9 @@ def test_flash_glue_with_stand_in_gives_sdpa_logits_and_grads(monkeypatch, caplo
     monkeypatch.setattr(attention_mod, "_logged", set())
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny", vocab_size=300)
-    sdpa = GPTNeoX(ModelConfig.from_preset("tiny", vocab_size=300, attention="sdpa"))
-    flash = GPTNeoX(ModelConfig.from_preset("tiny", vocab_size=300, attention="flash"))
-    auto = GPTNeoX(cfg)
+    sdpa = CausalLM(ModelConfig.from_preset("tiny", vocab_size=300, attention="sdpa"))
+    flash = CausalLM(ModelConfig.from_preset("tiny", vocab_size=300, attention="flash"))
+    auto = CausalLM(cfg)
     flash.load_state_dict(sdpa.state_dict())
     auto.load_state_dict(sdpa.state_dict())
     x = torch.randint(0, 300, (2, 50))
@@ -122,7 +122,7 @@ def test_flash_glue_with_stand_in_gives_sdpa_logits_and_grads(monkeypatch, caplo
 def test_auto_falls_back_to_sdpa_on_cpu_even_with_flash_installed(monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "flash_attn", stand_in_flash_attn(calls))
-    m = GPTNeoX(ModelConfig.from_preset("tiny", vocab_size=300))
+    m = CausalLM(ModelConfig.from_preset("tiny", vocab_size=300))
     m(torch.randint(0, 300, (1, 8)))
     assert calls == []  # CPU tensors: flash-attn cannot run there, SDPA is used
 
@@ -132,7 +132,7 @@ def test_flash_without_cuda_is_a_clear_error(monkeypatch):
     cfg = ModelConfig.from_preset("tiny", vocab_size=300, attention="flash")
     reason = "no CUDA device is available" if not torch.cuda.is_available() else "flash-attn package is not"
     with pytest.raises(RuntimeError, match=rf"attention='flash' was requested but {reason}.*set attention='sdpa'"):
-        GPTNeoX(cfg)
+        CausalLM(cfg)
 
 
 def test_flash_on_cpu_tensors_is_a_clear_error(monkeypatch):
@@ -171,8 +171,8 @@ def test_llama_flash_glue_passes_shared_kv_heads_and_matches_sdpa(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", stand_in_gqa_flash_attn(calls))
     monkeypatch.setattr(attention_mod, "FLASH_NEEDS_CUDA_HALF", False)
     torch.manual_seed(0)
-    sdpa = GPTNeoX(ModelConfig.from_preset("tiny-llama", vocab_size=300, attention="sdpa"))
-    flash = GPTNeoX(ModelConfig.from_preset("tiny-llama", vocab_size=300, attention="flash"))
+    sdpa = CausalLM(ModelConfig.from_preset("tiny-llama", vocab_size=300, attention="sdpa"))
+    flash = CausalLM(ModelConfig.from_preset("tiny-llama", vocab_size=300, attention="flash"))
     flash.load_state_dict(sdpa.state_dict())
     x = torch.randint(0, 300, (2, 50))
     ref, out = sdpa(x, labels=x), flash(x, labels=x)

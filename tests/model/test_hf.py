@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from model import GPTNeoX, ModelConfig  # noqa: E402
+from model import CausalLM, ModelConfig  # noqa: E402
 from model.hf import hf_to_state_dict, load_hf, save_hf, state_dict_to_hf  # noqa: E402
 
 
@@ -20,7 +20,7 @@ def assert_logits_close(ours, theirs, rtol=1e-4):
 @pytest.mark.parametrize("overrides", [dict(), dict(use_parallel_residual=False, rotary_pct=0.5, num_layers=3)])
 def test_export_loads_in_transformers_with_identical_logits(tmp_path, overrides):
     torch.manual_seed(0)
-    ours = GPTNeoX(ModelConfig.from_preset("tiny", vocab_size=300, **overrides)).eval()
+    ours = CausalLM(ModelConfig.from_preset("tiny", vocab_size=300, **overrides)).eval()
     with torch.no_grad():
         ours(torch.randint(0, 300, (1, 64)))  # "trained" at 64: RoPE tables exist only up to 64
         save_hf(ours, tmp_path)
@@ -56,7 +56,7 @@ def test_import_random_transformers_model_gives_identical_logits(tmp_path):
 
 
 def test_state_dict_mapping_round_trips_and_matches_pythia_names():
-    m = GPTNeoX(ModelConfig.from_preset("tiny", vocab_size=300))
+    m = CausalLM(ModelConfig.from_preset("tiny", vocab_size=300))
     hf_sd = state_dict_to_hf(m.state_dict(), m.config)
     assert "embed_out.weight" in hf_sd and "gpt_neox.layers.1.attention.query_key_value.bias" in hf_sd
     back = hf_to_state_dict({**hf_sd, "gpt_neox.layers.0.attention.masked_bias": torch.zeros(1)})
@@ -65,7 +65,7 @@ def test_state_dict_mapping_round_trips_and_matches_pythia_names():
 
 def test_linear_rope_scaling_exports_to_hf_rope_parameters(tmp_path):
     torch.manual_seed(0)
-    ours = GPTNeoX(ModelConfig.from_preset("tiny", vocab_size=300, rope_scaling="linear",
+    ours = CausalLM(ModelConfig.from_preset("tiny", vocab_size=300, rope_scaling="linear",
                                            rope_scaling_factor=4.0)).eval()
     save_hf(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["rope_type"] == "linear"
@@ -78,7 +78,7 @@ def test_linear_rope_scaling_exports_to_hf_rope_parameters(tmp_path):
 
 def test_ntk_scaling_exports_as_a_larger_rope_theta(tmp_path):
     torch.manual_seed(0)
-    ours = GPTNeoX(ModelConfig.from_preset("tiny", vocab_size=300, rope_scaling="ntk",
+    ours = CausalLM(ModelConfig.from_preset("tiny", vocab_size=300, rope_scaling="ntk",
                                            rope_scaling_factor=2.0)).eval()
     save_hf(ours, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -92,7 +92,7 @@ def test_tokenizer_exported_with_the_model_encodes_like_sentencepiece(tmp_path, 
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model_path))
     torch.manual_seed(0)
-    save_hf(GPTNeoX(ModelConfig.from_preset("tiny", vocab_size=sp.vocab_size())), tmp_path, sp_model_path)
+    save_hf(CausalLM(ModelConfig.from_preset("tiny", vocab_size=sp.vocab_size())), tmp_path, sp_model_path)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     texts = ["the model grows its sequence length", "Pythia 1234 uses  two   spaces\tand tabs",
              " leading space and trailing ", "unseen chars: é ü 漢字 🙂 — byte fallback", "line\nbreak 42.", ""]
@@ -133,7 +133,7 @@ def random_llama(tmp_path, **config):
 @pytest.mark.parametrize("overrides", [dict(), dict(tie_word_embeddings=False, num_kv_heads=1, num_layers=3)])
 def test_llama_export_loads_in_transformers_with_identical_logits(tmp_path, overrides):
     torch.manual_seed(0)
-    ours = GPTNeoX(ModelConfig.from_preset("tiny-llama", vocab_size=300, **overrides)).eval()
+    ours = CausalLM(ModelConfig.from_preset("tiny-llama", vocab_size=300, **overrides)).eval()
     with torch.no_grad():
         for p in ours.parameters():
             if p.dim() == 1:
@@ -187,7 +187,7 @@ def test_llama_round_trip_through_our_export_keeps_every_tensor(tmp_path):
 @pytest.mark.parametrize("scaling, factor", [("linear", 4.0), ("ntk", 2.0)])
 def test_llama_rope_scaling_exports_as_transformers_reads_it(tmp_path, scaling, factor):
     torch.manual_seed(0)
-    ours = GPTNeoX(ModelConfig.from_preset("tiny-llama", vocab_size=300, rope_scaling=scaling,
+    ours = CausalLM(ModelConfig.from_preset("tiny-llama", vocab_size=300, rope_scaling=scaling,
                                            rope_scaling_factor=factor)).eval()
     save_hf(ours, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import GPTNeoX, ModelConfig, PRESETS
+from model import CausalLM, ModelConfig, PRESETS
 
 from model_checks import assert_checkpointing_changes_nothing
 
@@ -28,14 +28,14 @@ def test_presets_have_pythias_published_dims():
                  "pythia-1b": 1_011_781_632}
     for name, n in published.items():
         with torch.device("meta"):
-            assert GPTNeoX(ModelConfig.from_preset(name, vocab_size=50277)).num_params() == n, name
+            assert CausalLM(ModelConfig.from_preset(name, vocab_size=50277)).num_params() == n, name
 
 
 def test_padded_vocab_is_a_multiple_of_128_and_keeps_tokenizer_size():
     c = tiny()
     assert (c.vocab_size, c.padded_vocab_size) == (300, 384)
     assert ModelConfig.from_preset("tiny", vocab_size=256).padded_vocab_size == 256
-    assert GPTNeoX(c).embed_in.weight.shape == (384, 64)
+    assert CausalLM(c).embed_in.weight.shape == (384, 64)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -75,7 +75,7 @@ def test_unknown_preset_and_unknown_override():
 # ---------------------------------------------------------------- forward, loss, training
 def test_shapes_and_loss_dtype():
     torch.manual_seed(0)
-    m = GPTNeoX(tiny())
+    m = CausalLM(tiny())
     x = torch.randint(0, 300, (3, 17))
     logits = m(x)
     assert logits.shape == (3, 17, 384) and logits.dtype == torch.float32
@@ -85,7 +85,7 @@ def test_shapes_and_loss_dtype():
 
 def test_bf16_model_returns_fp32_loss_and_bf16_logits():
     torch.manual_seed(0)
-    m = GPTNeoX(tiny()).to(torch.bfloat16)
+    m = CausalLM(tiny()).to(torch.bfloat16)
     x = torch.randint(0, 300, (2, 16))
     assert m(x).dtype == torch.bfloat16
     loss = m(x, labels=x)
@@ -97,7 +97,7 @@ def test_bf16_model_returns_fp32_loss_and_bf16_logits():
 
 def test_initial_loss_is_near_ln_vocab():
     torch.manual_seed(0)
-    m = GPTNeoX(tiny())
+    m = CausalLM(tiny())
     x = torch.randint(0, 300, (4, 64))
     loss = m(x, labels=torch.roll(x, -1, dims=1)).item()
     assert abs(loss - math.log(384)) < 0.5, loss
@@ -105,7 +105,7 @@ def test_initial_loss_is_near_ln_vocab():
 
 def test_labels_minus_100_are_ignored():
     torch.manual_seed(0)
-    m = GPTNeoX(tiny())
+    m = CausalLM(tiny())
     x = torch.randint(0, 300, (2, 12))
     labels = torch.randint(0, 300, (2, 12))
     masked = labels.clone()
@@ -117,7 +117,7 @@ def test_labels_minus_100_are_ignored():
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    m = GPTNeoX(tiny())
+    m = CausalLM(tiny())
     x = torch.randint(0, 300, (4, 33))
     inputs, labels = x[:, :-1], x[:, 1:]
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
@@ -133,7 +133,7 @@ def test_tiny_model_overfits_one_batch():
 
 def test_runs_at_lengths_never_seen_and_is_causal():
     torch.manual_seed(0)
-    m = GPTNeoX(tiny()).eval()
+    m = CausalLM(tiny()).eval()
     x = torch.randint(0, 300, (1, 300))
     with torch.no_grad():
         long = m(x)
@@ -146,15 +146,15 @@ def test_runs_at_lengths_never_seen_and_is_causal():
 @pytest.mark.parametrize("parallel", [True, False])
 def test_activation_checkpointing_gives_identical_loss_and_grads(parallel):
     torch.manual_seed(0)
-    a = GPTNeoX(tiny(use_parallel_residual=parallel))
-    b = GPTNeoX(tiny(use_parallel_residual=parallel, activation_checkpointing=True))
+    a = CausalLM(tiny(use_parallel_residual=parallel))
+    b = CausalLM(tiny(use_parallel_residual=parallel, activation_checkpointing=True))
     assert_checkpointing_changes_nothing(a, b)
 
 
 def test_pythia_init_stds():
     torch.manual_seed(0)
     c = ModelConfig.from_preset("pythia-70m", vocab_size=50277, num_layers=2)
-    m = GPTNeoX(c)
+    m = CausalLM(c)
     small, wang = math.sqrt(2 / (5 * 512)), 2 / (2 * math.sqrt(512))
     assert m.layers[0].attention.query_key_value.weight.std().item() == pytest.approx(small, rel=0.02)
     assert m.embed_out.weight.std().item() == pytest.approx(small, rel=0.02)
@@ -166,7 +166,7 @@ def test_pythia_init_stds():
 # ---------------------------------------------------------------- counting
 def test_num_params_and_flops_per_token():
     c = tiny()
-    m = GPTNeoX(c)
+    m = CausalLM(c)
     d, L, V, ff = 64, 2, 384, 256
     per_layer = (3 * d * d + 3 * d) + (d * d + d) + (d * ff + ff) + (ff * d + d) + 4 * d
     assert m.num_params() == V * d + L * per_layer + 2 * d + d * V

@@ -17,8 +17,7 @@ import pytest
 from evidence import compare, evaluate, export_hf, plot
 from launcher.net import free_port
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics, truncate_after
-from evidence.runs import (EvidenceError, atomic_path, find_data_prefix, find_tokenizer, load_run, replace_dir,
-                          write_json)
+from evidence.runs import EvidenceError, find_data_prefix, find_tokenizer, load_run
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = "growlength_state.json"
@@ -107,7 +106,7 @@ def test_export_overwrite_replaces_only_a_previous_export(work, tmp_path, caplog
     assert export_hf.main(["--checkpoint", str(run), "--out", str(tmp_path / "afile")]) == 2
     assert "afile is a file, not a directory" in caplog.text
     assert export_hf.main(["--checkpoint", str(run), "--out", str(tmp_path / "afile" / "hf")]) == 2
-    assert "afile is a file, not a directory; choose another location" in caplog.text
+    assert "afile is a file, not a directory; choose another --out" in caplog.text
 
 
 # ---- a run stands on its own: another working directory, a moved run --------------------------------------------
@@ -170,7 +169,7 @@ def test_evaluate_out_in_an_unwritable_place_is_refused_before_the_work(work, tm
     before = snapshot(tmp_path)
     rc = evaluate.main(["--checkpoint", str(work / "run"), "--lengths", "32", "--out",
                         str(tmp_path / "afile" / "eval.json")])
-    assert rc == 2 and "afile is a file, not a directory; choose another location" in caplog.text
+    assert rc == 2 and "afile is a file, not a directory; choose another --out" in caplog.text
     assert "seq_len" not in capsys.readouterr().out  # refused before any evaluation, not after printing the table
     assert evaluate.main(["--checkpoint", str(work / "run"), "--lengths", "32", "--out", str(tmp_path)]) == 2
     assert "is a directory; give a file name" in caplog.text
@@ -232,32 +231,6 @@ def test_corrupt_middle_line_names_file_and_line(work, tmp_path, caplog):
 
 
 # ---- plot / compare: outputs complete or absent -----------------------------------------------------------------
-def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
-    target = tmp_path / "report.md"
-    target.write_text("old report")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half a new rep")
-            raise RuntimeError("killed mid-write")
-    assert target.read_text() == "old report" and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
-    write_json(target, {"new": 1})
-    assert json.loads(target.read_text()) == {"new": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
-
-
-def test_replace_dir_keeps_the_old_directory_until_the_new_one_is_in_place(tmp_path):
-    out = tmp_path / "hf"
-    out.mkdir()
-    (out / "config.json").write_text("old")
-    with pytest.raises(FileNotFoundError):  # the new directory cannot be moved in (here: it does not exist)
-        replace_dir(tmp_path / ".hf.tmp-missing", out)
-    assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
-    new = tmp_path / ".hf.new"
-    new.mkdir()
-    (new / "config.json").write_text("new")
-    replace_dir(new, out)
-    assert (out / "config.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
-
-
 def test_plot_and_compare_refuse_an_unwritable_out(work, tmp_path, caplog):
     (tmp_path / "afile").write_text("x")
     before = snapshot(tmp_path)
