@@ -141,7 +141,8 @@ def test_flash_on_cpu_tensors_is_a_clear_error(monkeypatch):
         attention_mod.resolve_backend("flash", torch.device("cpu"), torch.bfloat16)
     monkeypatch.setattr(attention_mod, "FLASH_NEEDS_CUDA_HALF", False)
     monkeypatch.setitem(sys.modules, "flash_attn", None)
-    with pytest.raises(RuntimeError, match=r"flash-attn package is not installed \(see docs/gpu.md: Installing flash-attn\)"):
+    with pytest.raises(RuntimeError, match=r"flash-attn package is not installed \(see docs/gpu.md: Installing "
+                                           r"flash-attn\)"):
         attention_mod.resolve_backend("flash", torch.device("cpu"), torch.float32)
 
 
