@@ -2,23 +2,33 @@
 # Each installs what it needs into a local virtual environment first, once.
 #
 # TORCH_SPEC pins the CPU build of torch that installs from local disk on the reference machine.
-# On a GPU box install your CUDA torch instead:  make demo TORCH_SPEC="torch==2.5.1"  (or any spec pip accepts).
-PYTHON     ?= python3
-VENV       ?= .venv
-TORCH_SPEC ?= torch==2.13.0
-PY         := $(VENV)/bin/python
-STAMP      := $(VENV)/.growlength-installed
+# On a GPU box install your CUDA torch instead:  make test-gpu TORCH_SPEC="torch==2.13.0" \
+#     TORCH_INDEX=https://download.pytorch.org/whl/cu130   (any spec pip accepts; the index of your CUDA version).
+# A changed TORCH_SPEC or TORCH_INDEX reinstalls torch (the pair is recorded in $(VENV)/.growlength-torch).
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.growlength-installed
+TORCH_STAMP := $(VENV)/.growlength-torch
 # DeepSpeed JIT-builds a small CPU communication op on first use; keep its cache with the venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test test-gpu install bench clean
+.PHONY: demo test test-gpu install bench clean FORCE
 
 install: $(STAMP)
 
-$(STAMP): setup.py Makefile
+# rewritten only when the torch request changes, so that the stamp below is outdated exactly then
+$(TORCH_STAMP): FORCE
+	@mkdir -p $(VENV)
+	@[ "$$(cat $@ 2>/dev/null)" = "$(TORCH_SPEC) $(TORCH_INDEX)" ] || echo "$(TORCH_SPEC) $(TORCH_INDEX)" > $@
+
+$(STAMP): setup.py Makefile $(TORCH_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(if $(filter $(TORCH_STAMP),$?),$(PY) -m pip uninstall -q -y torch)
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) )"$(TORCH_SPEC)"
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -34,9 +44,11 @@ test: $(STAMP)
 	else echo "make test: not root, so no local SLURM cluster is started; tests/cluster skip unless one is up"; fi
 	$(PY) -m pytest -q -ra tests
 
-# On a GPU machine (install your CUDA torch: TORCH_SPEC, and pip install -e .[gpu] for flash-attn): tests/gpu/, which
-# run benchmarks/gpu_acceptance.py at full size (bounded to 8 min) and short CUDA kernel checks. `make test` skips them.
+# On a GPU machine (install your CUDA torch: TORCH_SPEC/TORCH_INDEX above; flash-attn: docs/gpu.md): tests/gpu/, which
+# run benchmarks/gpu_acceptance.py at full size (bounded to 8 min) and short CUDA kernel checks. `make test` skips them;
+# here they fail when CUDA cannot be used: benchmarks/cuda_env.py prints the stack (torch, CUDA, driver, GPUs) first.
 test-gpu: $(STAMP)
+	$(PY) benchmarks/cuda_env.py
 	$(PY) -m pytest -q -ra tests/gpu
 
 bench: $(STAMP)

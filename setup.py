@@ -12,8 +12,8 @@ setup(
     # torch is not pinned here: `make` installs the CPU build pinned in the Makefile (TORCH_SPEC) first,
     # and a GPU user installs their own CUDA build before this package.
     install_requires=[
-        "torch>=2.1",
-        "deepspeed>=0.19,<0.20",
+        "torch>=2.5",  # these two ranges are launcher/versions.py's REQUIRED, checked at start-up
+        "deepspeed>=0.19.8,<0.20",
         "sentencepiece>=0.2",
         "numpy>=1.24",
         "pyyaml>=6",
@@ -24,7 +24,13 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5", "transformers>=4.45"],  # transformers: the acceptance run's baseline
         "mpi": ["mpi4py>=3.1"],
-        "dev": ["pytest>=8", "hypothesis>=6", "megatron-core==0.16.1", "transformers>=4.45", "mpi4py>=3.1"],
+        # data_pipeline: .parquet/.arrow/`datasets` directories (pyarrow) and .zst (zstandard)
+        "formats": ["pyarrow>=14", "zstandard>=0.22"],
+        "wandb": ["wandb>=0.17"],
+        # evidence.downstream: the harness with its Hugging Face backend (transformers, accelerate, peft)
+        "eval": ["lm-eval[hf]>=0.4.5,<0.5", "transformers>=4.45"],
+        "dev": ["pytest>=8", "hypothesis>=6", "megatron-core==0.16.1", "transformers>=4.45", "mpi4py>=3.1",
+                "pyarrow>=14", "zstandard>=0.22", "datasets>=2.16", "wandb>=0.17", "lm-eval[hf]>=0.4.5,<0.5"],
     },
     entry_points={
         "console_scripts": [

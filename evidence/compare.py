@@ -483,7 +483,7 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-rounds", type=int, default=3,
                    help="calibration runs before the runs, each timing every length once in turn")
     add_device_arguments(p, "evaluation")
-    p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.overrides=...)")
+    p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.num_layers=4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

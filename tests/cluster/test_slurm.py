@@ -13,7 +13,7 @@ from slurm_jobs import (ROOT, assert_same_losses, job_info, last_step, log_of, s
                         wait_job)
 
 from launcher import checkpoint as ckpt
-from launcher.engine import job_master_port
+from launcher.distributed import job_master_port
 
 
 def test_sbatch_deepspeed_trains_tiny_plan(reference):
@@ -154,3 +154,16 @@ def test_empty_run_config_means_the_builtin_demo(slurm_env, tmp_path):
     assert "--config" not in command
     assert [(r["seq_len"], r["step"]) for r in steps(run_dir).values()] == [(64, 1), (64, 2)]
     assert "model tiny:" in log
+
+
+def test_deepspeed_mode_starts_the_ranks_on_the_jobs_gpus(slurm_env, run_yaml, tmp_path):
+    """A job given GPUs 3 and 5 of its node (CUDA_VISIBLE_DEVICES, as a partial-node allocation sets it) starts its
+    ranks on 3 and 5, not on 0 and 1: the runner gets --include HOST:3,5 (CPU ranks here only carry the indices)."""
+    job = submit_training(slurm_env, run_yaml, tmp_path / "run", tmp_path, CUDA_VISIBLE_DEVICES="3,5",
+                          GPUS_PER_NODE="2")
+    info = wait_job(slurm_env, job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    node = re.search(r"restart 0 on (\S+) \(1 node", log).group(1)
+    assert f"--include {node}:3,5 --no_ssh_check" in log
+    assert "Setting CUDA_VISIBLE_DEVICES=3,5" in log  # deepspeed.launcher.launch, for the ranks it starts

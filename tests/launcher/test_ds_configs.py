@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher import distributed
 from launcher import engine as ds
 from launcher.ds_config import load_ds_config
 from launcher.metrics import read_metrics
@@ -47,14 +48,14 @@ def test_shipped_config_trains_a_step_on_cpu(run, monkeypatch, name, optimizer):
 
 def test_allocator_setting_keeps_the_users(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
-    ds.set_allocator_defaults()
+    distributed.set_allocator_defaults()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # torch's newer name counts as set
-    ds.set_allocator_defaults()
+    distributed.set_allocator_defaults()
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     monkeypatch.delenv("PYTORCH_ALLOC_CONF")
-    ds.set_allocator_defaults()
+    distributed.set_allocator_defaults()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
@@ -86,11 +87,59 @@ def test_cpu_adam_fallback_when_it_cannot_build(tmp_path):
 
 def test_timeout_setting_errors(monkeypatch, capsys):
     monkeypatch.setenv("GROWLENGTH_RANK0_TIMEOUT_MIN", "0.5")
-    assert ds.timeout_setting(ds.RANK0_TIMEOUT).total_seconds() == 30
+    assert distributed.timeout_setting(distributed.RANK0_TIMEOUT).total_seconds() == 30
     for bad in ("abc", "0", "-3", "inf"):
         monkeypatch.setenv("GROWLENGTH_DIST_TIMEOUT_MIN", bad)
         with pytest.raises(SystemExit) as e:
-            ds.timeout_setting(ds.DIST_TIMEOUT)
+            distributed.timeout_setting(distributed.DIST_TIMEOUT)
         assert e.value.code == 2
         assert (f"error: GROWLENGTH_DIST_TIMEOUT_MIN='{bad}': must be a positive number of minutes (default 30)"
                 in capsys.readouterr().err)
+
+
+COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "reduce_scatter", "reduce_scatter_tensor", "all_gather",
+               "all_gather_into_tensor", "reduce", "broadcast")
+
+
+def _collectives_per_micro_batch(rank, world, name, accum):
+    """Collective calls during each micro-batch (forward + backward) and each engine.step() of 2 optimizer steps of
+    ``accum`` micro-batches, through the shipped config ``name`` filled as the launcher fills it."""
+    import torch
+    import torch.distributed as tdist
+
+    from launcher.optim import param_groups
+    from model import CausalLM, ModelConfig
+
+    counts = []
+    for fn in COLLECTIVES:  # before the engine exists: DeepSpeed keeps references to some of them
+        def counted(*args, _fn=getattr(tdist, fn), **kwargs):
+            if counts:
+                counts[-1] += 1
+            return _fn(*args, **kwargs)
+        setattr(tdist, fn, counted)
+    cfg = {k: v for k, v in load_ds_config(str(ROOT / f"ds_configs/{name}.json")).items() if k != "scheduler"}
+    cfg.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=accum, train_batch_size=2 * accum * world)
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_preset("tiny", vocab_size=128))
+    engine = ds.create_engine(model, cfg, param_groups(model))
+    x = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(rank))
+    for _ in range(2):
+        for i in range(accum):
+            counts.append(0)
+            ds.set_accumulation_boundary(engine, i == accum - 1)
+            engine.backward(engine(x[:, :-1], labels=x[:, 1:]))
+        counts.append(0)
+        engine.step()
+    return counts
+
+
+@pytest.mark.parametrize("name, reduces_every_micro_batch", [("zero1", False), ("zero2", True)])
+def test_zero1_communicates_once_per_step_and_zero2_every_micro_batch(name, reduces_every_micro_batch):
+    """What docs/ds-configs.md's size table rests on: under accumulation, ZeRO-2 reduces every micro-batch's
+    gradients (and on a GPU synchronises after each one, overlap_comm), ZeRO-1 (bf16 with fp32 accumulation:
+    DeepSpeed's BF16_Optimizer) only after the step's last micro-batch. 2 ranks on gloo, 2 steps x 4 micro-batches."""
+    from distributed import run_distributed
+    counts = run_distributed(_collectives_per_micro_batch, 2, name, 4)[0]
+    inner = [c for step in (counts[0:3], counts[5:8]) for c in step]  # the micro-batches before each boundary
+    assert (min(inner) > 0) if reduces_every_micro_batch else (inner == [0] * 6), counts
+    assert counts[3] + counts[4] > 0 and counts[8] + counts[9] > 0, counts  # each step's gradients are reduced

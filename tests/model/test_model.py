@@ -47,7 +47,7 @@ def test_padded_vocab_is_a_multiple_of_128_and_keeps_tokenizer_size():
     (dict(rope_scaling="yarn"), r"rope_scaling='yarn': choose one of none, linear, ntk"),
     (dict(rope_scaling_factor=0.5), r"rope_scaling_factor=0.5: must be >= 1"),
     (dict(attention="xformers"), r"attention='xformers': choose one of auto, flash, sdpa"),
-    (dict(num_layers=0), r"num_layers=0: must be a positive integer"),
+    (dict(num_layers=0), r"num_layers=0: must be >= 1"),
     (dict(init_std=-1.0), r"init_std=-1.0: must be > 0"),
 ])
 def test_bad_configs_say_what_to_change(kwargs, match):
