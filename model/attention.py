@@ -173,8 +173,8 @@ class Documents:
     """Where the documents of a (B, T) batch lie, in the layout the chosen kernel wants; built once per forward.
 
     cu_seqlens (capacity + 1,) int32: the start of every document segment over the B * T flattened tokens, then
-    B * T repeated (empty segments) up to a power-of-two segment count (flash-attn's varlen layout; every row start
-    b * T is one of them, so no segment crosses a row). max_seqlen: T, an upper bound of every segment (the kernels
+    B * T repeated (empty segments) up to the capacity of `padded_cu_seqlens` (flash-attn's varlen layout; every
+    row start b * T is one of them, so no segment crosses a row). max_seqlen: T, an upper bound of every segment (the kernels
     size their grids with it). positions: (B, T) long, each token's offset in its segment. mask: (B, 1, T, T) bool,
     True where query i may read key j (same segment, j <= i), for SDPA on the CPU, else None. block_mask:
     FlexAttention's BlockMask for the flex kernel, else None.
@@ -205,13 +205,17 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None
                          f"document starts over the flattened (batch, seq_len) tokens, every row start included")
 
 
-def padded_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(n + 1,) document starts -> (c + 1,) int32 with c the power of two >= n, the tail repeating the total (empty
-    segments, which the varlen kernels skip: each of their blocks returns when its row lies past its segment's end).
-    Why not always B * T + 1: every empty segment still launches its (T / 128) x heads thread blocks; a power of two
-    keeps the padding under 2x the real segments, and a (B, T) stage sees only the few capacities its data needs."""
+MIN_SEGMENTS_PER_ROW = 8  # the padded capacity's floor: typical data (documents of a few hundred tokens) and the
+# compile warm-up's layout then share one capacity, so a stage compiles once
+
+
+def padded_cu_seqlens(cu_seqlens: torch.Tensor, batch: int) -> torch.Tensor:
+    """(n + 1,) document starts of a (batch, T) batch -> (c + 1,) int32, c the power of two >= max(n, 8 * batch), the
+    tail repeating the total: empty segments, which the varlen kernels skip (each of their thread blocks returns when
+    its rows lie past its segment's end). Not always B * T + 1 (the most segments a batch can have): every empty
+    segment still launches (T / 128) x heads thread blocks, millions per call at 32k tokens."""
     n = cu_seqlens.numel() - 1
-    capacity = 1 << (n - 1).bit_length()
+    capacity = 1 << (max(n, MIN_SEGMENTS_PER_ROW * batch) - 1).bit_length()
     out = torch.full((capacity + 1,), int(cu_seqlens[-1]), dtype=torch.int32)
     out[:n + 1] = cu_seqlens
     return out
@@ -223,7 +227,7 @@ def documents(cu_seqlens: torch.Tensor, batch: int, seq_len: int, device: torch.
     check_cu_seqlens(cu_seqlens, batch, seq_len)
     cu_seqlens = cu_seqlens.to("cpu", torch.int32)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device, non_blocking=True)  # (n,)
-    padded = padded_cu_seqlens(cu_seqlens).to(device=device, non_blocking=True)  # (c + 1,)
+    padded = padded_cu_seqlens(cu_seqlens, batch).to(device=device, non_blocking=True)  # (c + 1,)
     total = batch * seq_len
     segment_start = torch.repeat_interleave(padded[:cu_seqlens.numel() - 1].long(), lengths,
                                             output_size=total)  # (B*T,)

@@ -71,9 +71,9 @@ def test_documents_layout_positions_and_mask_by_hand():
     cu = torch.tensor([0, 3, 4, 5, 8], dtype=torch.int32)  # rows of 4: [0 1 2 | 3] [4 | 5 6 7]
     docs = documents(cu, 2, 4, torch.device("cpu"), "sdpa")
     assert docs.max_seqlen == 4 and docs.cu_seqlens.dtype == torch.int32  # T bounds every segment: one shape
-    assert docs.cu_seqlens.tolist() == [0, 3, 4, 5, 8]  # 4 segments: already a power of two
-    three = documents(torch.tensor([0, 4, 5, 8]), 2, 4, torch.device("cpu"), "flash")
-    assert three.cu_seqlens.tolist() == [0, 4, 5, 8, 8]  # padded with an empty segment
+    assert docs.cu_seqlens.tolist() == [0, 3, 4, 5] + [8] * 13  # padded with empty segments to 8 per row
+    many = documents(torch.arange(0, 41, 2), 1, 40, torch.device("cpu"), "flash")  # 20 segments in one row
+    assert many.cu_seqlens.tolist() == list(range(0, 41, 2)) + [40] * 12  # to the next power of two, 32
     assert docs.positions.tolist() == [[0, 1, 2, 0], [0, 0, 1, 2]]
     assert docs.mask.shape == (2, 1, 4, 4)
     assert docs.mask[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]]
