@@ -4,10 +4,12 @@ by the checkpoint's model family.
     python -m evidence.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--overwrite] [--tokenizer PATH]
         [--device auto|cpu|cuda[:N]] [--dtype fp32|bf16|fp16|auto]
 
-The ZeRO shards are consolidated with DeepSpeed's zero_to_fp32; --out is built beside itself and renamed into
-place, and --overwrite replaces only a previous export. The weights are written in fp32 (as trained) unless --dtype
-says otherwise. `load_trained_model` is shared with the tools that read checkpoints: it treats how the run executed
-(attention kernel, deterministic attention, activation checkpointing) as a choice of the machine that loads it.
+The ZeRO shards are consolidated with DeepSpeed's zero_to_fp32. README.md, the model card, gets the run's training
+record (evidence.model_card: the stage plan, tokens per stage and source, the schedule, the final validation
+losses). --out is built beside itself and renamed into place, and --overwrite replaces only a previous export. The
+weights are written in fp32 (as trained) unless --dtype says otherwise. `load_trained_model` is shared with the tools
+that read checkpoints: it treats how the run executed (attention kernel, deterministic attention, activation
+checkpointing) as a choice of the machine that loads it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from data_pipeline.atomic import atomic_dir, check_dir_writable
 from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
+from evidence.model_card import training_record
 from evidence.runs import EvidenceError, compute_device, find_tokenizer, run_dir_of
 from model import CausalLM, ModelConfig
 
@@ -111,6 +114,8 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
         save_hf(model, tmp, dtype=weights_dtype)
         if tok is not None:
             write_tokenizer(tok, tmp)
+        card = tmp / "README.md"  # model/hf.py's card (the model), then the run's training record
+        card.write_text(card.read_text() + training_record(state, run_dir_of(found), found), encoding="utf-8")
     log.info("exported %s (step %d, %s tokens) to %s", found, state["step"], f"{state['tokens_seen']:,}", out_path)
     return out_path
 
