@@ -3,7 +3,8 @@ Figures 1-2 on this machine): the time ratio predicted before training, and the 
 
     python -m evidence.compare (--budget-tokens N | --budget-calibrated-seconds C | --budget-seconds S) --out DIR
         [--preset tiny] [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048] [--seeds 1,2,3]
-        [--plans fixed-short,fixed-long,growlength] [--calibration-rounds 3] [--calibration-steps 3] [key=value ...]
+        [--plans fixed-short,fixed-long,growlength] [--calibration-rounds 3] [--calibration-steps 3]
+        [--device auto|cpu|cuda[:N]] [--dtype auto|fp32|bf16] [key=value ...]
 
 Runs the real launcher once per plan and seed, only the stage plan differing (the order turned by one from seed to
 seed). Before the runs: calibration runs time every length (launcher.steptime medians), and each plan's time against
@@ -27,7 +28,8 @@ from pathlib import Path
 from data_pipeline.atomic import check_dir_writable
 from evidence import speedup
 from evidence.launch import ROOT, launch_command
-from evidence.runs import EvidenceError, Run, load_run, parse_lengths, write_json, write_text
+from evidence.runs import EvidenceError, Run, add_device_arguments, compute_device, load_run, parse_lengths, \
+    write_json, write_text
 from launcher import steptime
 
 log = logging.getLogger("growlength")
@@ -60,6 +62,8 @@ class Setup:
     budget_calibrated: float | None = None
     seeds: list = field(default_factory=list)  # [] = [seed]
     extrapolation: bool = True  # evaluate the first seed's final models at 2x and 4x the long length (Figure 4)
+    device: str = "auto"  # where the final models are evaluated (evidence.runs.compute_device)
+    dtype: str = "auto"
 
     @property
     def seed_list(self) -> list[int]:
@@ -78,6 +82,7 @@ class Setup:
 
 
 def check_setup(s: Setup) -> None:
+    compute_device(s.device, s.dtype)  # before any run: a device that cannot be used is refused now
     if [s.budget_seconds, s.budget_tokens, s.budget_calibrated].count(None) != 2:
         raise EvidenceError("give exactly one budget: --budget-seconds S (equal wall-clock), "
                             "--budget-calibrated-seconds C (equal calibrated time) or --budget-tokens N")
@@ -516,7 +521,8 @@ def compare(s: Setup, command: str = "") -> dict:
         from evidence.evaluate import evaluate
         eval_lengths = sorted(set(s.lengths) | {2 * s.long, 4 * s.long})
         for name in ordered:  # each final model's extrapolation curve (Figure 4)
-            rep = evaluate(str(run_dirs[(name, first)]), lengths=eval_lengths, tokens=s.eval_tokens, split="run")
+            rep = evaluate(str(run_dirs[(name, first)]), lengths=eval_lengths, tokens=s.eval_tokens, split="run",
+                           dtype=s.dtype, device=s.device)
             reports.append(str(write_json(s.out / f"eval_{name}.json", rep)))
     from evidence.plot import plot_runs
     figures = [speed_figure(summary, s.out / "val_loss_vs_clock.png"),
@@ -555,6 +561,7 @@ def main(argv=None) -> int:
                    help="timed steps per length in each calibration run (after one warm-up step)")
     p.add_argument("--no-extrapolation", dest="extrapolation", action="store_false",
                    help="skip evaluating the final models at 2x and 4x the longest length (Figure 4)")
+    add_device_arguments(p, "evaluation")
     p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.num_layers=4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -574,8 +581,8 @@ def main(argv=None) -> int:
               points=args.points, eval_tokens=args.eval_tokens, valid_fraction=args.valid_fraction,
               data_prefix=args.data_prefix, tokenizer=args.tokenizer, ds_config=args.ds_config,
               extra=args.overrides, calibration_rounds=args.calibration_rounds,
-              calibration_steps=args.calibration_steps,
-              budget_calibrated=args.budget_calibrated_seconds, seeds=seeds, extrapolation=args.extrapolation)
+              calibration_steps=args.calibration_steps, extrapolation=args.extrapolation,
+              budget_calibrated=args.budget_calibrated_seconds, seeds=seeds, device=args.device, dtype=args.dtype)
     try:
         s.lengths = parse_lengths(args.lengths)
         if (s.data_prefix is None) != (s.tokenizer is None):

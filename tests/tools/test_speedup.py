@@ -65,9 +65,9 @@ def growlength(losses):
     """128 for steps 1-2 (1 s, 2 s), a 0.25 s switch, 4096 for steps 3-4 (4 s each); evals after steps 2, 3, 4.
     Training clock 1.5, 3.5, 7.75, 11.75 (0.5 s switch into stage 0 too); calibrated at {128: 1, 4096: 3}:
     1, 2, 5, 8. Evaluations at elapsed times that differ from both (they include start-up and evaluations)."""
-    return [stage(0, 0, 128, 0.5), step(1, 0, 128, 1.0, 10), step(2, 0, 128, 2.0, 20), val(2, losses[0], val_loss_128=1.0),
-            stage(2, 1, 4096, 0.25), step(3, 1, 4096, 4.0, 30), val(3, losses[1]), step(4, 1, 4096, 4.0, 40),
-            val(4, losses[2])]
+    return [stage(0, 0, 128, 0.5), step(1, 0, 128, 1.0, 10), step(2, 0, 128, 2.0, 20),
+            val(2, losses[0], val_loss_128=1.0), stage(2, 1, 4096, 0.25), step(3, 1, 4096, 4.0, 30), val(3, losses[1]),
+            step(4, 1, 4096, 4.0, 40), val(4, losses[2])]
 
 
 def fixed_long(losses):
