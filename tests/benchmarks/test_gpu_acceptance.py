@@ -114,7 +114,7 @@ def test_dry_run_compare_reports_the_loss_each_reached(dry_run):
         # clock stops runs at the budget is decided on a step clock in tests/tools/test_tools.py
         assert runs[name]["stopped_by"] in ("clock", "plan end"), name
     assert f["target_val_loss"] == runs["fixed-long"]["val_loss_long"]
-    assert "time_to_target_s" in runs["growlength"] and Path(f["report"]).is_file()
+    assert "to_target_train_s" in runs["growlength"] and Path(f["report"]).is_file()
 
 
 def test_exit_code_is_nonzero_when_a_check_fails():
