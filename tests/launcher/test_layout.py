@@ -15,7 +15,7 @@ def test_the_training_path_imports_no_evidence_tool(spawns):
 
 
 
-def test_deepspeed_is_imported_by_the_engine_module_only():
+def test_deepspeed_is_imported_by_the_engine_module_only(spawns):
     """The distributed environment and collectives load without DeepSpeed; no other module names it."""
     code = ("import sys, launcher.distributed, launcher.data, launcher.modeling; "
             "sys.exit(1 if 'deepspeed' in sys.modules else 0)")
