@@ -81,8 +81,18 @@ class CausalLM(nn.Module):
         included (flash-attn's varlen layout; best on the CPU, see model.attention.documents): attention then
         never crosses a document, and with config.reset_position_ids RoPE positions restart at each one. None:
         each row is one causal sequence."""
-        B, T = input_ids.shape
-        x = self.embed_in(input_ids)  # (B, T, d)
+        x = self.blocks(self.embed_in(input_ids), cu_seqlens)  # (B, T, d)
+        logits = self.embed_out(self.final_layer_norm(x))  # (B, T, V)
+        if labels is None:
+            return logits
+        return cross_entropy_fp32(logits, labels)
+
+    def blocks(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder stack on embeddings, x: (B, T, d) -> (B, T, d): the attention kernel, the documents of
+        `cu_seqlens` (see forward), the RoPE tables, then every block (recomputed in backward with
+        activation_checkpointing). The one copy of this loop: launcher/compile.py's warm-up calls it too, so the
+        graph it builds is the one training runs."""
+        B, T, _ = x.shape
         backend = resolve_backend(self.config.attention, x.device, x.dtype, masked=cu_seqlens is not None)
         docs = None if cu_seqlens is None else documents(cu_seqlens, B, T, x.device, need_mask=backend == "sdpa")
         cos, sin = self.rotary_tables(T, x.device, docs)
@@ -91,10 +101,7 @@ class CausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, backend, docs, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, backend, docs)
-        logits = self.embed_out(self.final_layer_norm(x))  # (B, T, V)
-        if labels is None:
-            return logits
-        return cross_entropy_fp32(logits, labels)
+        return x
 
     def rotary_tables(self, seq_len: int, device: torch.device,
                       docs: Documents | None = None) -> tuple[torch.Tensor, torch.Tensor]:
