@@ -234,17 +234,16 @@ def checkpoint_curve(run_dir: Path, s: Setup, times: dict[int, float]) -> list[d
     """Validation loss at the long length for every checkpoint of a run:
     [{step, tokens_seen, elapsed_s, calibrated_s, loss}]."""
     from launcher import checkpoint as ckpt
-    from evidence.evaluate import ValidationWindows, load_for_eval, perplexity
+    from evidence.evaluate import load_for_eval, perplexity, validation_windows
 
     steps = {r["step"]: r for r in load_run(run_dir).steps}
     calibrated = calibrated_clock(list(steps.values()), times)
-    points, windows = [], None
+    points, data = [], None
     for path in ckpt.complete_checkpoints(ckpt.checkpoint_root(run_dir)):
         loaded = load_for_eval(str(path))
-        if windows is None:
-            data = ValidationWindows(find_data_prefix(loaded.state, loaded.source), "run", s.valid_fraction)
-            windows = data.windows(s.long, max(1, s.eval_tokens // s.long))
-        loss, _ = perplexity(loaded.model, windows)
+        if data is None:
+            data = validation_windows(find_data_prefix(loaded.state, loaded.source), "run", s.valid_fraction)
+        loss, _ = perplexity(loaded.model, data, s.long, max(1, s.eval_tokens // s.long))
         st = loaded.state
         # the step record's clock: the end of that step, before the eval and save that followed it
         points.append({"step": st["step"], "tokens_seen": st["tokens_seen"],

@@ -170,6 +170,20 @@ class CausalLM(nn.Module):
         return self.matmul_flops_per_token() + self.attention_flops(seq_len * seq_len) / seq_len
 
 
+@torch.no_grad()
+def mean_loss(forward, batches, device: torch.device) -> tuple[float, int]:
+    """The one validation loop: summed next-token loss over ``batches`` of ``(tokens (B, L + 1) int64, cu_seqlens
+    or None)`` and the number of labels, ``(loss_sum, n_labels)`` (the mean is their ratio; ranks add both first).
+    ``forward``: the model, or the DeepSpeed engine wrapping it."""
+    loss_sum, n = 0.0, 0
+    for tokens, cu_seqlens in batches:
+        tokens = tokens.to(device)  # (B, L + 1)
+        loss = forward(tokens[:, :-1], labels=tokens[:, 1:], cu_seqlens=cu_seqlens)
+        loss_sum += loss.item() * tokens[:, 1:].numel()
+        n += tokens[:, 1:].numel()
+    return loss_sum, n
+
+
 def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy over labels != -100, in fp32 whatever the logits' dtype.
 
