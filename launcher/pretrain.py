@@ -539,8 +539,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     model_config = modeling.run_model_config(cfg.model, data.tokenizer)
     compiling.check_compiler(cfg.model.compile, ds.device())  # refused here, before the plan and the model
     plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
-                            step_seconds=lambda lens: modeling.probe_step_times(cfg, model_config, rank, world, lens,
-                                                                                dtype))
+                            step_seconds=lambda stages: modeling.probe_step_times(model_config, rank, stages, dtype))
     ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
                                             cfg.optimisation.warmup_fraction), source=ds_config_path)
