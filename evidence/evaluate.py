@@ -2,11 +2,13 @@
 
     python -m evidence.evaluate --checkpoint RUN_DIR_OR_CHECKPOINT_OR_HF_DIR [--data-prefix PREFIX]
         [--lengths 128,256,...,4096] [--rope-scaling none|linear|ntk] [--rope-factor F] [--tokens N]
-        [--split auto|run|all] [--dtype fp32|bf16] [--out JSON]
+        [--split auto|run|all] [--device auto|cpu|cuda[:N]] [--dtype auto|fp32|bf16|fp16] [--out JSON]
 
 Scores whole, untruncated windows of the validation stream by the same rule as the launcher's in-loop validation,
 so at equal --tokens the two measure the same windows. --split: run (the run's held-out documents), all (every
-document: a separate corpus), auto (run on the training data, else all). Details: docs/tools.md.
+document: a separate corpus), auto (run on the training data, else all). --device/--dtype: CUDA in bf16 where CUDA is
+usable, else the CPU in fp32 (the attention kernel is chosen for the device, whatever the run trained with). Details:
+docs/tools.md.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.loader import window_batches
 from data_pipeline.samples import WindowStream, data_fingerprint
-from evidence.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
+from evidence.runs import (EvidenceError, add_device_arguments, check_writable, compute_device, dtype_name,
+                           find_data_prefix, parse_lengths, write_json)
 from model import CausalLM
 from model.model import mean_loss
 
@@ -32,7 +35,6 @@ log = logging.getLogger("growlength")
 
 DEFAULT_LENGTHS = "128,256,512,1024,2048,4096"
 DEFAULT_TOKENS = 16384  # logging.eval_tokens' default
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -106,20 +108,21 @@ def resolve_split(split: str, prefix: str, state: dict | None,
 
 
 def perplexity(model: CausalLM, stream: WindowStream, seq_len: int, max_windows: int, tokens_per_batch: int = 8192,
-               dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+               dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")) -> tuple[float, int]:
     """Mean next-token loss over every label of ``stream.windows(seq_len, max_windows)`` and the number of labels
-    scored, by the launcher's validation loop (``model.model.mean_loss``); a model trained with document masking is
-    given the windows' document boundaries, as in training."""
-    model = model.to(dtype)
+    scored, by the launcher's validation loop (``model.model.mean_loss``), on ``device`` in ``dtype``; a model
+    trained with document masking is given the windows' document boundaries, as in training."""
+    model = model.to(device=device, dtype=dtype)
     batches = window_batches(stream, seq_len, max_windows, tokens_per_batch,
                              documents=model.config.document_masking)
-    loss_sum, n_tok = mean_loss(model, batches, next(model.parameters()).device)
+    loss_sum, n_tok = mean_loss(model, batches, device)
     return loss_sum / n_tok, n_tok
 
 
 def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int] | None = None,
              rope_scaling: str = "none", rope_factor: float = 1.0, tokens: int | None = None, split: str = "auto",
-             valid_fraction: float | None = None, dtype: str = "fp32", tokens_per_batch: int = 8192) -> dict:
+             valid_fraction: float | None = None, dtype: str = "auto", tokens_per_batch: int = 8192,
+             device: str = "auto") -> dict:
     """Perplexity of a checkpoint at each length; returns the JSON-able report (see ``main`` for the fields)."""
     lengths = lengths or parse_lengths(DEFAULT_LENGTHS)
     if any(L <= 0 for L in lengths):
@@ -128,8 +131,7 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
         raise EvidenceError(f"--tokens {tokens}: must be a positive number of tokens per length")
     if split not in ("auto", "run", "all"):
         raise EvidenceError(f"--split {split!r}: choose auto, run or all")
-    if dtype not in DTYPES:
-        raise EvidenceError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}")
+    where, compute_dtype = compute_device(device, dtype)
     loaded = load_for_eval(checkpoint, rope_scaling, rope_factor)
     state = loaded.state
     if state is None and data_prefix is None:
@@ -149,7 +151,7 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
             log.warning("L=%d skipped: %s", L, e)
             results.append({"seq_len": L, "skipped": str(e)})
             continue
-        loss, n_tok = perplexity(loaded.model, data, L, len(windows), tokens_per_batch, DTYPES[dtype])
+        loss, n_tok = perplexity(loaded.model, data, L, len(windows), tokens_per_batch, compute_dtype, where)
         results.append({"seq_len": L, "windows": int(len(windows)), "tokens": n_tok, "loss": loss,
                         "ppl": math.exp(loss), "seconds": time.perf_counter() - t0})
     if all("skipped" in r for r in results):
@@ -158,7 +160,8 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
     return {"checkpoint": loaded.source, "step": (state or {}).get("step"),
             "tokens_seen": (state or {}).get("tokens_seen"), "trained_seq_len": loaded.trained_seq_len,
             "data_prefix": prefix, "split": split, "valid_fraction": valid_fraction if split == "run" else None,
-            "validation_tokens": data.tokens, "tokens_per_length": tokens, "dtype": dtype,
+            "validation_tokens": data.tokens, "tokens_per_length": tokens,
+            "dtype": dtype_name(compute_dtype), "device": str(where),
             "rope_scaling": rope_scaling, "rope_factor": rope_factor,
             "document_masking": loaded.model.config.document_masking, "results": results}
 
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
                    f"{DEFAULT_TOKENS})")
     p.add_argument("--split", default="auto", choices=["auto", "run", "all"], help="which documents (see above)")
     p.add_argument("--valid-fraction", type=float, help="override the run's data.valid_fraction for --split run")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype (default fp32)")
+    add_device_arguments(p)
     p.add_argument("--tokens-per-batch", type=int, default=8192, help="tokens per forward pass (memory)")
     p.add_argument("--out", help="write the report as JSON here (checked before the work, written atomically)")
     args = p.parse_args(argv)
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
             check_writable(args.out)  # before the work: a report that cannot be saved is refused, not lost
         report = evaluate(args.checkpoint, args.data_prefix, parse_lengths(args.lengths), args.rope_scaling,
                           args.rope_factor, args.tokens, args.split, args.valid_fraction, args.dtype,
-                          args.tokens_per_batch)
+                          args.tokens_per_batch, args.device)
     except (EvidenceError, DatasetError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2

@@ -331,6 +331,13 @@ class LoggingConfig(Section):
     tensorboard: bool = doc("write TensorBoard event files under RUN_DIR/tensorboard", True)
     peak_tflops: float | None = doc("peak TFLOP/s per device for MFU; null = look up the GPU, else no MFU", None,
                                     gt=0)
+    wandb: dict | None = doc("Weights & Biases: {project: P, name: N, mode: online|offline|disabled, entity, group, "
+                             "tags}; the metrics.jsonl records, config and plan, rank 0 (docs/trackers.md); null = off",
+                             None)
+
+    def problems(self, failed: set[str]) -> list[str]:
+        from launcher.trackers import wandb_problems
+        return [] if "wandb" in failed else wandb_problems(self.wandb)
 
 
 @dataclass

@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 
 import torch
 
 from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
-from launcher import engine as ds
+from launcher import distributed as dist
 from launcher import steptime
 from launcher.config import ConfigError, ModelSection, RunConfig
 from launcher.plan import Stage
@@ -34,7 +35,8 @@ def run_model_config(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
 
 
 # model fields a Hugging Face start (model.init_from_hf) may set: how it runs, not its architecture
-HF_RUNTIME = ("attention", "activation_checkpointing", "document_masking", "reset_position_ids")
+HF_RUNTIME = ("attention", "deterministic_attention", "activation_checkpointing", "document_masking",
+              "reset_position_ids")
 
 
 def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
@@ -65,6 +67,18 @@ def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
     return config
 
 
+def deterministic_kernels(model_config: ModelConfig, device: torch.device) -> None:
+    """model.deterministic_attention on CUDA: torch's deterministic algorithms for the whole step (torch's attention
+    backward reads them; flash-attn takes deterministic=True itself), with cuBLAS's fixed workspace that they
+    require. An op without a deterministic CUDA kernel then raises instead of drifting."""
+    if not (model_config.deterministic_attention and device.type == "cuda"):
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts: before any matmul
+    torch.use_deterministic_algorithms(True)
+    log.info("model.deterministic_attention: torch deterministic algorithms on (CUBLAS_WORKSPACE_CONFIG=%s)",
+             os.environ["CUBLAS_WORKSPACE_CONFIG"])
+
+
 def build_model(cfg: RunConfig, model_config: ModelConfig) -> CausalLM:
     """The model, seeded by the run's seed: random init, or model.init_from_hf's weights."""
     torch.manual_seed(cfg.seed)
@@ -89,7 +103,7 @@ def probe_step_times(model_config: ModelConfig, rank: int, stages: list[Stage], 
     the median per length; on CUDA the clock is read after a synchronize. The slowest rank's median counts.
     Only the ratios between lengths matter for a time-share plan with a token total. (The engine's own ZeRO
     step cannot be timed here: the plan this probe sizes is what the engine's scheduler is built from.)"""
-    device = ds.device()
+    device = dist.device()
     seq_lens = [s.seq_len for s in stages]
     shapes = {s.seq_len: (s.micro_batch_size, s.grad_accum) for s in stages}
     times = oom = None
@@ -118,7 +132,7 @@ def probe_step_times(model_config: ModelConfig, rank: int, stages: list[Stage], 
             torch.cuda.empty_cache()
     n = len(seq_lens)
     mine = times.medians() + [t.spread for t in times.lengths.values()] if times else [math.inf] * 2 * n
-    worst = ds.all_reduce_max(mine)
+    worst = dist.all_reduce_max(mine)
     out, spreads = worst[:n], worst[n:]
     if math.inf in out:
         where = f"at seq_len {oom.seq_len} ({oom.detail})" if oom else "on another rank"
