@@ -203,9 +203,9 @@ def _model_section() -> type:
     """The `model:` section: the launcher's keys (preset, compile, init_from_hf), then every ModelConfig field but
     vocab_size with its own help and bounds, optional here: null (the default) keeps the preset's value."""
     own = [
-        ("preset", "str", doc("model preset: tiny, pythia-70m, pythia-160m, pythia-410m, pythia-1b (gpt-neox); "
-                              "tiny-llama, smollm2-135m, smollm2-360m, tinyllama-1.1b (llama); the model fields "
-                              "below override its values", "tiny", choices=tuple(PRESETS))),
+        ("preset", "str", doc("model preset: tiny, narrow-4x128, pythia-70m, pythia-160m, pythia-410m, pythia-1b "
+                              "(gpt-neox); tiny-llama, smollm2-135m, smollm2-360m, tinyllama-1.1b (llama); the "
+                              "model fields below override its values", "tiny", choices=tuple(PRESETS))),
         ("compile", "object", doc("torch.compile the blocks, one static-shape graph per stage length built at the "
                                   "switch: true (a compiler failure stops the run), false, or auto (eager with a "
                                   "warning where it fails)", False)),
