@@ -36,6 +36,7 @@ from launcher.data import TrainData, prepare_data
 from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, warmup_steps
 from launcher import modeling, rundir
 from launcher.optim import describe as describe_groups, param_groups
+from launcher.downstream_jobs import DownstreamJobs
 from launcher.metrics import MetricsError, MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
 from launcher.plan import PlanError, StagePlan, max_tokens_per_micro_batch, plan_from_config
 from data_pipeline.atomic import write_text
@@ -218,6 +219,9 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, rank == 0, cfg.logging.tensorboard, cfg.logging.wandb,
                                      {"config": cfg.to_dict(), "plan": plan.describe(),
                                       "tokens_per_step": plan.tokens_per_step, "world_size": world})
+        self.downstream = DownstreamJobs(self.run_dir, cfg.logging.downstream_tasks, cfg.logging.downstream_limit,
+                                         rank == 0)
+        self.finished = False
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak = peak_tflops(cfg.logging.peak_tflops, name)
         self.preemption = preemption
@@ -276,6 +280,7 @@ class Trainer:
                          self.cfg.growlength.max_time_s, p.step)
                 break
         self.summary()
+        self.finished = True
         return 0
 
     def train_step(self, stage, batches) -> tuple[dict, StepFlags]:
@@ -350,6 +355,8 @@ class Trainer:
                 raise
         if save:
             self.save()
+        if save and stage_end:  # a background process: training goes on while it evaluates
+            self.downstream.start(ckpt.checkpoint_root(self.run_dir) / ckpt.tag_for(step), step)
         # the evaluation or the save may itself have used up the wall-clock budget
         out_of_time = flags.out_of_time or bool((save or evaluate) and step < last and self.out_of_time())
         if out_of_time and not save:
@@ -421,7 +428,7 @@ class Trainer:
         if self.rank == 0:
             state["files"] = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
             ckpt.write_state(root / tag, state)
-            ckpt.prune(root, self.cfg.checkpointing.keep_last)
+            ckpt.prune(root, self.cfg.checkpointing.keep_last, keep=self.downstream.busy())
         dist.barrier()
         log.info("checkpoint %s saved (%.1fs)", root / tag, time.perf_counter() - t0)
 
@@ -440,6 +447,7 @@ class Trainer:
     def close(self) -> None:
         if self.loader is not None:
             self.loader.close()
+        self.downstream.close(wait=self.finished)  # a stopped run ends its jobs; a finished one waits for them
         self.metrics.close()
         self.compiler.close()
 
