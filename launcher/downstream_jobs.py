@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 class DownstreamJobs:
     """Background `evidence.downstream` processes, one per stage-end checkpoint (rank 0 only)."""
 
+    COMMAND = (sys.executable, "-m", "evidence.downstream")
+
     def __init__(self, run_dir: str | Path, tasks: list[str], limit: float | None, enabled: bool):
         self.run_dir = Path(run_dir)
         self.tasks, self.limit = tasks, limit
@@ -32,7 +34,7 @@ class DownstreamJobs:
             return
         out = self.run_dir / "downstream"
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "evidence.downstream", "--checkpoint", str(checkpoint), "--tasks",
+        cmd = [*self.COMMAND, "--checkpoint", str(checkpoint), "--tasks",
                ",".join(self.tasks), "--out", str(out / f"step_{step:08d}")]
         if self.limit is not None:
             cmd += ["--limit", str(self.limit)]

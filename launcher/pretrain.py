@@ -42,6 +42,7 @@ from launcher.plan import PlanError, StagePlan, max_tokens_per_micro_batch, plan
 from data_pipeline.atomic import write_text
 from data_pipeline.errors import DatasetError, SamplePlanError
 from model import CausalLM
+from model.model import mean_loss
 from model.attention import attention_pairs
 
 log = logging.getLogger("growlength")
@@ -400,14 +401,8 @@ class Trainer:
                   "tokens_seen": self.progress.tokens_seen, "elapsed_s": self.elapsed()}
         tokens_per_batch = stage.micro_batch_size * stage.seq_len
         for length in sorted(lengths):
-            loss_sum, n_tok = 0.0, 0
-            for batch in self.data.valid_batches(length, self.cfg.logging.eval_tokens, tokens_per_batch):
-                batch, cu_seqlens = batch if self.data.document_masking else (batch, None)  # the training masking
-                batch = batch.to(self.device)  # (B, length + 1)
-                loss = self.engine(batch[:, :-1], labels=batch[:, 1:], cu_seqlens=cu_seqlens)
-                loss_sum += loss.item() * batch[:, 1:].numel()
-                n_tok += batch[:, 1:].numel()
-            loss_sum, n_tok = dist.all_reduce_sum([loss_sum, n_tok])
+            batches = self.data.valid_batches(length, self.cfg.logging.eval_tokens, tokens_per_batch)
+            loss_sum, n_tok = dist.all_reduce_sum(list(mean_loss(self.engine, batches, self.device)))
             if n_tok:
                 record[f"val_loss_{length}"] = loss_sum / n_tok
                 record[f"val_ppl_{length}"] = float(torch.tensor(loss_sum / n_tok).exp())
@@ -504,7 +499,7 @@ def check_validation(data: TrainData, plan: StagePlan, cfg: RunConfig) -> None:
         return
     for length in sorted({s.seq_len for s in plan.stages} | set(cfg.logging.eval_lengths)):
         try:
-            data.samples.valid_samples(length, 1)
+            data.samples.validation.windows(length, 1)
         except (DatasetError, SamplePlanError) as e:
             where = "logging.eval_lengths" if length in cfg.logging.eval_lengths else "a stage's seq_len"
             raise DatasetError(f"{where} {length}: {e}") from e
@@ -556,8 +551,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     compiling.check_compiler(cfg.model.compile, dist.device())  # refused here, before the plan and the model
     modeling.deterministic_kernels(model_config, dist.device())
     plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
-                            step_seconds=lambda lens: modeling.probe_step_times(cfg, model_config, rank, world, lens,
-                                                                                dtype))
+                            step_seconds=lambda stages: modeling.probe_step_times(model_config, rank, stages, dtype))
     ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
                                             cfg.optimisation.warmup_fraction), source=ds_config_path)

@@ -42,3 +42,41 @@ def test_downstream_tasks_need_the_harness(monkeypatch):
     with pytest.raises(ConfigError, match=r"logging\.downstream_tasks: lm-evaluation-harness is not installed; pip "
                                           r"install 'growlength\[eval\]'"):
         load_config(None, ["logging.downstream_tasks=[hellaswag]"])
+
+
+# a stand-in for evidence.downstream that runs until the test lets it go (or 120 s pass), then exits 0 or 3
+HOLD = ("import os, sys, time\n"
+        "go = sys.argv[sys.argv.index('--out') + 1] + '.go'\n"
+        "deadline = time.time() + 120\n"
+        "while not os.path.exists(go) and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "sys.exit(0 if os.path.exists(go) else 3)\n")
+
+
+def test_start_returns_while_the_job_runs_and_its_checkpoint_is_kept(tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+    from launcher import checkpoint as ckpt
+    from launcher.downstream_jobs import DownstreamJobs
+    monkeypatch.setattr(DownstreamJobs, "COMMAND", (sys.executable, "-c", HOLD))
+    root = tmp_path / "run" / "checkpoints"
+    tags = [root / ckpt.tag_for(s) for s in (4, 8, 12)]
+    for t in tags:
+        t.mkdir(parents=True)
+        (t / ckpt.STATE_FILE).write_text("{}")
+    jobs = DownstreamJobs(tmp_path / "run", ["task"], None, enabled=True)
+    caplog.set_level(logging.INFO, "growlength")
+    jobs.start(tags[0], 4)
+    assert jobs.jobs[tags[0]].poll() is None  # start() returned; the job waits for the test's signal
+    ckpt.prune(root, keep_last=1, keep=jobs.busy())  # the step-4 checkpoint is being evaluated: kept
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000012"]
+    (tmp_path / "run" / "downstream" / "step_00000004.go").write_text("")
+    jobs.close(wait=True)
+    assert "waiting for the downstream evaluation of step_00000004" in caplog.text
+    assert "downstream evaluation of step_00000004 finished" in caplog.text and not jobs.jobs
+    ckpt.prune(root, keep_last=1, keep=jobs.busy())
+    assert [p.name for p in root.iterdir()] == ["step_00000012"]
+    jobs.start(tags[2], 12)
+    jobs.close(wait=False)  # a stopped run ends its jobs
+    assert "downstream evaluation of step_00000012 failed (exit -15)" in caplog.text
+    assert DownstreamJobs(tmp_path / "run", [], None, enabled=True).enabled is False
