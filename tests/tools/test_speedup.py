@@ -1,12 +1,12 @@
 """The claim's arithmetic on hand-made inputs: the predicted time ratio from a hand-made cost table, and the realized
-clocks and time to a loss read from hand-made metrics.jsonl files (evidence.speedup, evidence.compare.summarise)."""
+clocks and time to a loss read from hand-made metrics.jsonl files (evidence.speedup, evidence.compare_report)."""
 import json
 from pathlib import Path
 
 import pytest
 
-from evidence import compare, speedup
-from evidence.runs import load_run
+from evidence import compare, compare_report, speedup
+from evidence.runs import EvidenceError, load_run
 from launcher import steptime
 
 # seconds per optimizer step at each length (the issue's per-token ratios of a 4-layer, 128-wide model on a CPU)
@@ -116,7 +116,7 @@ def test_summary_reads_time_to_target_from_hand_made_runs(tmp_path):
     s = compare.Setup(out=tmp_path, budget_seconds=None, budget_tokens=4000, lengths=[128, 4096],
                       shares=[0.5, 0.5], tokens_per_step=1000, plans=("fixed-long", "growlength"), seeds=[1, 2])
     runs = {key: load_run(d, s.run_name(*key)) for key, d in dirs.items()}
-    summary = compare.summarise(s, runs, CALIBRATED)
+    summary = compare_report.summarise(s, runs, CALIBRATED)
     f1, g1, g2 = (summary["runs"][n] for n in ("fixed-long-seed1", "growlength-seed1", "growlength-seed2"))
     assert (f1["target_val_loss"], g1["target_val_loss"], g2["target_val_loss"]) == (3.5, 3.5, 3.4)
     assert (f1["to_target_train_s"], f1["to_target_calibrated_s"]) == pytest.approx((16.0, 12.0))
@@ -134,7 +134,7 @@ def test_summary_reads_time_to_target_from_hand_made_runs(tmp_path):
     summary["predicted"] = {"fixed-long": {"ratio": 1.0, "min": 1.0, "max": 1.0, "token_shares": {"4096": 1.0}},
                             "growlength": {"ratio": 0.6, "min": 0.5, "max": 0.7,
                                            "token_shares": {"128": 0.5, "4096": 0.5}}}
-    report = compare.markdown(summary, "python -m evidence.compare ...", [])
+    report = compare_report.markdown(summary, "python -m evidence.compare ...", [])
     row = next(line for line in report.splitlines() if line.startswith("| growlength | 128: 0.50"))
     assert "0.600x (0.500-0.700)" in row and f"{9.75 / 16:.3f} ({9.75 / 16:.3f}-{9.75 / 16:.3f}, 1/2 reached)" in row
 
@@ -143,8 +143,8 @@ def test_summary_refuses_a_reference_without_validation(tmp_path):
     d = write_run(tmp_path, "fixed-long", [stage(0, 0, 4096, 0.0), step(1, 0, 4096, 4.0, 10)])
     s = compare.Setup(out=tmp_path, budget_seconds=None, budget_tokens=1000, lengths=[128, 4096], shares=[0.5, 0.5],
                       tokens_per_step=1000, plans=("fixed-long",))
-    with pytest.raises(compare.EvidenceError, match="no validation loss at L=4096 .* raise --valid-fraction"):
-        compare.summarise(s, {("fixed-long", 1234): load_run(d)}, CALIBRATED)
+    with pytest.raises(EvidenceError, match="no validation loss at L=4096 .* raise --valid-fraction"):
+        compare_report.summarise(s, {("fixed-long", 1234): load_run(d)}, CALIBRATED)
 
 
 def test_run_order_turns_by_one_per_seed():
