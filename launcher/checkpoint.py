@@ -210,6 +210,11 @@ def check_compatible(saved: dict, current: dict, path: Path, force: bool) -> lis
         new = current.get("config", {}).get("data", {}).get(key)
         if old != new:
             diffs.append(f"data.{key}: {old!r} -> {new!r} ({why})")
+    old_lr, new_lr = (record.get("lr_schedule") or {"type": "ds_config"} for record in (saved, current))
+    if old_lr != new_lr:
+        changed = sorted(k for k in set(old_lr) | set(new_lr) if old_lr.get(k) != new_lr.get(k))
+        diffs.append("learning-rate schedule: " + ", ".join(f"{k} {old_lr.get(k)!r} -> {new_lr.get(k)!r}"
+                                                            for k in changed) + " (the rate would jump)")
     old_model, new_model = model_identity(saved), model_identity(current)
     changed = sorted(k for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k))
     if changed:

@@ -34,6 +34,7 @@ from launcher import distributed as dist
 from launcher import engine as ds
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.data import TrainData, prepare_data
+from launcher import schedule as lr_schedules
 from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, warmup_steps
 from launcher import modeling, rundir
 from launcher.optim import describe as describe_groups, param_groups
@@ -57,7 +58,7 @@ class StartupError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, PlanError, DSConfigError, ckpt.CheckpointError, DatasetError, SamplePlanError,
-               FileNotFoundError, MetricsError, StartupError, compiling.CompileError)
+               FileNotFoundError, MetricsError, StartupError, compiling.CompileError, lr_schedules.ScheduleError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -204,7 +205,12 @@ def client_state(cfg: RunConfig, plan: StagePlan, data: TrainData, model_config,
             "data_fingerprint": data.fingerprint, "data_prefix": data.prefix,
             "data_prefix_resolved": str(Path(data.prefix).resolve()), "tokenizer": data.tokenizer_path,
             "tokenizer_resolved": str(Path(data.tokenizer_path).resolve()), "tokenizer_in_run": data.tokenizer_in_run,
-            "model": model_config.to_dict(), "config": cfg.to_dict()}
+            "model": model_config.to_dict(), "config": cfg.to_dict(), "lr_schedule": _schedule_record(cfg, plan)}
+
+
+def _schedule_record(cfg: RunConfig, plan: StagePlan) -> dict | None:
+    schedule = lr_schedules.resolve(cfg.schedule, plan)
+    return schedule.describe() if schedule else None
 
 
 class Trainer:
@@ -557,7 +563,9 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
                             step_seconds=lambda stages: modeling.probe_step_times(model_config, rank, stages, dtype))
     ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
-                                            cfg.optimisation.warmup_fraction), source=ds_config_path)
+                                            cfg.optimisation.warmup_fraction), source=ds_config_path,
+                               schedule_type=cfg.schedule.type)
+    lr_schedule = lr_schedules.resolve(cfg.schedule, plan)
     if saved:  # before anything expensive: the checkpoint must fit this run's plan, data, split and model
         current = client_state(cfg, plan, data, model_config, Progress(), {}, world)
         for diff in ckpt.check_compatible(saved, current, resume_from, cfg.checkpointing.resume_force):
@@ -565,6 +573,8 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     data.build_index(plan)
     check_validation(data, plan, cfg)
     log.info("GrowLength plan (%s):\n%s", plan.fingerprint(), plan.table())
+    if lr_schedule is not None:
+        log.info("%s", lr_schedule.summary())
     if rank == 0:
         data.tokenizer_in_run = rundir.copy_tokenizer(data.tokenizer, run_dir)
     model = modeling.build_model(cfg, model_config)
@@ -574,7 +584,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     groups = param_groups(model)
     log.info("weight decay %s: %s", user_ds_config.get("optimizer", {}).get("params", {}).get("weight_decay"),
              describe_groups(groups))
-    engine = ds.create_engine(model, ds_config, groups)
+    engine = ds.create_engine(model, ds_config, groups, lr_schedule)
     progress = Progress()
     if saved:
         progress = resume(cfg, engine, saved, resume_from, rank)
