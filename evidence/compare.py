@@ -247,8 +247,8 @@ def checkpoint_curve(run_dir: Path, s: Setup, times: dict[int, float]) -> list[d
         loss, _ = perplexity(loaded.model, windows)
         st = loaded.state
         # the step record's clock: the end of that step, before the eval and save that followed it
-        points.append({"step": st["step"], "tokens_seen": st["tokens_seen"],
-                       "elapsed_s": steps[st["step"]]["elapsed_s"], "calibrated_s": calibrated[st["step"]],
+        points.append({"step": st.step, "tokens_seen": st.tokens_seen,
+                       "elapsed_s": steps[st.step]["elapsed_s"], "calibrated_s": calibrated[st.step],
                        "loss": loss})
     return points
 

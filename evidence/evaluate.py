@@ -25,6 +25,7 @@ from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint, stream_windows, window_cu_seqlens
 from evidence.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
+from launcher.checkpoint import CheckpointState
 from model import CausalLM
 
 log = logging.getLogger("growlength")
@@ -40,12 +41,11 @@ class Loaded:
 
     model: CausalLM
     source: str                      # the checkpoint directory or HF directory
-    state: dict | None = None        # growlength_state.json of a launcher checkpoint (None for an HF dir)
+    state: CheckpointState | None = None  # a launcher checkpoint's state (None for an HF dir)
 
     @property
     def trained_seq_len(self) -> int | None:
-        plan = (self.state or {}).get("plan")
-        return max(s["seq_len"] for s in plan) if plan else None
+        return max(s["seq_len"] for s in self.state.plan) if self.state else None
 
 
 def load_for_eval(path: str, rope_scaling: str = "none", rope_factor: float = 1.0) -> Loaded:
@@ -114,20 +114,20 @@ class ValidationWindows:
         return window_cu_seqlens(self._cum, np.asarray(rows, dtype=np.int64) * seq_len, seq_len)
 
 
-def resolve_split(split: str, prefix: str, state: dict | None,
+def resolve_split(split: str, prefix: str, state: CheckpointState | None,
                   valid_fraction: float | None) -> tuple[str, float | None]:
     """``(split, valid_fraction)`` after applying ``auto`` and the checkpoint's config (module docstring)."""
-    trained_on = (state or {}).get("data_fingerprint")
+    trained_on = state.data_fingerprint if state else None
     same_data = trained_on is not None and data_fingerprint(prefix) == trained_on
     if valid_fraction is None and state is not None:
-        valid_fraction = state["config"]["data"]["valid_fraction"]
+        valid_fraction = state.config["data"]["valid_fraction"]
     if split == "auto":
         split = "run" if same_data else "all"
     if split == "all" and same_data:
         log.warning("--split all on the training data %s: these documents were trained on; the perplexity is "
                     "not a held-out measurement", prefix)
     if split == "run" and state is not None and not same_data:
-        raise EvidenceError(f"--split run: {prefix} is not the data {state.get('data_prefix')} this checkpoint "
+        raise EvidenceError(f"--split run: {prefix} is not the data {state.data_prefix} this checkpoint "
                             f"was trained on (fingerprints differ); use --split all for a separate corpus")
     return split, valid_fraction
 
@@ -169,9 +169,9 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
     if state is None and data_prefix is None:
         raise EvidenceError(f"--checkpoint {checkpoint} is a Hugging Face directory: give --data-prefix PREFIX "
                             f"(a .bin/.idx made with its tokenizer)")
-    prefix = find_data_prefix(state or {}, loaded.source, data_prefix)  # --data-prefix, else the run's recorded data
+    prefix = find_data_prefix(state, loaded.source, data_prefix)  # --data-prefix, else the run's recorded data
     if tokens is None:
-        tokens = state["config"]["logging"]["eval_tokens"] if state else DEFAULT_TOKENS
+        tokens = state.config["logging"]["eval_tokens"] if state else DEFAULT_TOKENS
     split, valid_fraction = resolve_split(split, prefix, state, valid_fraction)
     data = ValidationWindows(prefix, split, valid_fraction)
     results = []
@@ -191,8 +191,8 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
     if all("skipped" in r for r in results):
         raise EvidenceError(f"{prefix}: no length in {lengths} fits the validation split "
                             f"({data.tokens_available:,} tokens); evaluate shorter lengths or a larger corpus")
-    return {"checkpoint": loaded.source, "step": (state or {}).get("step"),
-            "tokens_seen": (state or {}).get("tokens_seen"), "trained_seq_len": loaded.trained_seq_len,
+    return {"checkpoint": loaded.source, "step": state.step if state else None,
+            "tokens_seen": state.tokens_seen if state else None, "trained_seq_len": loaded.trained_seq_len,
             "data_prefix": prefix, "split": split, "valid_fraction": valid_fraction if split == "run" else None,
             "validation_tokens": data.tokens_available, "tokens_per_length": tokens, "dtype": dtype,
             "rope_scaling": rope_scaling, "rope_factor": rope_factor,

@@ -26,28 +26,23 @@ from model import CausalLM, ModelConfig
 log = logging.getLogger("growlength")
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, dict]:
+def find_checkpoint(path: str | Path) -> tuple[Path, ckpt.CheckpointState]:
     """``(checkpoint dir, its growlength state)`` for a run directory, its checkpoints/ or one checkpoint (the newest
     complete one when several); cheap: reads only the state JSON."""
     found = ckpt.resolve_resume(str(path), str(path))
     if found is None:
         raise ckpt.CheckpointError(f"--checkpoint {path}: no complete checkpoint found; give a RUN_DIR, "
                                    f"RUN_DIR/checkpoints or RUN_DIR/checkpoints/step_NNNNNNNN")
-    try:
-        state = ckpt.read_state(found)
-    except (OSError, ValueError) as e:  # ValueError: a torn or non-UTF-8 JSON
-        raise ckpt.CheckpointError(f"{found / ckpt.STATE_FILE}: unreadable ({e}); use an earlier checkpoint of "
-                                   f"{found.parent}") from None
-    return found, state
+    return found, ckpt.read_state(found)
 
 
-def load_trained_model(path: str | Path) -> tuple[CausalLM, dict, Path]:
+def load_trained_model(path: str | Path) -> tuple[CausalLM, ckpt.CheckpointState, Path]:
     """``(model in fp32 on the CPU, the checkpoint's growlength state, checkpoint dir)`` for a run directory, its
     checkpoints directory or one checkpoint; the newest complete checkpoint when several."""
     from launcher import engine as ds  # DeepSpeed lives there
 
     found, state = find_checkpoint(path)
-    config = ModelConfig(**state["model"])
+    config = ModelConfig(**state.model)
     model = CausalLM(config)
     try:
         sd = ds.consolidated_fp32_state_dict(str(found.parent), found.name)
@@ -100,7 +95,7 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
         save_hf(model, tmp)
         if tok is not None:
             write_tokenizer(tok, tmp)
-    log.info("exported %s (step %d, %s tokens) to %s", found, state["step"], f"{state['tokens_seen']:,}", out_path)
+    log.info("exported %s (step %d, %s tokens) to %s", found, state.step, f"{state.tokens_seen:,}", out_path)
     return out_path
 
 

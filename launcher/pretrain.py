@@ -22,7 +22,7 @@ import logging
 import signal
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -182,33 +182,11 @@ class StepFlags:
     out_of_time: bool = False
 
 
-@dataclass
-class Progress:
-    """Where the run is; saved in every checkpoint."""
-
-    step: int = 0                 # optimizer steps completed
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0        # training wall-clock before this process started
-    stage_seconds: dict = field(default_factory=dict)  # stage index -> wall-clock spent in it
-
-
-def client_state(cfg: RunConfig, plan: StagePlan, data: TrainData, model_config, progress: Progress,
-                 loader_state: dict, world: int) -> dict:
-    return {"step": progress.step, "stage": plan.stage_at(progress.step).index, "loader": loader_state,
-            "tokens_seen": progress.tokens_seen, "elapsed_s": progress.elapsed_s,
-            "stage_seconds": progress.stage_seconds, "plan": plan.describe(), "plan_fingerprint": plan.fingerprint(),
-            "tokens_per_step": plan.tokens_per_step, "world_size": world, "seed": cfg.seed,
-            "data_fingerprint": data.fingerprint, "data_prefix": data.prefix,
-            "data_prefix_resolved": str(Path(data.prefix).resolve()), "tokenizer": data.tokenizer_path,
-            "tokenizer_resolved": str(Path(data.tokenizer_path).resolve()), "tokenizer_in_run": data.tokenizer_in_run,
-            "model": model_config.to_dict(), "config": cfg.to_dict()}
-
-
 class Trainer:
     """Holds what the loop needs; ``train()`` is the loop."""
 
     def __init__(self, cfg: RunConfig, plan: StagePlan, data: TrainData, engine, rank: int, world: int,
-                 progress: Progress, preemption: Preemption):
+                 progress: ckpt.Progress, preemption: Preemption):
         self.cfg, self.plan, self.data, self.engine = cfg, plan, data, engine
         self.rank, self.world, self.progress = rank, world, progress
         self.run_dir = Path(cfg.run_dir)
@@ -417,14 +395,14 @@ class Trainer:
         ckpt.prepare_dir(root, tag, self.rank)
         dist.barrier()
         self.progress.elapsed_s, self.start_time = self.elapsed(), time.perf_counter()
-        state = client_state(self.cfg, self.plan, self.data, self.model.config, self.progress,
-                             self.loader.state_dict(), self.world)
-        ds.save_checkpoint(self.engine, str(root), tag, {"growlength": state})
+        state = ckpt.run_state(self.cfg, self.plan, self.data, self.model.config, self.progress,
+                               self.loader.state_dict(), self.world)
+        ds.save_checkpoint(self.engine, str(root), tag)
         ckpt.save_rng(root / tag, self.rank)
         dist.barrier()
         self.faults.in_save(self.progress.step)
         if self.rank == 0:
-            state["files"] = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
+            state.files = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
             ckpt.write_state(root / tag, state)
             ckpt.prune(root, self.cfg.checkpointing.keep_last)
         dist.barrier()
@@ -449,15 +427,14 @@ class Trainer:
         self.compiler.close()
 
 
-def resume(cfg: RunConfig, engine, trainer_state: dict, path: Path, rank: int) -> Progress:
+def resume(cfg: RunConfig, engine, saved: ckpt.CheckpointState, path: Path, rank: int) -> ckpt.Progress:
     ds.load_checkpoint(engine, str(path.parent), path.name)
     ckpt.load_rng(path, rank)
     if rank == 0:
-        dropped = truncate_after(cfg.run_dir, trainer_state["step"])
+        dropped = truncate_after(cfg.run_dir, saved.step)
         if dropped:
             log.info("dropped %d metrics records written after the checkpoint", dropped)
-    return Progress(step=trainer_state["step"], tokens_seen=trainer_state["tokens_seen"],
-                    elapsed_s=trainer_state["elapsed_s"], stage_seconds=dict(trainer_state["stage_seconds"]))
+    return saved.progress()
 
 
 def probed_caps(cfg: RunConfig) -> list[int] | None:
@@ -540,7 +517,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     resume_from = Path(decision["path"]) if decision["path"] else None
     saved = ckpt.read_state(resume_from) if resume_from else None
     data = prepare_data(cfg, rank, world)
-    saved_steps = [s["steps"] for s in saved["plan"]] if saved and cfg.growlength.budget_kind() == "time_share" else None
+    saved_steps = [s["steps"] for s in saved.plan] if saved and cfg.growlength.budget_kind() == "time_share" else None
     user_ds_config = load_ds_config(ds_config_path)
     dtype = (torch.bfloat16 if user_ds_config.get("bf16", {}).get("enabled") else
              torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
@@ -553,7 +530,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
                                             cfg.optimisation.warmup_fraction), source=ds_config_path)
     if saved:  # before anything expensive: the checkpoint must fit this run's plan, data, split and model
-        current = client_state(cfg, plan, data, model_config, Progress(), {}, world)
+        current = ckpt.run_state(cfg, plan, data, model_config, ckpt.Progress(), {}, world)
         for diff in ckpt.check_compatible(saved, current, resume_from, cfg.checkpointing.resume_force):
             log.warning("resuming despite a difference (--resume-force): %s", diff)
     data.build_index(plan)
@@ -569,7 +546,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     log.info("weight decay %s: %s", user_ds_config.get("optimizer", {}).get("params", {}).get("weight_decay"),
              describe_groups(groups))
     engine = ds.create_engine(model, ds_config, groups)
-    progress = Progress()
+    progress = ckpt.Progress()
     if saved:
         progress = resume(cfg, engine, saved, resume_from, rank)
         log.info("resumed from %s at step %d (%s tokens)", resume_from, progress.step, f"{progress.tokens_seen:,}")

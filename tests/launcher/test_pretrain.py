@@ -109,7 +109,7 @@ def test_export_to_hugging_face(reference, tmp_path, sp_model):
 
     out = export(str(reference[0]), str(tmp_path / "hf"))
     ours, state, found = load_trained_model(reference[0])
-    assert found.name == ckpt.tag_for(18) and state["step"] == 18
+    assert found.name == ckpt.tag_for(18) and state.step == 18
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == "GPTNeoXForCausalLM"
     text = "The with statement is used to wrap the execution of a block"
@@ -131,7 +131,7 @@ def test_wall_clock_plan_and_time_budget_on_one_rank(tmp_path, tokenized, sp_mod
                     "logging.tensorboard=true", "growlength.max_time_s=2", ranks=1))
     assert "step-time probe: L=32:" in proc.stdout
     state = ckpt.read_state(ckpt.resolve_resume("auto", run_dir))
-    planned = [s["steps"] for s in state["plan"]]
+    planned = [s["steps"] for s in state.plan]
     # equal time shares: steps in inverse proportion to the probed step times (rounding aside)
     import re
     t32, t128 = map(float, re.search(r"step-time probe: L=32: ([\d.]+)s, L=128: ([\d.]+)s", proc.stdout).groups())
@@ -139,7 +139,7 @@ def test_wall_clock_plan_and_time_budget_on_one_rank(tmp_path, tokenized, sp_mod
     assert abs(planned[0] - 400 * t128 / (t32 + t128)) <= 1
     assert "growlength.max_time_s=2 s reached" in proc.stdout
     records = steps(run_dir)
-    assert state["step"] == max(records) < 400
+    assert state.step == max(records) < 400
     # no step starts past the budget: the one before the last ended (its eval and save included) under 2 s
     assert records[max(records) - 1]["elapsed_s"] < 2.0
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
