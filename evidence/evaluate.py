@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint, stream_windows, window_cu_seqlens
 from evidence.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
@@ -240,14 +240,14 @@ def main(argv=None) -> int:
         report = evaluate(args.checkpoint, args.data_prefix, parse_lengths(args.lengths), args.rope_scaling,
                           args.rope_factor, args.tokens, args.split, args.valid_fraction, args.dtype,
                           args.tokens_per_batch)
-    except (EvidenceError, DatasetError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError, ValueError) as e:  # model.hf: a directory without config or weights
         log.error("%s", e)
         return 2
     print(table(report))
     if args.out:
         try:
             log.info("wrote %s", write_json(args.out, report))
-        except EvidenceError as e:
+        except UserError as e:
             log.error("%s", e)
             return 2
     return 0

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.atomic import atomic_dir, check_dir_writable
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
 from evidence.runs import EvidenceError, find_tokenizer, run_dir_of
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         export(args.checkpoint, args.out, args.overwrite, args.tokenizer)
-    except (ckpt.CheckpointError, EvidenceError, FileExistsError, DatasetError) as e:
+    except (UserError, FileExistsError) as e:
         log.error("%s", e)
         return 2
     except OSError as e:

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING
 
 from data_pipeline import atomic
 from data_pipeline.atomic import check_dir_writable
+from data_pipeline.errors import UserError
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics
 
 if TYPE_CHECKING:
     from launcher.checkpoint import CheckpointState
 
 
-class EvidenceError(ValueError):
+class EvidenceError(UserError):
     """Bad input to an evidence tool (a run directory, a length list, a checkpoint); the message says the fix."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from data_pipeline.atomic import atomic_path, write_text
+from data_pipeline.errors import UserError
 
 if TYPE_CHECKING:
     from launcher.config import RunConfig
@@ -36,7 +37,7 @@ STATE_VERSION = 1  # tick when a field is added, removed or changes meaning
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be resumed from; the message says what differs and how to proceed."""
 
 

@@ -15,6 +15,7 @@ import torch
 import torch._dynamo
 from torch.utils.checkpoint import checkpoint
 
+from data_pipeline.errors import UserError
 from model import CausalLM
 from model.attention import documents, resolve_backend
 
@@ -24,7 +25,7 @@ _warned: set[str] = set()
 MIN_RECOMPILE_LIMIT = 64  # graphs per block code object: one per (stage length, grad mode), validation lengths too
 
 
-class CompileError(RuntimeError):
+class CompileError(UserError):
     """``model.compile: true`` but torch.compile cannot build this model here; the message says how to proceed."""
 
 

@@ -16,6 +16,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from launcher import distributed  # noqa: E402
+from launcher.checkpoint import CheckpointError  # noqa: E402
 from launcher.distributed import DIST_TIMEOUT, RANK0_TIMEOUT  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def save_checkpoint(engine, save_dir: str, tag: str) -> None:
 def load_checkpoint(engine, load_dir: str, tag: str) -> None:
     path, _ = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint at {load_dir}/{tag}")
+        raise CheckpointError(f"{load_dir}/{tag}: DeepSpeed found no checkpoint there; resume from another one")
 
 
 def close() -> None:

@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 
 from data_pipeline.atomic import write_text
+from data_pipeline.errors import UserError
 
 log = logging.getLogger("growlength")
 
@@ -64,7 +65,7 @@ def peak_tflops(configured: float | None, device_name: str | None) -> float | No
     return peak
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError):
     """A metrics.jsonl that cannot be read; the message names FILE:LINE and the fix."""
 
 

@@ -38,9 +38,9 @@ from launcher.metrics import MetricsWriter, eta_seconds, peak_tflops, step_line,
 from launcher.optim import describe as describe_groups, param_groups
 from launcher.plan import StagePlan, plan_from_config
 from launcher.signals import EXIT_PREEMPTED, Preemption
-from launcher.startup import (USER_ERRORS, StartupError, check_validation, probed_caps, resume, setup_logging,
-                              start_decision)
+from launcher.startup import StartupError, check_validation, probed_caps, resume, setup_logging, start_decision
 from data_pipeline.atomic import write_text
+from data_pipeline.errors import UserError
 from model import CausalLM
 from model.attention import attention_pairs
 
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
     try:
         cfg = build_config(args)
         return run(cfg, args.ds_config, rank, world, preemption)
-    except USER_ERRORS as e:
+    except UserError as e:
         log.error("%s", e if isinstance(e, StartupError) else f"{type(e).__name__}: {e}")
         return EXIT_BAD_INPUT
     finally:

@@ -2,7 +2,7 @@
 from, taken by every rank), the checks that must fail before anything expensive is built (probe caps, validation
 lengths), and loading the chosen checkpoint into the engine.
 
-A user error found here is one of ``USER_ERRORS``: ``main`` logs it in one line and exits 2.
+A user error found here is a ``UserError``: ``main`` logs it in one line and exits 2.
 """
 from __future__ import annotations
 
@@ -10,27 +10,21 @@ import logging
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import DatasetError, SamplePlanError
+from data_pipeline.errors import DatasetError, SamplePlanError, UserError
 from launcher import checkpoint as ckpt
-from launcher import compile as compiling
 from launcher import distributed as dist
 from launcher import engine as ds
 from launcher import rundir
 from launcher.config import ConfigError, RunConfig
 from launcher.data import TrainData
-from launcher.ds_config import DSConfigError
-from launcher.metrics import MetricsError, truncate_after
+from launcher.metrics import truncate_after
 from launcher.plan import PlanError, StagePlan, max_tokens_per_micro_batch
 
 log = logging.getLogger("growlength")
 
 
-class StartupError(RuntimeError):
+class StartupError(UserError):
     """A user error found by rank 0 during start-up, raised on every rank (its message is rank 0's)."""
-
-
-USER_ERRORS = (ConfigError, PlanError, DSConfigError, ckpt.CheckpointError, DatasetError, SamplePlanError,
-               FileNotFoundError, MetricsError, StartupError, compiling.CompileError)
 
 
 def setup_logging(rank: int, run_dir: Path | None = None) -> None:
@@ -110,7 +104,7 @@ def start_decision(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> tupl
             rundir.check_writable(run_dir)
             lock, path, warnings = claim_run_dir(cfg, run_dir, world)
             decision.update(path=str(path) if path else None, warnings=warnings)
-        except USER_ERRORS as e:
+        except UserError as e:
             decision["error"] = f"{type(e).__name__}: {e}"
     decision = dist.broadcast_object(decision)
     if decision["error"]:
