@@ -22,7 +22,9 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "gpu": ["flash-attn>=2.5", "transformers>=4.45"],  # transformers: the acceptance run's baseline
+        # transformers: the acceptance run's baseline; ninja, packaging: what flash-attn's build needs. flash-attn itself
+        # cannot be an extra (its build imports torch, which pip's isolated build lacks): `make flash-attn`, docs/gpu.md
+        "gpu": ["transformers>=4.45", "ninja", "packaging"],
         "mpi": ["mpi4py>=3.1"],
         # data_pipeline: .parquet/.arrow/`datasets` directories (pyarrow) and .zst (zstandard)
         "formats": ["pyarrow>=14", "zstandard>=0.22"],

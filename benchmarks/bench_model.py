@@ -3,6 +3,9 @@ dtype and threads, interleaved; MFU against a matmul timed in the same loop. Met
 
     python benchmarks/bench_model.py                       # pythia-70m shape, vocab 8k, bf16, 2 threads
     python benchmarks/bench_model.py --dtype fp32 --lengths 128 1024 --repeats 5
+
+After the table, the loss alone at the batch's shape: our chunked fp32 cross-entropy (model.model.cross_entropy_fp32)
+against F.cross_entropy(logits.float()), forward + backward, interleaved; with their largest differences.
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--repeats", type=int, default=5, help="timed steps per model per length (after 1 warm-up)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled column")
+    p.add_argument("--no-ce", action="store_true", help="skip the cross-entropy comparison")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -121,6 +125,52 @@ def main(argv=None):
               f"{fpt * tps['ours'] / peak:>9.0%} {fmt(comp and fpt * comp / peak, '>5.0%')} "
               f"{fpt * tps['hf'] / peak:>5.0%} | {peak / 1e9:>11.0f} | "
               f"{statistics.median(cpu['hf']) / statistics.median(cpu[best]):>13.2f}x", flush=True)
+    if not args.no_ce:
+        print_cross_entropy(args.tokens_per_batch, ours.config.padded_vocab_size, args.dtype, args.repeats)
+
+
+def compare_cross_entropy(tokens: int, vocab: int, dtype: torch.dtype, repeats: int,
+                          device: torch.device = torch.device("cpu")) -> dict:
+    """Forward + backward of the loss on (tokens, vocab) logits in `dtype`: ours (chunked, fp32 math) vs
+    F.cross_entropy(logits.float()), interleaved. Returns median seconds, CUDA peak bytes above the logits (None off
+    CUDA) and the largest |loss| and |grad| differences."""
+    from model.model import cross_entropy_fp32
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(tokens, vocab, generator=g)).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    ways = {"ours": lambda z: cross_entropy_fp32(z, labels),
+            "torch": lambda z: torch.nn.functional.cross_entropy(z.float(), labels)}
+    times, peaks, results = {k: [] for k in ways}, {}, {}
+    for rep in range(repeats + 1):
+        for name, loss_of in ways.items():
+            logits.grad = None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            t0 = time.perf_counter()
+            loss = loss_of(logits)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                peaks[name] = torch.cuda.max_memory_allocated(device) - base
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+            results[name] = (loss.detach(), logits.grad.detach().float())
+    (l1, g1), (l2, g2) = results["ours"], results["torch"]
+    return {"ours_s": statistics.median(times["ours"]), "torch_s": statistics.median(times["torch"]),
+            "ours_peak": peaks.get("ours"), "torch_peak": peaks.get("torch"),
+            "loss_diff": (l1 - l2).abs().item(), "grad_diff": (g1 - g2).abs().max().item()}
+
+
+def print_cross_entropy(tokens: int, vocab: int, dtype_name: str, repeats: int) -> None:
+    r = compare_cross_entropy(tokens, vocab, DTYPES[dtype_name], repeats)
+    peak = "" if r["ours_peak"] is None else \
+        f" | peak MB ours {r['ours_peak'] / 2**20:,.0f} torch {r['torch_peak'] / 2**20:,.0f}"
+    print(f"cross-entropy at ({tokens}, {vocab}) {dtype_name}, forward+backward: ours {r['ours_s'] * 1e3:.1f} ms, "
+          f"F.cross_entropy(logits.float()) {r['torch_s'] * 1e3:.1f} ms ({r['torch_s'] / r['ours_s']:.2f}x){peak} | "
+          f"max |loss diff| {r['loss_diff']:.1e}, max |grad diff| {r['grad_diff']:.1e}")
 
 
 def fmt(value, spec: str, suffix: str = "") -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 
 import torch
 
@@ -34,7 +35,8 @@ def run_model_config(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
 
 
 # model fields a Hugging Face start (model.init_from_hf) may set: how it runs, not its architecture
-HF_RUNTIME = ("attention", "activation_checkpointing", "document_masking", "reset_position_ids")
+HF_RUNTIME = ("attention", "deterministic_attention", "activation_checkpointing", "document_masking",
+              "reset_position_ids")
 
 
 def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
@@ -63,6 +65,18 @@ def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
                            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size}: give the checkpoint's own "
                            f"tokenizer as data.tokenizer (and preprocess with it)")
     return config
+
+
+def deterministic_kernels(model_config: ModelConfig, device: torch.device) -> None:
+    """model.deterministic_attention on CUDA: torch's deterministic algorithms for the whole step (torch's attention
+    backward reads them; flash-attn takes deterministic=True itself), with cuBLAS's fixed workspace that they
+    require. An op without a deterministic CUDA kernel then raises instead of drifting."""
+    if not (model_config.deterministic_attention and device.type == "cuda"):
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts: before any matmul
+    torch.use_deterministic_algorithms(True)
+    log.info("model.deterministic_attention: torch deterministic algorithms on (CUBLAS_WORKSPACE_CONFIG=%s)",
+             os.environ["CUBLAS_WORKSPACE_CONFIG"])
 
 
 def build_model(cfg: RunConfig, model_config: ModelConfig) -> CausalLM:

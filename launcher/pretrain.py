@@ -328,6 +328,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
              torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
     model_config = modeling.run_model_config(cfg.model, data.tokenizer)
     compiling.check_compiler(cfg.model.compile, dist.device())  # refused here, before the plan and the model
+    modeling.deterministic_kernels(model_config, dist.device())
     plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
                             step_seconds=lambda lens: modeling.probe_step_times(cfg, model_config, rank, world, lens,
                                                                                 dtype))

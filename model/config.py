@@ -105,8 +105,12 @@ class ModelConfig:
     tie_word_embeddings: bool = knob("the LM head shares the input embedding's weight (llama only, e.g. SmolLM2; "
                                      "Pythia's are untied)", False)
     layer_norm_eps: float = knob("epsilon of the norms (LayerNorm for gpt-neox, RMSNorm for llama)", 1e-5, gt=0)
-    attention: str = knob("attention backend: auto (flash-attn on CUDA fp16/bf16 when installed, else SDPA), flash "
-                          "or sdpa", "auto", choices=ATTENTION_BACKENDS)
+    attention: str = knob("attention backend: auto (flash-attn on CUDA fp16/bf16 sm80+ when installed, SDPA on Hopper "
+                          "without documents, else torch's kernels; docs/gpu.md), flash or sdpa; how the run executes: "
+                          "a checkpoint loads with any", "auto", choices=ATTENTION_BACKENDS)
+    deterministic_attention: bool = knob("attention backward with a fixed summation order (flash-attn "
+                                         "deterministic=True; SDPA without cuDNN or memory-efficient kernels), so a "
+                                         "bf16 resume on a GPU repeats the same bits; slower backward", False)
     activation_checkpointing: bool = knob("recompute each block's activations in backward (saves memory on long "
                                           "stages)", False)
     document_masking: bool = knob("attention never crosses an EOD inside a window; the launcher, validation and "
