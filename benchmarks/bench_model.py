@@ -78,6 +78,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed steps per model per length (after 1 warm-up)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled column")
     p.add_argument("--no-ce", action="store_true", help="skip the cross-entropy comparison")
+    p.add_argument("--ce-device", default="cpu", help="device of the cross-entropy comparison (cpu, cuda)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -126,7 +127,8 @@ def main(argv=None):
               f"{fpt * tps['hf'] / peak:>5.0%} | {peak / 1e9:>11.0f} | "
               f"{statistics.median(cpu['hf']) / statistics.median(cpu[best]):>13.2f}x", flush=True)
     if not args.no_ce:
-        print_cross_entropy(args.tokens_per_batch, ours.config.padded_vocab_size, args.dtype, args.repeats)
+        print_cross_entropy(args.tokens_per_batch, ours.config.padded_vocab_size, args.dtype, args.repeats,
+                            torch.device(args.ce_device))
 
 
 def compare_cross_entropy(tokens: int, vocab: int, dtype: torch.dtype, repeats: int,
@@ -164,11 +166,12 @@ def compare_cross_entropy(tokens: int, vocab: int, dtype: torch.dtype, repeats: 
             "loss_diff": (l1 - l2).abs().item(), "grad_diff": (g1 - g2).abs().max().item()}
 
 
-def print_cross_entropy(tokens: int, vocab: int, dtype_name: str, repeats: int) -> None:
-    r = compare_cross_entropy(tokens, vocab, DTYPES[dtype_name], repeats)
+def print_cross_entropy(tokens: int, vocab: int, dtype_name: str, repeats: int,
+                        device: torch.device = torch.device("cpu")) -> None:
+    r = compare_cross_entropy(tokens, vocab, DTYPES[dtype_name], repeats, device)
     peak = "" if r["ours_peak"] is None else \
         f" | peak MB ours {r['ours_peak'] / 2**20:,.0f} torch {r['torch_peak'] / 2**20:,.0f}"
-    print(f"cross-entropy at ({tokens}, {vocab}) {dtype_name}, forward+backward: ours {r['ours_s'] * 1e3:.1f} ms, "
+    print(f"cross-entropy at ({tokens}, {vocab}) {dtype_name} on {device}, forward+backward: ours {r['ours_s'] * 1e3:.1f} ms, "
           f"F.cross_entropy(logits.float()) {r['torch_s'] * 1e3:.1f} ms ({r['torch_s'] / r['ours_s']:.2f}x){peak} | "
           f"max |loss diff| {r['loss_diff']:.1e}, max |grad diff| {r['grad_diff']:.1e}")
 

@@ -88,7 +88,7 @@ def check_validation(data: TrainData, plan: StagePlan, cfg: RunConfig) -> None:
         return
     for length in sorted({s.seq_len for s in plan.stages} | set(cfg.logging.eval_lengths)):
         try:
-            data.samples.valid_samples(length, 1)
+            data.samples.validation.windows(length, 1)
         except (DatasetError, SamplePlanError) as e:
             where = "logging.eval_lengths" if length in cfg.logging.eval_lengths else "a stage's seq_len"
             raise DatasetError(f"{where} {length}: {e}") from e

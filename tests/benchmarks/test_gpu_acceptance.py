@@ -113,7 +113,7 @@ def test_dry_run_compare_reports_the_loss_each_reached(dry_run):
         assert math.isfinite(runs[name]["val_loss_long"]) and runs[name]["steps"] >= 1, name
         assert runs[name]["stopped_by"] == "clock", name
     assert f["target_val_loss"] == runs["fixed-long"]["val_loss_long"]
-    assert "time_to_target_s" in runs["growlength"] and Path(f["report"]).is_file()
+    assert "to_target_train_s" in runs["growlength"] and Path(f["report"]).is_file()
 
 
 def test_exit_code_is_nonzero_when_a_check_fails():
