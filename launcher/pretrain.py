@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -90,7 +91,7 @@ class Trainer:
     """Holds what the loop needs; ``train()`` is the loop."""
 
     def __init__(self, cfg: RunConfig, plan: StagePlan, data: TrainData, engine, rank: int, world: int,
-                 progress: ckpt.Progress, preemption: Preemption):
+                 progress: ckpt.Progress, preemption: Preemption, clock: Callable[[], float] = time.perf_counter):
         self.cfg, self.plan, self.data, self.engine = cfg, plan, data, engine
         self.rank, self.world, self.progress = rank, world, progress
         self.run_dir = Path(cfg.run_dir)
@@ -107,7 +108,8 @@ class Trainer:
         self.preemption = preemption
         self.faults = FaultInjection(rank)
         self.loader = None
-        self.start_time = time.perf_counter()
+        self.clock = clock  # seconds; every wall-clock figure and the max_time_s decision read it
+        self.start_time = clock()
         self.step_times: list[float] = []
         self.last_loss = float("nan")
         self.last_eval: dict = {}
@@ -120,7 +122,7 @@ class Trainer:
         stage = None
         while p.step < plan.total_steps:
             if stage is None or p.step >= stage.last_step:
-                t_switch = time.perf_counter()
+                t_switch = self.clock()
                 # ---- GrowLength stage switch: same engine, new micro-batch, next slice of the stream ----
                 previous, stage = stage, plan.stage_at(p.step)
                 ds.set_stage_batch(self.engine, stage.micro_batch_size, stage.grad_accum, self.world)
@@ -133,7 +135,7 @@ class Trainer:
                     log.info("stage %d: %d recompile(s) during training (none expected)", previous.index,
                              self.compiler.recompiles)
                 self.compiler.compile_stage(stage.index, stage.micro_batch_size, stage.seq_len)  # before step 1
-                switch_s = time.perf_counter() - t_switch
+                switch_s = self.clock() - t_switch
                 log.info("stage %d: seq_len %d, micro_batch %d x accum %d x %d ranks = %d tokens/step, "
                          "steps %d-%d (%s; switch %.3fs, %s); attention %s", stage.index, stage.seq_len,
                          stage.micro_batch_size, stage.grad_accum, self.world, plan.tokens_per_step,
@@ -165,9 +167,9 @@ class Trainer:
 
     def train_step(self, stage, batches) -> tuple[dict, StepFlags]:
         """One optimizer step over exactly this step's micro-batches; returns its metrics record and flags."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         micro_batches = next(batches)  # [(micro_batch_size, seq_len + 1)] * grad_accum
-        data_wait = time.perf_counter() - t0
+        data_wait = self.clock() - t0
         lr = self.engine.get_lr()[0]  # the rate this step uses: the scheduler advances inside engine.step()
         losses, pairs = [], 0  # pairs: (query, key) pairs this rank's attention computes (causal, per document)
         for i, mb in enumerate(micro_batches):
@@ -189,7 +191,7 @@ class Trainer:
                                             device=self.device).reshape(1),
                             torch.tensor(flags, dtype=torch.float64, device=self.device)])
         loss_sum, norm_sum, signalled, stop, pairs = dist.all_reduce_sum_tensor(packed)
-        dt = time.perf_counter() - t0
+        dt = self.clock() - t0
         p = self.progress
         p.step += 1
         p.tokens_seen += self.plan.tokens_per_step
@@ -248,7 +250,7 @@ class Trainer:
         return dist.all_reduce_sum([float(self._past_time_limit())])[0] > 0
 
     def elapsed(self) -> float:
-        return self.progress.elapsed_s + time.perf_counter() - self.start_time
+        return self.progress.elapsed_s + self.clock() - self.start_time
 
     @torch.no_grad()
     def evaluate(self, stage, stage_end: bool) -> None:
@@ -278,10 +280,10 @@ class Trainer:
     def save(self) -> None:
         root = ckpt.checkpoint_root(self.run_dir)
         tag = ckpt.tag_for(self.progress.step)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         ckpt.prepare_dir(root, tag, self.rank)
         dist.barrier()
-        self.progress.elapsed_s, self.start_time = self.elapsed(), time.perf_counter()
+        self.progress.elapsed_s, self.start_time = self.elapsed(), self.clock()
         state = ckpt.run_state(self.cfg, self.plan, self.data, self.model.config, self.progress,
                                self.loader.state_dict(), self.world)
         ds.save_checkpoint(self.engine, str(root), tag)
@@ -293,7 +295,7 @@ class Trainer:
             ckpt.write_state(root / tag, state)
             ckpt.prune(root, self.cfg.checkpointing.keep_last, keep=self.downstream.busy())
         dist.barrier()
-        log.info("checkpoint %s saved (%.1fs)", root / tag, time.perf_counter() - t0)
+        log.info("checkpoint %s saved (%.1fs)", root / tag, self.clock() - t0)
 
     def summary(self) -> None:
         for line in summary_lines(self.plan, self.progress, self.elapsed(), self.last_loss, self.last_eval):
@@ -307,18 +309,19 @@ class Trainer:
         self.compiler.close()
 
 
-def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: Preemption) -> int:
+def run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: Preemption,
+        clock: Callable[[], float] = time.perf_counter) -> int:
     run_dir = Path(cfg.run_dir)
     lock, decision = start_decision(cfg, run_dir, rank, world)
     try:
-        return _run(cfg, ds_config_path, rank, world, preemption, run_dir, decision)
+        return _run(cfg, ds_config_path, rank, world, preemption, run_dir, decision, clock)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption: Preemption, run_dir: Path,
-         decision: dict) -> int:
+         decision: dict, clock: Callable[[], float]) -> int:
     setup_logging(rank, run_dir)
     for warning in decision["warnings"]:
         log.warning("%s", warning)
@@ -362,21 +365,23 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
         ds.begin_schedule(engine)
     if rank == 0:
         write_text(run_dir / "ds_config.resolved.json", json.dumps(ds_config, indent=1))
-    trainer = Trainer(cfg, plan, data, engine, rank, world, progress, preemption)
+    trainer = Trainer(cfg, plan, data, engine, rank, world, progress, preemption, clock)
     try:
         return trainer.train()
     finally:
         trainer.close()
 
 
-def main(argv=None) -> int:
+def main(argv=None, clock: Callable[[], float] = time.perf_counter) -> int:
+    """Parse, build, train, close: the process's exit code. ``clock`` (seconds) times the run: its steps, its
+    records and growlength.max_time_s; tests give one that does not depend on how busy the machine is."""
     args = parse_args(argv)
     preemption = Preemption()  # first: a signal during start-up is honoured at the first step boundary
     rank, world, _ = ds.init_distributed()
     setup_logging(rank)
     try:
         cfg = build_config(args)
-        return run(cfg, args.ds_config, rank, world, preemption)
+        return run(cfg, args.ds_config, rank, world, preemption, clock)
     except UserError as e:
         log.error("%s", e if isinstance(e, StartupError) else f"{type(e).__name__}: {e}")
         return EXIT_BAD_INPUT

@@ -4,15 +4,11 @@ a tiny GPTNeoXForCausalLM + byte-level BPE directory made here with transformers
 gives our ids, and the logits match ours in fp32."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from launcher.net import free_port
+from launching import pretrain_args
 
-ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The with statement is used to wrap the execution of a block\n\twith methods ünïcödé 🙂"
 
 
@@ -46,18 +42,12 @@ def prefix(pythia_dir, corpus_jsonl, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(pythia_dir, prefix, tmp_path_factory):
+def trained(pythia_dir, prefix, tmp_path_factory, launch):
     """6 steps from the checkpoint's weights: 3 at L=32, 3 at L=64."""
-    work = tmp_path_factory.mktemp("continued")
-    run_dir = work / "run"
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-    env.pop("GROWLENGTH_FAULT", None)
-    cmd = [sys.executable, "launcher/pretrain.py", f"run_dir={run_dir}", f"data.prefix={prefix}",
-           f"data.tokenizer={pythia_dir}", f"model.init_from_hf={pythia_dir}", "data.valid_fraction=0.1",
-           f"data.cache_dir={work}/index-cache", "logging.log_interval=1", "logging.tensorboard=false",
-           "logging.eval_tokens=512", "growlength.tokens_per_step=256",
-           "growlength.stages=[{seq_len: 32, tokens: 768}, {seq_len: 64, tokens: 768}]"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run_dir = tmp_path_factory.mktemp("continued") / "run"
+    proc = launch(pretrain_args(run_dir, prefix, pythia_dir, f"model.init_from_hf={pythia_dir}",
+                                "logging.eval_tokens=512", "growlength.tokens_per_step=256",
+                                "growlength.stages=[{seq_len: 32, tokens: 768}, {seq_len: 64, tokens: 768}]"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 

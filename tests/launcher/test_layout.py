@@ -6,7 +6,7 @@ import sys
 from evidence.launch import ROOT
 
 
-def test_the_training_path_imports_no_evidence_tool():
+def test_the_training_path_imports_no_evidence_tool(spawns):
     code = ("import sys, launcher.pretrain, launcher.modeling, launcher.data, launcher.plan; "
             "bad = sorted(m for m in sys.modules if m == 'evidence' or m.startswith('evidence.')); "
             "print(bad); sys.exit(1 if bad else 0)")
@@ -15,7 +15,7 @@ def test_the_training_path_imports_no_evidence_tool():
 
 
 
-def test_deepspeed_is_imported_by_the_engine_module_only():
+def test_deepspeed_is_imported_by_the_engine_module_only(spawns):
     """The distributed environment and collectives load without DeepSpeed; no other module names it."""
     code = ("import sys, launcher.distributed, launcher.data, launcher.modeling; "
             "sys.exit(1 if 'deepspeed' in sys.modules else 0)")

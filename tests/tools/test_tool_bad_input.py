@@ -8,41 +8,34 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from evidence import compare, evaluate, export_hf, plot
 from launcher import checkpoint as ckpt
-from launcher.net import free_port
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics, truncate_after
-from evidence.runs import EvidenceError, load_run
+from evidence.runs import load_run
+from launching import pretrain_args
 
-ROOT = Path(__file__).resolve().parents[2]
 STATE = "growlength_state.json"
-TRAIN_ARGS = ["run_dir=run", "data.prefix=data/corpus", "data.tokenizer=tok/tok.model", "data.valid_fraction=0.1",
-              "data.cache_dir=index-cache", "checkpointing.interval_steps=2", "logging.log_interval=2",
-              "logging.tensorboard=false", "logging.eval_tokens=256", "growlength.tokens_per_step=512",
-              "growlength.stages=[{seq_len: 32, tokens: 1024}, {seq_len: 64, tokens: 1024}]"]
+# relative paths, as a user gives them from the working directory
+TRAIN_ARGS = pretrain_args("run", "data/corpus", "tok/tok.model", "checkpointing.interval_steps=2",
+                           "logging.log_interval=2", "logging.eval_tokens=256", "growlength.tokens_per_step=512",
+                           "growlength.stages=[{seq_len: 32, tokens: 1024}, {seq_len: 64, tokens: 1024}]",
+                           cache_dir="index-cache")
 
 
-def train(work: Path, *extra: str) -> str:
+def train(launch, work: Path, *extra: str) -> str:
     """The real launcher on one rank, as a user starts it from ``work`` (a subprocess: DeepSpeed keeps process-wide
     state, so a second engine in one process is not what users run)."""
-    port = free_port()
-    env = dict(os.environ, MASTER_PORT=str(port), OMP_NUM_THREADS="2")
-    env.pop("GROWLENGTH_FAULT", None)
-    cmd = [sys.executable, str(ROOT / "launcher" / "pretrain.py"), "--ds_config",
-           str(ROOT / "ds_configs" / "zero2.json"), *TRAIN_ARGS, *extra]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch([*TRAIN_ARGS, *extra], cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, tokenized, sp_model):
+def work(tmp_path_factory, tokenized, sp_model, launch):
     """A working directory holding data/, tok/ and the trained run/ (relative paths in its checkpoints)."""
     work = tmp_path_factory.mktemp("work")
     (work / "data").mkdir()
@@ -50,7 +43,7 @@ def work(tmp_path_factory, tokenized, sp_model):
     for ext in (".bin", ".idx"):
         shutil.copy(tokenized + ext, work / "data" / f"corpus{ext}")
     shutil.copy(sp_model, work / "tok" / "tok.model")
-    train(work)
+    train(launch, work)
     state = ckpt.read_state(work / "run" / "checkpoints" / "step_00000004")
     assert state.tokenizer == "tok/tok.model" and state.data_prefix == "data/corpus"  # as given: relative
     assert state.tokenizer_in_run == "tokenizer/tokenizer.model"
@@ -176,7 +169,7 @@ def test_evaluate_and_export_name_a_damaged_checkpoint(work, tmp_path, caplog):
 
 
 # ---- metrics.jsonl: a torn last line never blocks a resume or a plot; a bad middle line is named ----------------
-def test_torn_last_line_is_dropped_by_plot_and_by_resume(work, tmp_path, caplog):
+def test_torn_last_line_is_dropped_by_plot_and_by_resume(work, launch, tmp_path, caplog):
     shutil.copytree(work, tmp_path / "w")
     run = tmp_path / "w" / "run"
     metrics = run / METRICS_FILE
@@ -188,7 +181,7 @@ def test_torn_last_line_is_dropped_by_plot_and_by_resume(work, tmp_path, caplog)
     assert plot.main([str(run), "--out", str(tmp_path / "plots")]) == 0
     assert load_run(run).final["step"] == 4
     # the resume (the launcher calls truncate_after) takes the run back without the torn line, byte for byte
-    log = train(tmp_path / "w")
+    log = train(launch, tmp_path / "w")
     assert "resumed from" in log and "dropped a torn last line" in log
     assert metrics.read_bytes() == whole
     metrics.write_bytes(whole + b"\x00" * 64)  # a full disk / crash: NUL-padded tail
