@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from data_pipeline.errors import UserError
+
 TYPES = ("ds_config", "constant", "cosine", "wsd")
 SHAPES = {
     "linear": lambda q: 1.0 - q,
@@ -28,7 +30,7 @@ SHAPES = {
 }
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError):
     """A schedule that does not fit the plan; the message names the field and the fix."""
 
 
@@ -61,8 +63,8 @@ class LRSchedule:
         tps = self.tokens_per_step
         text = f"LR schedule {self.type}: warmup {self.warmup_tokens:,} tokens ({-(-self.warmup_tokens // tps)} steps)"
         if self.decay_start < self.total_tokens:
-            text += (f", {self.decay_shape} decay from step {-(-self.decay_start // tps)} ({self.decay_start:,} "
-                     f"tokens) to {self.min_lr_ratio:g} x peak at {self.total_tokens:,}")
+            text += (f", {self.decay_shape} decay from {self.decay_start:,} tokens (after step "
+                     f"{-(-self.decay_start // tps)}) to {self.min_lr_ratio:g} x peak at {self.total_tokens:,}")
         return text
 
 

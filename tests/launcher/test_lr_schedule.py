@@ -105,7 +105,7 @@ def no_scheduler(tmp_path_factory):
 def test_logged_lr_of_every_step_and_resume_inside_the_decay(run, no_scheduler, tmp_path):
     code, out = run(*RUN, ds_config=no_scheduler)
     assert code == 0, out[-3000:]
-    assert "LR schedule wsd: warmup 3,072 tokens (3 steps), 1-sqrt decay from step 6 (6,144 tokens)" in out
+    assert "LR schedule wsd: warmup 3,072 tokens (3 steps), 1-sqrt decay from 6,144 tokens (after step 6) to 0.1 x peak at 12,288" in out
     full = steps(run.run_dir)
     assert sorted(full) == list(range(1, 13))
     for k, r in full.items():
