@@ -98,7 +98,7 @@ def check_data_fits(prefix: str, loaded: Loaded) -> None:
         else:
             tokenizer_path = loaded.source if (Path(loaded.source) / "tokenizer.json").is_file() else None
         if tokenizer_path is not None:
-            check_tokenizer(prefix, Tokenizer(tokenizer_path), f"the tokenizer of {loaded.source}")
+            check_tokenizer(prefix, Tokenizer(tokenizer_path), f"--checkpoint {loaded.source}: its tokenizer")
         if identity.vocab_size > vocab:
             raise EvidenceError(f"--data-prefix {prefix}: made by a tokenizer of {identity.vocab_size:,} ids but "
                                 f"{loaded.source} has a vocabulary of {vocab:,}; evaluate on data preprocessed "
