@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.indexed_dataset import IndexedDataset, bin_path, check_prefix, idx_path
 from data_pipeline.provenance import check_tokenizer, read_identity, sidecar_path
 
@@ -114,7 +114,7 @@ def _main(argv: list[str] | None) -> int:
         if args.tokenizer_model:
             from data_pipeline.tokenizer import Tokenizer
             tokenizer = Tokenizer(args.tokenizer_model)
-    except DatasetError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -19,10 +19,11 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.errors import UserError
 from model.config import PRESETS, ModelConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A run config that cannot be used; the message names the field, the value and the fix."""
 
 
@@ -67,11 +68,12 @@ def _hint(value: Any, tp: Any) -> str:
             float(value)
         except ValueError:
             return ""
-        return " (a string: remove the quotes; YAML reads 1e6 as text, write 1000000 or 1.0e+6)"
+        return " (a string: remove the quotes)"
     if isinstance(value, bool) and tp is str:
         return " (YAML reads yes/no/on/off/true/false as booleans: quote the value)"
-    if isinstance(value, float) and tp is int:
-        return " (write a whole number)"
+    if isinstance(value, float) and (tp is int or int in typing.get_args(tp)):
+        return (f" (an exponent makes a float: write {int(value)})" if value.is_integer() and abs(value) < 1e18
+                else " (write a whole number)")
     return ""
 
 
@@ -200,13 +202,18 @@ class _ModelRules(Section):
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
 
 
+def _presets_by_family() -> str:
+    """``tiny, pythia-70m, ... (gpt-neox); tiny-llama, ... (llama)``"""
+    families = dict.fromkeys(p["family"] for p in PRESETS.values())
+    return "; ".join(", ".join(n for n, p in PRESETS.items() if p["family"] == f) + f" ({f})" for f in families)
+
+
 def _model_section() -> type:
     """The `model:` section: the launcher's keys (preset, compile, init_from_hf), then every ModelConfig field but
     vocab_size with its own help and bounds, optional here: null (the default) keeps the preset's value."""
     own = [
-        ("preset", "str", doc("model preset: tiny, narrow-4x128, pythia-70m, pythia-160m, pythia-410m, pythia-1b "
-                              "(gpt-neox); tiny-llama, smollm2-135m, smollm2-360m, tinyllama-1.1b (llama); the "
-                              "model fields below override its values", "tiny", choices=tuple(PRESETS))),
+        ("preset", "str", doc(f"model preset: {_presets_by_family()}; the model fields below override its values "
+                              f"(null: the preset's)", "tiny", choices=tuple(PRESETS))),
         ("compile", "object", doc("torch.compile the blocks, one static-shape graph per stage length built at the "
                                   "switch: true (a compiler failure stops the run), false, or auto (eager with a "
                                   "warning where it fails)", False)),
@@ -467,7 +474,11 @@ def from_dict(tree: dict, source: str = "the run config") -> RunConfig:
             raise ConfigError(f"section {name} must be a mapping, got {sub!r}")
         unknown += [f"{name}.{k}" for k in sub if k not in _field_names(cls)]
     if unknown:
-        raise ConfigError(f"unknown config keys {unknown}; see the valid ones with: python -m launcher.config")
+        where = dict.fromkeys(k.split(".")[0] if "." in k else "" for k in unknown)
+        valid = [f"{name or 'top-level'}: {', '.join(_field_names(sections[name] if name else RunConfig))}"
+                 for name in where]
+        raise ConfigError(f"unknown config keys {unknown}; see the valid ones with: python -m launcher.config "
+                          f"(valid {'; '.join(valid)})")
     kwargs = {k: v for k, v in tree.items() if k not in sections}
     problems = []
     for name, cls in sections.items():

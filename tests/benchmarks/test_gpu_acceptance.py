@@ -30,7 +30,7 @@ acc = _module()
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
+def dry_run(tmp_path_factory, spawns):
     tmp = tmp_path_factory.mktemp("acceptance")
     report = tmp / "acceptance.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -68,7 +68,6 @@ def test_dry_run_parity_measures_sdpa_bf16_against_fp32(dry_run):
     assert f["seq_len"] == 64 and f["dtype"] == "bf16"
     # bf16 rounding of a random tiny model: above zero (it is a real bf16 forward), far below the logits' scale
     assert 0 < f["sdpa_max_abs_err_vs_fp32"] < 0.1 * f["max_abs_logit_fp32"]
-    assert "flash_vs_sdpa_max_abs_diff" not in f
 
 
 def test_dry_run_throughput_has_ours_and_transformers_per_length(dry_run):
@@ -111,7 +110,9 @@ def test_dry_run_compare_reports_the_loss_each_reached(dry_run):
     runs = f["runs"]
     for name in ("growlength", "fixed-long"):
         assert math.isfinite(runs[name]["val_loss_long"]) and runs[name]["steps"] >= 1, name
-        assert runs[name]["stopped_by"] == "clock", name
+        # which ends a 3 s run first, the clock or its plan, depends on the machine's speed that minute; that the
+        # clock stops runs at the budget is decided on a step clock in tests/tools/test_tools.py
+        assert runs[name]["stopped_by"] in ("clock", "plan end"), name
     assert f["target_val_loss"] == runs["fixed-long"]["val_loss_long"]
     assert "to_target_train_s" in runs["growlength"] and Path(f["report"]).is_file()
 
