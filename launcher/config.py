@@ -19,10 +19,11 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.errors import UserError
 from model.config import PRESETS, ModelConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A run config that cannot be used; the message names the field, the value and the fix."""
 
 
