@@ -7,6 +7,7 @@ save reuses its name (DESIGN.md decision 7).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -44,10 +45,11 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
 
 
 def problem(path: Path, world_size: int | None = None) -> str | None:
-    """Why the checkpoint at ``path`` cannot be loaded, or None. Cheap: reads only the state JSON and file sizes.
+    """Why the checkpoint at ``path`` cannot be loaded, or None. Reads the state JSON, then every file once.
 
-    Catches what a kill, a full disk or a lost file leaves: a state JSON that does not parse, and any file of the
-    save (DeepSpeed's shards, RNG states) missing or of another size than when it was written."""
+    Catches what a kill, a full disk, a lost file or a flipped byte leaves: a state JSON that does not parse, and
+    any file of the save (DeepSpeed's shards, RNG states) missing, of another size, or of another SHA-256 than
+    when it was written."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError) as e:
@@ -60,6 +62,9 @@ def problem(path: Path, world_size: int | None = None) -> str | None:
             return f"{f} is missing"
         if f.stat().st_size != size:
             return f"{f} has {f.stat().st_size} bytes, {size} when it was saved (truncated or overwritten)"
+    for name, digest in (state.get("sha256") or {}).items():
+        if sha256_of(path / name) != digest:
+            return f"{path / name} has another SHA-256 than when it was saved (corrupted)"
     if world_size is not None and state.get("world_size") == world_size:
         missing = [f"rng_rank{r}.pt" for r in range(world_size) if not (path / f"rng_rank{r}.pt").is_file()]
         if missing:
@@ -67,10 +72,24 @@ def problem(path: Path, world_size: int | None = None) -> str | None:
     return None
 
 
+def _saved_files(path: Path) -> list[Path]:
+    return [f for f in sorted(path.rglob("*")) if f.is_file() and f.name != STATE_FILE and not f.name.startswith(".")]
+
+
 def file_sizes(path: Path) -> dict[str, int]:
     """Every file a save wrote (relative name -> bytes), recorded in its state so a resume can check them."""
-    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
-            if f.is_file() and f.name != STATE_FILE and not f.name.startswith(".")}
+    return {str(f.relative_to(path)): f.stat().st_size for f in _saved_files(path)}
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """Every file a save wrote (relative name -> SHA-256), recorded beside the sizes: a file of the right size
+    whose bytes changed is caught before it is loaded."""
+    return {str(f.relative_to(path)): sha256_of(f) for f in _saved_files(path)}
 
 
 def choose(resume: str, run_dir: str | Path, world_size: int | None = None) -> tuple[Path | None, list[str]]:

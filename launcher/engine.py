@@ -110,6 +110,11 @@ def set_accumulation_boundary(engine, is_boundary: bool) -> None:
     engine.set_gradient_accumulation_boundary(is_boundary)
 
 
+def step_applied(engine) -> bool:
+    """Whether the last ``engine.step()`` updated the weights (False when fp16 loss scaling skipped an overflow)."""
+    return engine.was_step_applied()
+
+
 def save_checkpoint(engine, save_dir: str, tag: str, client_state: dict) -> None:
     engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
 

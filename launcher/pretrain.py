@@ -19,6 +19,7 @@ if __name__ == "__main__":  # run as a script (the deepspeed launcher's way): im
 import argparse
 import json
 import logging
+import math
 import signal
 import statistics
 import time
@@ -50,6 +51,11 @@ log = logging.getLogger("growlength")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1, requeue me
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # a non-finite loss or gradient norm: stopped before the step was logged or saved
+
+
+class TrainingDiverged(RuntimeError):
+    """A step whose loss or gradient norm is not finite; the run stops before logging or saving it."""
 
 
 class StartupError(RuntimeError):
@@ -105,7 +111,8 @@ def setup_logging(rank: int, run_dir: Path | None = None) -> None:
 class FaultInjection:
     """Test hooks that deliver real signals at exact steps: ``GROWLENGTH_FAULT=kill@7`` SIGKILLs every rank after
     step 7, ``sigusr1@7`` signals rank 0 only (the others must learn of it through the step's collective),
-    ``kill-in-save@7`` SIGKILLs every rank inside the save of step 7, after DeepSpeed wrote its files."""
+    ``kill-in-save@7`` SIGKILLs every rank inside the save of step 7, after DeepSpeed wrote its files, ``nan@7``
+    makes step 7's loss NaN on every rank (through the backward too, as a bad batch or an overflow would)."""
 
     def __init__(self, rank: int):
         spec = os.environ.get("GROWLENGTH_FAULT", "")
@@ -120,6 +127,9 @@ class FaultInjection:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.kind == "sigusr1" and self.rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
+
+    def poison(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if self.kind == "nan" and step == self.step else loss
 
     def in_save(self, step: int) -> None:
         if self.kind == "kill-in-save" and step == self.step:
@@ -297,7 +307,8 @@ class Trainer:
             pairs += attention_pairs(mb.shape[0], stage.seq_len, cu_seqlens)
             mb = mb.to(self.device, non_blocking=True)
             ds.set_accumulation_boundary(self.engine, i == len(micro_batches) - 1)
-            loss = self.engine(mb[:, :-1], labels=mb[:, 1:], cu_seqlens=cu_seqlens)
+            loss = self.faults.poison(self.progress.step + 1,
+                                      self.engine(mb[:, :-1], labels=mb[:, 1:], cu_seqlens=cu_seqlens))
             self.engine.backward(loss)
             losses.append(loss.detach())
         self.engine.step()  # the update: the last micro-batch was marked as the boundary
@@ -311,6 +322,7 @@ class Trainer:
                                             device=self.device).reshape(1),
                             torch.tensor(flags, dtype=torch.float64, device=self.device)])
         loss_sum, norm_sum, signalled, stop, pairs = dist.all_reduce_sum_tensor(packed)
+        self.check_finite(loss_sum / self.world, None if norm is None else norm_sum / self.world)
         dt = self.clock() - t0
         p = self.progress
         p.step += 1
@@ -338,6 +350,20 @@ class Trainer:
         self.last_loss = record["loss"]
         self.faults.after_step(p.step)
         return record, StepFlags(preempted=signalled > 0, out_of_time=stop > 0)
+
+    def check_finite(self, loss: float, grad_norm: float | None) -> None:
+        """Stop at a non-finite loss or gradient norm (the same on every rank: both were all-reduced), before the
+        step is logged or saved: no checkpoint ever holds NaN weights. An fp16 overflow that DeepSpeed's loss
+        scaler skipped is not a divergence."""
+        bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and ds.step_applied(self.engine)
+        if math.isfinite(loss) and not bad_norm:
+            return
+        step = self.progress.step + 1
+        raise TrainingDiverged(
+            f"step {step}: loss {loss}, gradient norm {grad_norm}: training stopped before saving it; the newest "
+            f"checkpoint in {ckpt.checkpoint_root(self.run_dir)} (step {self.progress.step} or earlier) holds the "
+            f"last finite weights: resume from it with a lower learning rate or more warmup, or check the data "
+            f"of step {step}")
 
     def after_step(self, stage, flags: StepFlags) -> str:
         """What is due after this step (validation, a checkpoint), then doing it; returns "continue",
@@ -429,6 +455,7 @@ class Trainer:
         self.faults.in_save(self.progress.step)
         if self.rank == 0:
             state["files"] = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
+            state["sha256"] = ckpt.file_digests(root / tag)  # and so is a corrupted one of the right size
             ckpt.write_state(root / tag, state)
             ckpt.prune(root, self.cfg.checkpointing.keep_last, keep=self.downstream.busy())
         dist.barrier()
@@ -603,6 +630,9 @@ def main(argv=None, clock: Callable[[], float] = time.perf_counter) -> int:
     except USER_ERRORS as e:
         log.error("%s", e if isinstance(e, StartupError) else f"{type(e).__name__}: {e}")
         return EXIT_BAD_INPUT
+    except TrainingDiverged as e:
+        log.error("training diverged at %s", e)
+        return EXIT_DIVERGED
     finally:
         ds.close()
         preemption.restore()

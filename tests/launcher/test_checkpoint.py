@@ -128,8 +128,21 @@ def _save_like_the_launcher(root, step, world=1):
     for r in range(world):
         (path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"o" * 50)
         ckpt.save_rng(path, r)
-    ckpt.write_state(path, dict(STATE, step=step, world_size=world, files=ckpt.file_sizes(path)))
+    ckpt.write_state(path, dict(STATE, step=step, world_size=world, files=ckpt.file_sizes(path),
+                                sha256=ckpt.file_digests(path)))
     return path
+
+
+def test_a_corrupted_checkpoint_of_the_right_size_is_skipped_for_the_previous_one(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    first, second = (_save_like_the_launcher(root, s, world=2) for s in (4, 8))
+    shard = second / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"o" * 49 + b"X")  # one byte flipped, the size unchanged
+    path, warnings = ckpt.choose("auto", tmp_path, world_size=2)
+    assert path == first and len(warnings) == 1
+    assert f"skipping checkpoint step_00000008: {shard} has another SHA-256 than when it was saved" in warnings[0]
+    with pytest.raises(ckpt.CheckpointError, match="has another SHA-256 .* resume from an earlier checkpoint"):
+        ckpt.choose(str(second), tmp_path, world_size=2)
 
 
 def test_damaged_checkpoints_are_named_and_skipped_for_the_previous_complete_one(tmp_path):
