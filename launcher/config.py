@@ -19,10 +19,11 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.errors import UserError
 from model.config import PRESETS, ModelConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A run config that cannot be used; the message names the field, the value and the fix."""
 
 
@@ -67,11 +68,12 @@ def _hint(value: Any, tp: Any) -> str:
             float(value)
         except ValueError:
             return ""
-        return " (a string: remove the quotes; YAML reads 1e6 as text, write 1000000 or 1.0e+6)"
+        return " (a string: remove the quotes)"
     if isinstance(value, bool) and tp is str:
         return " (YAML reads yes/no/on/off/true/false as booleans: quote the value)"
-    if isinstance(value, float) and tp is int:
-        return " (write a whole number)"
+    if isinstance(value, float) and (tp is int or int in typing.get_args(tp)):
+        return (f" (an exponent makes a float: write {int(value)})" if value.is_integer() and abs(value) < 1e18
+                else " (write a whole number)")
     return ""
 
 

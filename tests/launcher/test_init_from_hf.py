@@ -68,7 +68,7 @@ def test_continue_pretraining_a_pythia_layout_checkpoint_and_export(pythia_dir, 
 
     out = export(str(trained), str(tmp_path / "hf"))
     ours, state, _ = load_trained_model(trained)
-    assert state["model"]["hidden_size"] == 64 and state["model"]["vocab_size"] == 1024  # the checkpoint's shape
+    assert state.model["hidden_size"] == 64 and state.model["vocab_size"] == 1024  # the checkpoint's shape
     # started from the checkpoint's weights and trained from there: 6 AdamW steps at lr <= 1e-3 move no weight
     # by 0.02 (a fresh init at std 0.02 would differ from it by more in every matrix), and they did move
     before = load_file(str(pythia_dir / "model.safetensors"))
@@ -100,8 +100,7 @@ def test_export_refuses_a_run_whose_tokenizer_is_gone(trained, tmp_path, caplog)
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     found = ckpt.resolve_resume(str(run), str(run))
-    state = json.loads((found / ckpt.STATE_FILE).read_text())
-    copy = run / state["tokenizer_in_run"]
+    copy = run / ckpt.read_state(found).tokenizer_in_run
     (copy / "tokenizer.json" if copy.is_dir() else copy).write_text("{not json")
     assert export_hf.main(["--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 2
     assert "the tokenizer this run trained with does not open" in caplog.text

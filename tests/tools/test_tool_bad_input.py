@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from evidence import compare, evaluate, export_hf, plot
+from launcher import checkpoint as ckpt
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics, truncate_after
-from evidence.runs import EvidenceError, find_data_prefix, find_tokenizer, load_run
+from evidence.runs import load_run
 from launching import pretrain_args
 
 STATE = "growlength_state.json"
@@ -43,9 +44,9 @@ def work(tmp_path_factory, tokenized, sp_model, launch):
         shutil.copy(tokenized + ext, work / "data" / f"corpus{ext}")
     shutil.copy(sp_model, work / "tok" / "tok.model")
     train(launch, work)
-    state = json.loads((work / "run" / "checkpoints" / "step_00000004" / STATE).read_text())
-    assert state["tokenizer"] == "tok/tok.model" and state["data_prefix"] == "data/corpus"  # as given: relative
-    assert state["tokenizer_in_run"] == "tokenizer/tokenizer.model"
+    state = ckpt.read_state(work / "run" / "checkpoints" / "step_00000004")
+    assert state.tokenizer == "tok/tok.model" and state.data_prefix == "data/corpus"  # as given: relative
+    assert state.tokenizer_in_run == "tokenizer/tokenizer.model"
     return work
 
 
@@ -134,28 +135,6 @@ def test_export_and_evaluate_from_elsewhere_after_moving_the_run(work, tmp_path,
         shutil.move(str(gone), work / "tok")
 
 
-def test_old_checkpoints_without_the_new_keys(work, tmp_path, monkeypatch):
-    """A checkpoint from before the run kept its own copies: the recorded paths, from where the run started."""
-    old = copy_run(work, work / "old-run")
-    shutil.rmtree(old / "tokenizer")
-    for state_file in old.glob(f"checkpoints/step_*/{STATE}"):  # what checkpoints held before
-        state = json.loads(state_file.read_text())
-        for key in ("tokenizer_in_run", "tokenizer_resolved", "data_prefix_resolved"):
-            del state[key]
-        state_file.write_text(json.dumps(state, indent=1, sort_keys=True))
-    monkeypatch.chdir(work)
-    ckpt_dir = old / "checkpoints" / "step_00000004"
-    assert find_tokenizer(state, ckpt_dir) == "tok/tok.model"
-    assert find_data_prefix(state, ckpt_dir) == "data/corpus"
-    assert evaluate.evaluate("old-run", lengths=[32])["data_prefix"] == "data/corpus"
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(EvidenceError, match=r"the training data is not found \(looked for PREFIX.bin/.idx at "
-                                            r"data/corpus\); point at it with --data-prefix PREFIX"):
-        find_data_prefix(state, ckpt_dir)
-    with pytest.raises(EvidenceError, match=r"looked at tok/tok.model\); point at it with --tokenizer PATH"):
-        find_tokenizer(state, ckpt_dir)
-
-
 # ---- evaluate: the output place is checked before the work ------------------------------------------------------
 def test_evaluate_out_in_an_unwritable_place_is_refused_before_the_work(work, tmp_path, caplog, capsys):
     (tmp_path / "afile").write_text("x")
@@ -180,7 +159,7 @@ def test_evaluate_and_export_name_a_damaged_checkpoint(work, tmp_path, caplog):
     state = run / "checkpoints" / "step_00000004" / STATE
     state.write_bytes(state.read_bytes()[:100])  # torn
     assert evaluate.main(["--checkpoint", str(state.parent), "--lengths", "32"]) == 2
-    assert f"{state}: unreadable" in caplog.text and "use an earlier checkpoint" in caplog.text
+    assert f"{state} is unreadable" in caplog.text and "use another checkpoint" in caplog.text
     model = next((run / "checkpoints" / "step_00000002").glob("*model_states.pt"))
     model.write_bytes(model.read_bytes()[:1000])
     before = snapshot(run)
