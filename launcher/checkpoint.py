@@ -26,6 +26,7 @@ import torch
 
 from data_pipeline.atomic import atomic_path, write_text
 from data_pipeline.errors import UserError
+from launcher import run_identity
 
 if TYPE_CHECKING:
     from launcher.config import RunConfig
@@ -276,15 +277,11 @@ def read_state(path: Path) -> CheckpointState:
     return state
 
 
-# ModelConfig fields that change how a run executes, not what the weights mean
-_RUNTIME_MODEL_KEYS = {"attention", "deterministic_attention", "activation_checkpointing", "rope_scaling",
-                       "rope_scaling_factor"}
-
-
 def model_identity(state: CheckpointState) -> dict:
     """What must not change across a resume: the built model's config (but for runtime-only switches) and where
     its initial weights came from."""
-    ident = {k: v for k, v in state.model.items() if k not in _RUNTIME_MODEL_KEYS}
+    runtime = run_identity.runtime_model_fields()
+    ident = {k: v for k, v in state.model.items() if k not in runtime}
     section = state.config.get("model", {})
     ident["preset"] = section.get("preset")
     ident["init_from_hf"] = section.get("init_from_hf")
@@ -311,12 +308,9 @@ def check_compatible(saved: CheckpointState, current: CheckpointState, path: Pat
         diffs.append(f"data: checkpoint was trained on {saved.data_prefix} ({saved.data_fingerprint}), this run uses "
                      f"{current.data_prefix} ({current.data_fingerprint})")
     if saved.seed != current.seed:
-        diffs.append(f"seed: {saved.seed} -> {current.seed} (changes the data order)")
-    for key, why in (("valid_fraction", "changes which documents train"), ("epochs", "changes the data order")):
-        old = saved.config.get("data", {}).get(key)
-        new = current.config.get("data", {}).get(key)
-        if old != new:
-            diffs.append(f"data.{key}: {old!r} -> {new!r} ({why})")
+        diffs.append(f"seed: {saved.seed} -> {current.seed} (changes the data order; to continue this run set "
+                     f"seed={saved.seed})")
+    diffs += run_identity.config_differences(saved.config, current.config, skip={"seed"})  # seed: just above
     old_model, new_model = model_identity(saved), model_identity(current)
     changed = sorted(k for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k))
     if changed:

@@ -126,7 +126,7 @@ def test_compatibility_covers_the_model_and_the_split(tmp_path):
             ({"config": dict(config, data={"valid_fraction": 0.05, "epochs": "repeat"})},
              "data.valid_fraction: 0.01 -> 0.05"),
             ({"config": dict(config, data={"valid_fraction": 0.01, "epochs": "error"})},
-             "data.epochs: 'repeat' -> 'error' (changes the data order)")]:
+             "data.epochs: 'repeat' -> 'error' (changes the data order; to continue this run set data.epochs=\"repeat\")")]:
         with pytest.raises(ckpt.CheckpointError, match="cannot resume from") as e:
             ckpt.check_compatible(saved, dataclasses.replace(saved, **change), tmp_path, force=False)
         assert expected in str(e.value)
