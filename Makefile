@@ -15,7 +15,7 @@ TORCH_STAMP := $(VENV)/.growlength-torch
 # DeepSpeed JIT-builds a small CPU communication op on first use; keep its cache with the venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test test-gpu install bench clean FORCE
+.PHONY: demo test test-gpu install flash-attn bench clean FORCE
 
 install: $(STAMP)
 
@@ -50,6 +50,14 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) benchmarks/cuda_env.py
 	$(PY) -m pytest -q -ra tests/gpu
+
+# flash-attn 2 (optional; docs/gpu.md): it compiles against the torch in $(VENV), so pip must not build it in an
+# isolated environment; where no prebuilt wheel matches this torch and CUDA it compiles (nvcc, tens of minutes).
+FLASH_ATTN_SPEC ?= flash-attn
+flash-attn: $(STAMP)
+	$(PY) -m pip install -q ninja packaging
+	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install --no-build-isolation "$(FLASH_ATTN_SPEC)"
+	$(PY) -c "import flash_attn; print('flash-attn', flash_attn.__version__)"
 
 bench: $(STAMP)
 	@echo "see docs/benchmarks.md"

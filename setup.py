@@ -22,9 +22,17 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "gpu": ["flash-attn>=2.5", "transformers>=4.45"],  # transformers: the acceptance run's baseline
+        # transformers: the acceptance run's baseline; ninja, packaging: what flash-attn's build needs. flash-attn itself
+        # cannot be an extra (its build imports torch, which pip's isolated build lacks): `make flash-attn`, docs/gpu.md
+        "gpu": ["transformers>=4.45", "ninja", "packaging"],
         "mpi": ["mpi4py>=3.1"],
-        "dev": ["pytest>=8", "hypothesis>=6", "megatron-core==0.16.1", "transformers>=4.45", "mpi4py>=3.1"],
+        # data_pipeline: .parquet/.arrow/`datasets` directories (pyarrow) and .zst (zstandard)
+        "formats": ["pyarrow>=14", "zstandard>=0.22"],
+        "wandb": ["wandb>=0.17"],
+        # evidence.downstream: the harness with its Hugging Face backend (transformers, accelerate, peft)
+        "eval": ["lm-eval[hf]>=0.4.5,<0.5", "transformers>=4.45"],
+        "dev": ["pytest>=8", "hypothesis>=6", "megatron-core==0.16.1", "transformers>=4.45", "mpi4py>=3.1",
+                "pyarrow>=14", "zstandard>=0.22", "datasets>=2.16", "wandb>=0.17", "lm-eval[hf]>=0.4.5,<0.5"],
     },
     entry_points={
         "console_scripts": [

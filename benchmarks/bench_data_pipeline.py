@@ -2,6 +2,9 @@
 megatron-core's, the loader's tokens/s. Prints figures; method and results: docs/benchmarks.md.
 
     python benchmarks/bench_data_pipeline.py [--work-dir .cache/bench_data] [--repeats 3] [--mb 50]
+
+Part 1c times preprocess on the same texts as .jsonl, .parquet, .jsonl.zst and a `datasets` directory (outputs
+must be byte-identical), and the readers alone; figures in docs/data-formats.md.
 """
 from __future__ import annotations
 
@@ -154,6 +157,64 @@ def bench_preprocess_hf(corpus: str, tokenizer_dir: str, work: str, repeats: int
               f"(runs: {', '.join(f'{t:.2f}' for t in ts)})")
 
 
+def bench_formats(corpus: str, model: str, work: str, repeats: int) -> None:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    datasets.disable_progress_bars()
+    texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
+    inputs = {".jsonl": corpus, ".parquet": os.path.join(work, "formats.parquet"),
+              ".jsonl.zst": os.path.join(work, "formats.jsonl.zst"), "datasets dir": os.path.join(work, "formats_ds")}
+    if not os.path.isfile(inputs[".parquet"]):
+        pq.write_table(pa.table({"text": texts}), inputs[".parquet"])
+    if not os.path.isfile(inputs[".jsonl.zst"]):
+        with open(corpus, "rb") as src, open(inputs[".jsonl.zst"], "wb") as dst:
+            zstandard.ZstdCompressor(level=3).copy_stream(src, dst)
+    if not os.path.isdir(inputs["datasets dir"]):
+        datasets.Dataset.from_dict({"text": texts}).save_to_disk(inputs["datasets dir"])
+    bench_reading(inputs, len(texts), repeats)
+    times: dict[str, list[float]] = {name: [] for name in inputs}
+    outputs = {}
+
+    def run(name):
+        out = os.path.join(work, "formats_out_" + name.replace(" ", "_").strip("."))
+        subprocess.run([sys.executable, "-m", "data_pipeline.preprocess", "--input", inputs[name], "--output-prefix",
+                        out, "--tokenizer-model", model, "--workers", "2", "--quiet"], check=True, cwd=ROOT)
+        outputs[name] = [open(out + ext, "rb").read() for ext in (".bin", ".idx")]
+
+    for _ in range(repeats):  # interleaved, so machine noise hits every format alike
+        for name in inputs:
+            times[name].append(_timed(lambda: run(name)))
+    assert all(o == outputs[".jsonl"] for o in outputs.values()), "a format's output differs from the .jsonl path's"
+    base = statistics.median(times[".jsonl"])
+    print(f"\n## preprocess by input format: {len(texts):,} documents, 2 workers, median of {repeats} "
+          f"(outputs byte-identical)")
+    print(f"{'':16s} {'input MB':>9s} {'seconds':>8s} {'vs .jsonl':>10s}")
+    for name, ts in times.items():
+        path = inputs[name]
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) if os.path.isdir(path) \
+            else os.path.getsize(path)
+        print(f"{name:16s} {size / 1e6:9.1f} {statistics.median(ts):8.2f} {statistics.median(ts) / base:9.3f}x   "
+              f"(runs: {', '.join(f'{t:.2f}' for t in ts)})")
+
+
+def bench_reading(inputs: dict[str, str], documents: int, repeats: int) -> None:
+    """The readers alone (no tokenizer): every document of each input through corpus.iter_documents."""
+    from data_pipeline.corpus import check_inputs, iter_documents
+    times: dict[str, list[float]] = {name: [] for name in inputs}
+    for _ in range(repeats):
+        for name, path in inputs.items():
+            sources = check_inputs([path])
+            times[name].append(_timed(lambda: sum(1 for _ in iter_documents(sources))))
+    base = statistics.median(times[".jsonl"])
+    print(f"\n## reading only (data_pipeline.corpus.iter_documents): {documents:,} documents, median of {repeats}")
+    print(f"{'':16s} {'seconds':>8s} {'vs .jsonl':>10s}")
+    for name, ts in times.items():
+        print(f"{name:16s} {statistics.median(ts):8.3f} {statistics.median(ts) / base:9.3f}x   "
+              f"(runs: {', '.join(f'{t:.3f}' for t in ts)})")
+
+
 def megatron_index_build(ds: IndexedDataset, seq_len: int, num_samples: int, seed: int) -> int:
     """megatron-core GPTDataset._build_document_sample_shuffle_indices, minus the saving: its three steps."""
     from megatron.core.datasets import helpers
@@ -223,7 +284,8 @@ def main() -> None:
     p.add_argument("--megatron-tools", default=None, help="path to a Megatron-LM checkout (for tools/preprocess_data.py)")
     p.add_argument("--hf-workers", type=int, default=os.cpu_count() or 1,
                    help="threads of the HF tokenizers library in 1b, floor and ours alike (default: all cores)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["preprocess", "preprocess-hf", "index", "loader"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["preprocess", "preprocess-hf", "formats", "index",
+                                                                 "loader"])
     args = p.parse_args()
     os.environ["RAYON_NUM_THREADS"] = str(args.hf_workers)  # the library's pool in this process, before first use
     os.makedirs(args.work_dir, exist_ok=True)
@@ -241,6 +303,8 @@ def main() -> None:
         if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
             train_bytelevel_bpe([corpus], hf_dir, vocab_size=args.vocab_size, quiet=True)
         bench_preprocess_hf(corpus, hf_dir, args.work_dir, args.repeats, args.hf_workers)
+    if "formats" not in args.skip:
+        bench_formats(corpus, model, args.work_dir, args.repeats)
     prefix = os.path.join(args.work_dir, "bench_w2")
     if not os.path.isfile(prefix + ".idx"):
         subprocess.run([sys.executable, "-m", "data_pipeline.preprocess", "--input", corpus, "--output-prefix", prefix,

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                 x = torch.from_numpy(samples.samples(k, rows))
                 cu = [None]
                 a = timed(lambda: cu.__setitem__(0, torch.from_numpy(samples.cu_seqlens(k, rows))))
-                b = timed(lambda: documents(cu[0], B, L, torch.device("cpu"), need_mask=True))
+                b = timed(lambda: documents(cu[0], B, L, torch.device("cpu"), "sdpa"))
                 c = timed(lambda: model(x[:, :-1], labels=x[:, 1:], cu_seqlens=cu[0]).backward())
                 d = timed(lambda: model(x[:, :-1], labels=x[:, 1:]).backward())
                 if r:

@@ -17,6 +17,10 @@ MFU is given both ways: PaLM's convention (model.flops_per_token: the full T x T
 the GPU's dense bf16 peak (launcher.metrics, or --peak-tflops) on CUDA, and on the CPU the rate of a 2048^3 matmul in
 the same dtype timed inside the interleaved loop.
 
+After the table, the loss alone at the batch's shape: our chunked fp32 cross-entropy (model.model.cross_entropy_fp32)
+against F.cross_entropy(logits.float()), forward + backward, interleaved, with their largest differences (--no-ce
+drops it).
+
 --engine DS_CONFIG adds the launcher's step at --engine-length (default the longest length): the model built as the
 launcher builds it, `launcher.engine.create_engine` (ZeRO, the JSON's precision and optimizer), micro-batches of
 --engine-tokens tokens with accumulation 1, forward, backward and engine.step(). Not a test: it prints a table and
@@ -212,6 +216,52 @@ def measure_engine(preset: str, vocab: int, seq_len: int, micro_batch: int, ds_c
             ds.close()
 
 
+def compare_cross_entropy(tokens: int, vocab: int, dtype: torch.dtype, repeats: int,
+                          device: torch.device = torch.device("cpu")) -> dict:
+    """Forward + backward of the loss on (tokens, vocab) logits in `dtype`: ours (chunked, fp32 math) vs
+    F.cross_entropy(logits.float()), interleaved. Returns median seconds, CUDA peak bytes above the logits (None off
+    CUDA) and the largest |loss| and |grad| differences."""
+    from model.model import cross_entropy_fp32
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(tokens, vocab, generator=g)).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    ways = {"ours": lambda z: cross_entropy_fp32(z, labels),
+            "torch": lambda z: torch.nn.functional.cross_entropy(z.float(), labels)}
+    times, peaks, results = {k: [] for k in ways}, {}, {}
+    for rep in range(repeats + 1):
+        for name, loss_of in ways.items():
+            logits.grad = None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            t0 = time.perf_counter()
+            loss = loss_of(logits)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                peaks[name] = torch.cuda.max_memory_allocated(device) - base
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+            results[name] = (loss.detach(), logits.grad.detach().float())
+    (l1, g1), (l2, g2) = results["ours"], results["torch"]
+    return {"ours_s": statistics.median(times["ours"]), "torch_s": statistics.median(times["torch"]),
+            "ours_peak": peaks.get("ours"), "torch_peak": peaks.get("torch"),
+            "loss_diff": (l1 - l2).abs().item(), "grad_diff": (g1 - g2).abs().max().item()}
+
+
+def print_cross_entropy(tokens: int, vocab: int, dtype_name: str, repeats: int,
+                        device: torch.device = torch.device("cpu")) -> dict:
+    r = compare_cross_entropy(tokens, vocab, DTYPES[dtype_name], repeats, device)
+    peak = "" if r["ours_peak"] is None else \
+        f" | peak MB ours {r['ours_peak'] / 2**20:,.0f} torch {r['torch_peak'] / 2**20:,.0f}"
+    print(f"cross-entropy at ({tokens}, {vocab}) {dtype_name}, forward+backward: ours {r['ours_s'] * 1e3:.1f} ms, "
+          f"F.cross_entropy(logits.float()) {r['torch_s'] * 1e3:.1f} ms ({r['torch_s'] / r['ours_s']:.2f}x){peak} | "
+          f"max |loss diff| {r['loss_diff']:.1e}, max |grad diff| {r['grad_diff']:.1e}")
+    return r
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
@@ -245,6 +295,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--repeats", type=int, default=5, help="timed steps per model per length (after 1 warm-up)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled column")
+    p.add_argument("--no-ce", action="store_true", help="skip the cross-entropy comparison")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU when the GPU is not in the table")
     p.add_argument("--engine", metavar="DS_CONFIG", help="add the launcher-shaped cell through this DeepSpeed JSON")
     p.add_argument("--engine-length", type=int, help="its sequence length (default the longest --lengths)")
@@ -278,6 +329,9 @@ def main(argv=None) -> int:
     report = {"preset": args.preset, "vocab": args.vocab, "dtype": args.dtype, "device": gpu or "cpu",
               "torch": torch.__version__, "tokens_per_batch": args.tokens_per_batch, "repeats": args.repeats,
               "peak_tflops": peak_tflops, "models": names, "lengths": rows}
+    if not args.no_ce:
+        vocab = ModelConfig.from_preset(args.preset, vocab_size=args.vocab).padded_vocab_size
+        report["cross_entropy"] = print_cross_entropy(args.tokens_per_batch, vocab, args.dtype, args.repeats, device)
     if args.engine:
         L = args.engine_length or max(args.lengths)
         mb = max(1, args.engine_tokens // L)

@@ -3,9 +3,10 @@ r"""Tokenize corpora into a Megatron MMIDIDX v1 dataset, PREFIX.bin + PREFIX.idx
     python -m data_pipeline.preprocess --input corpus.jsonl --output-prefix data/corpus \
         --tokenizer-model tok.model --workers 2
 
-Flags follow Megatron-LM's tools/preprocess_data.py. The output is renamed into place when complete and its bytes
-do not depend on --workers; errors exit 2 with one line naming the file and the fix. Reference:
-docs/data-pipeline.md.
+Inputs: .jsonl/.json/.txt (optionally .gz/.zst), .parquet/.arrow, `datasets` directories, directories and globs
+of these (docs/data-formats.md). Flags follow Megatron-LM's tools/preprocess_data.py. The output is renamed into
+place when complete and its bytes do not depend on --workers or the input format; errors exit 2 with one line
+naming the file and the fix. Reference: docs/data-pipeline.md.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
+from data_pipeline.corpus import ReadStats, check_inputs, is_compressed_or_columnar, iter_documents
 from data_pipeline.errors import DatasetError
 from data_pipeline.files import (check_output_prefix, dataset_interrupted, report_deferred_signal,
                                  stop_on_signals)
@@ -93,7 +94,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, work
         raise DatasetError(f"--workers {workers}: must be at least 1")
     if not json_key:
         raise DatasetError(f"--json-keys {json_key!r}: empty; give the JSON key that holds the text (e.g. text)")
-    check_inputs(list(inputs))
+    sources = check_inputs(list(inputs))
     check_output_prefix(output_prefix, (".bin", ".idx"), "--output-prefix")
     tok = Tokenizer(tokenizer_model)
     dtype = optimal_dtype(tok.vocab_size)
@@ -102,9 +103,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, work
     summary = Summary(output_prefix)
     batches: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
-    docs = iter_documents(list(inputs), json_key, skip_bad_lines, stats)
+    docs = iter_documents(sources, json_key, skip_bad_lines, stats)
     reader = threading.Thread(target=_producer, args=(docs, batches, stop, stats), daemon=True)
-    total = None if any(p.endswith(".gz") for p in inputs) else sum(os.path.getsize(p) for p in inputs)
+    total = None if any(map(is_compressed_or_columnar, sources)) else sum(map(os.path.getsize, sources))
     bar = None
     if progress and not quiet:
         from tqdm import tqdm
@@ -201,9 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input/output (Megatron-LM names)")
-    g.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz)")
+    g.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz/.zst), "
+                   ".parquet/.arrow files, `datasets` directories, or directories/globs of these")
     g.add_argument("--output-prefix", required=True, help="writes exactly OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON key holding the text (default text)")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON key (Parquet/Arrow: column) holding the text "
+                   "(default text)")
     g.add_argument("--tokenizer-model", required=True, help="sentencepiece .model, Hugging Face tokenizer.json or "
                    "a directory holding one (data_pipeline.train_tokenizer makes either)")
     g.add_argument("--tokenizer-type", default=None, help="accepted for compatibility (the kind is read from "

@@ -1,4 +1,5 @@
-"""Train a tokenizer on `.jsonl`/`.json`/`.txt` corpora: sentencepiece BPE (default) or a byte-level BPE.
+"""Train a tokenizer on any corpus preprocess reads (docs/data-formats.md): sentencepiece BPE (default) or a
+byte-level BPE.
 
     python -m data_pipeline.train_tokenizer --input corpus.jsonl --model-prefix tok --vocab-size 32000
     python -m data_pipeline.train_tokenizer --type bpe-bytelevel --input corpus.jsonl --model-prefix tok
@@ -78,7 +79,7 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
                     json_key: str = "text", input_sentence_size: int = 1_000_000, num_threads: int | None = None,
                     seed: int = 0, character_coverage: float = 0.9995, quiet: bool = False) -> str:
     """Train and write `model_prefix.model` (+ `.vocab`); returns the model path."""
-    check_inputs(list(inputs))
+    sources = check_inputs(list(inputs))
     check_arguments(model_prefix, vocab_size, json_key, input_sentence_size, num_threads, seed, character_coverage)
     stats, failure = ReadStats(), []
     model = io.BytesIO()
@@ -86,7 +87,7 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
     t0 = time.time()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(list(inputs), json_key, stats, failure), model_writer=model,
+            sentence_iterator=_sentences(sources, json_key, stats, failure), model_writer=model,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -150,7 +151,7 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
     The library trains in its own thread pool (RAYON_NUM_THREADS, set by the CLI from --workers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    check_inputs(list(inputs))
+    sources = check_inputs(list(inputs))
     if vocab_size < 256 + len(BPE_SPECIALS):
         raise DatasetError(f"--vocab-size {vocab_size}: too small; a byte-level BPE holds the 256 bytes and "
                            f"{len(BPE_SPECIALS)} special tokens, use at least {256 + len(BPE_SPECIALS)} "
@@ -167,7 +168,7 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=not quiet)
     stats = ReadStats()
     t0 = time.time()
-    tok.train_from_iterator(iter_documents(list(inputs), json_key, skip_bad_lines=True, stats=stats), trainer)
+    tok.train_from_iterator(iter_documents(sources, json_key, skip_bad_lines=True, stats=stats), trainer)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **BPE_SPECIALS, "add_bos_token": False,
               "add_eos_token": False, "clean_up_tokenization_spaces": False}
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,8 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.train_tokenizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz)")
+    p.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz/.zst), "
+                   ".parquet/.arrow files, `datasets` directories, or directories/globs of these")
     p.add_argument("--type", choices=["sentencepiece", "bpe-bytelevel"], default="sentencepiece",
                    help="sentencepiece (default) or a byte-level BPE trained with the Hugging Face tokenizers library")
     p.add_argument("--model-prefix", required=True, help="sentencepiece: writes MODEL_PREFIX.model and "

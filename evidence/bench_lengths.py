@@ -153,13 +153,14 @@ def measure_memory(preset: str, vocab_size: int, seq_len: int, micro_batch: int,
 def _measure_memory(preset, vocab_size, seq_len, micro_batch, dtype, seed, warmup_micro_batch, ds_config) -> dict:
     import torch
     import torch.distributed as dist
+    from launcher import distributed
     from launcher import engine as ds
     from launcher.optim import param_groups
     from model import CausalLM, ModelConfig
 
     world = dist.get_world_size()
     cuda = torch.cuda.is_available()
-    device = ds.device()
+    device = distributed.device()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -2,11 +2,13 @@
 
     python -m evidence.compare (--budget-seconds S | --budget-calibrated-seconds C | --budget-tokens N) --out DIR
         [--preset tiny] [--ranks 1] [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048]
-        [--plans fixed-short,fixed-long,growlength] [--seeds 1,2,3]
+        [--plans fixed-short,fixed-long,growlength] [--seeds 1,2,3] [--device auto|cpu|cuda[:N]]
+        [--dtype auto|fp32|bf16]
 
 Runs the real launcher once per plan and seed, only the stage plan differing; evaluates every checkpoint at the
-longest length; charges each run its steps at calibrated step times beside its raw wall-clock; writes DIR/report.md,
-summary.json and figures. Budgets and clocks: docs/tools.md.
+longest length (on --device in --dtype: CUDA in bf16 where usable, else the CPU in fp32); charges each run its steps
+at calibrated step times beside its raw wall-clock; writes DIR/report.md, summary.json and figures. Budgets and
+clocks: docs/tools.md.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from pathlib import Path
 from data_pipeline.atomic import check_dir_writable
 from evidence.launch import ROOT, launch_command
 from launcher import steptime
-from evidence.runs import EvidenceError, find_data_prefix, load_run, parse_lengths, \
-    write_json, write_text
+from evidence.runs import EvidenceError, add_device_arguments, compute_device, find_data_prefix, load_run, \
+    parse_lengths, write_json, write_text
 
 log = logging.getLogger("growlength")
 
@@ -53,6 +55,8 @@ class Setup:
     calibration_rounds: int = 3
     budget_calibrated: float | None = None
     seeds: list = field(default_factory=list)  # [] = [seed]
+    device: str = "auto"  # where checkpoints are evaluated (evidence.runs.compute_device)
+    dtype: str = "auto"
 
     @property
     def seed_list(self) -> list[int]:
@@ -71,6 +75,7 @@ class Setup:
 
 
 def check_setup(s: Setup) -> None:
+    compute_device(s.device, s.dtype)  # before any run: a device that cannot be used is refused now
     if [s.budget_seconds, s.budget_tokens, s.budget_calibrated].count(None) != 2:
         raise EvidenceError("give exactly one budget: --budget-seconds S (equal wall-clock), "
                             "--budget-calibrated-seconds C (equal calibrated time) or --budget-tokens N")
@@ -244,7 +249,8 @@ def checkpoint_curve(run_dir: Path, s: Setup, times: dict[int, float]) -> list[d
         if windows is None:
             data = ValidationWindows(find_data_prefix(loaded.state, loaded.source), "run", s.valid_fraction)
             windows = data.windows(s.long, max(1, s.eval_tokens // s.long))
-        loss, _ = perplexity(loaded.model, windows)
+        where, dtype = compute_device(s.device, s.dtype)
+        loss, _ = perplexity(loaded.model, windows, dtype=dtype, device=where)
         st = loaded.state
         # the step record's clock: the end of that step, before the eval and save that followed it
         points.append({"step": st["step"], "tokens_seen": st["tokens_seen"],
@@ -436,7 +442,8 @@ def compare(s: Setup, command: str = "") -> dict:
     from evidence.evaluate import evaluate
     eval_lengths = sorted(set(s.lengths) | {2 * s.long, 4 * s.long})
     for name in ordered:  # each final model's extrapolation curve (Figure 4)
-        rep = evaluate(str(run_dirs[(name, first)]), lengths=eval_lengths, tokens=s.eval_tokens, split="run")
+        rep = evaluate(str(run_dirs[(name, first)]), lengths=eval_lengths, tokens=s.eval_tokens, split="run",
+                       dtype=s.dtype, device=s.device)
         reports.append(str(write_json(s.out / f"eval_{name}.json", rep)))
     summary = summarise(s, run_dirs, curves, times)
     summary["step_seconds"] = times
@@ -475,7 +482,8 @@ def main(argv=None) -> int:
     p.add_argument("--ds-config", default="ds_configs/zero2.json")
     p.add_argument("--calibration-rounds", type=int, default=3,
                    help="calibration runs before the runs, each timing every length once in turn")
-    p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.overrides=...)")
+    add_device_arguments(p, "evaluation")
+    p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.num_layers=4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -494,7 +502,7 @@ def main(argv=None) -> int:
               points=args.points, eval_tokens=args.eval_tokens, valid_fraction=args.valid_fraction,
               data_prefix=args.data_prefix, tokenizer=args.tokenizer, ds_config=args.ds_config,
               extra=args.overrides, calibration_rounds=args.calibration_rounds,
-              budget_calibrated=args.budget_calibrated_seconds, seeds=seeds)
+              budget_calibrated=args.budget_calibrated_seconds, seeds=seeds, device=args.device, dtype=args.dtype)
     try:
         s.lengths = parse_lengths(args.lengths)
         if (s.data_prefix is None) != (s.tokenizer is None):

@@ -2,11 +2,13 @@
 
     python -m evidence.evaluate --checkpoint RUN_DIR_OR_CHECKPOINT_OR_HF_DIR [--data-prefix PREFIX]
         [--lengths 128,256,...,4096] [--rope-scaling none|linear|ntk] [--rope-factor F] [--tokens N]
-        [--split auto|run|all] [--dtype fp32|bf16] [--out JSON]
+        [--split auto|run|all] [--device auto|cpu|cuda[:N]] [--dtype auto|fp32|bf16|fp16] [--out JSON]
 
 Scores whole, untruncated windows of the validation stream by the same rule as the launcher's in-loop validation,
 so at equal --tokens the two measure the same windows. --split: run (the run's held-out documents), all (every
-document: a separate corpus), auto (run on the training data, else all). Details: docs/tools.md.
+document: a separate corpus), auto (run on the training data, else all). --device/--dtype: CUDA in bf16 where CUDA is
+usable, else the CPU in fp32 (the attention kernel is chosen for the device, whatever the run trained with). Details:
+docs/tools.md.
 """
 from __future__ import annotations
 
@@ -24,14 +26,14 @@ import torch
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint, stream_windows, window_cu_seqlens
-from evidence.runs import EvidenceError, check_writable, find_data_prefix, parse_lengths, write_json
+from evidence.runs import (EvidenceError, add_device_arguments, check_writable, compute_device, dtype_name,
+                           find_data_prefix, parse_lengths, write_json)
 from model import CausalLM
 
 log = logging.getLogger("growlength")
 
 DEFAULT_LENGTHS = "128,256,512,1024,2048,4096"
 DEFAULT_TOKENS = 16384  # logging.eval_tokens' default
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -134,16 +136,17 @@ def resolve_split(split: str, prefix: str, state: dict | None,
 
 @torch.no_grad()
 def perplexity(model: CausalLM, windows: np.ndarray, tokens_per_batch: int = 8192,
-               dtype: torch.dtype = torch.float32, cu_seqlens_of=None) -> tuple[float, int]:
+               dtype: torch.dtype = torch.float32, cu_seqlens_of=None,
+               device: torch.device = torch.device("cpu")) -> tuple[float, int]:
     """Mean next-token loss over every label of ``windows`` ((n, L + 1) int64) and the number of labels scored.
     ``cu_seqlens_of(rows)``: the document boundaries of those windows, for a model trained with document masking
     (attention then stays within documents, as in training)."""
-    model = model.to(dtype)
+    model = model.to(device=device, dtype=dtype)
     seq_len = windows.shape[1] - 1
     bs = max(1, tokens_per_batch // seq_len)
     loss_sum, n_tok = 0.0, 0
     for i in range(0, len(windows), bs):
-        batch = torch.from_numpy(np.ascontiguousarray(windows[i:i + bs]))  # (B, L + 1)
+        batch = torch.from_numpy(np.ascontiguousarray(windows[i:i + bs])).to(device)  # (B, L + 1)
         cu = None if cu_seqlens_of is None else torch.from_numpy(cu_seqlens_of(np.arange(i, i + len(batch))))
         loss = model(batch[:, :-1], labels=batch[:, 1:], cu_seqlens=cu)
         loss_sum += loss.item() * batch[:, 1:].numel()
@@ -153,7 +156,8 @@ def perplexity(model: CausalLM, windows: np.ndarray, tokens_per_batch: int = 819
 
 def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int] | None = None,
              rope_scaling: str = "none", rope_factor: float = 1.0, tokens: int | None = None, split: str = "auto",
-             valid_fraction: float | None = None, dtype: str = "fp32", tokens_per_batch: int = 8192) -> dict:
+             valid_fraction: float | None = None, dtype: str = "auto", tokens_per_batch: int = 8192,
+             device: str = "auto") -> dict:
     """Perplexity of a checkpoint at each length; returns the JSON-able report (see ``main`` for the fields)."""
     lengths = lengths or parse_lengths(DEFAULT_LENGTHS)
     if any(L <= 0 for L in lengths):
@@ -162,8 +166,7 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
         raise EvidenceError(f"--tokens {tokens}: must be a positive number of tokens per length")
     if split not in ("auto", "run", "all"):
         raise EvidenceError(f"--split {split!r}: choose auto, run or all")
-    if dtype not in DTYPES:
-        raise EvidenceError(f"--dtype {dtype!r}: choose {' or '.join(DTYPES)}")
+    where, compute_dtype = compute_device(device, dtype)
     loaded = load_for_eval(checkpoint, rope_scaling, rope_factor)
     state = loaded.state
     if state is None and data_prefix is None:
@@ -184,8 +187,8 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
             results.append({"seq_len": L, "skipped": str(e)})
             continue
         masked = loaded.model.config.document_masking  # evaluate as it was trained
-        loss, n_tok = perplexity(loaded.model, windows, tokens_per_batch, DTYPES[dtype],
-                                 (lambda rows, L=L: data.cu_seqlens(L, rows)) if masked else None)
+        loss, n_tok = perplexity(loaded.model, windows, tokens_per_batch, compute_dtype,
+                                 (lambda rows, L=L: data.cu_seqlens(L, rows)) if masked else None, where)
         results.append({"seq_len": L, "windows": int(len(windows)), "tokens": n_tok, "loss": loss,
                         "ppl": math.exp(loss), "seconds": time.perf_counter() - t0})
     if all("skipped" in r for r in results):
@@ -194,7 +197,8 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
     return {"checkpoint": loaded.source, "step": (state or {}).get("step"),
             "tokens_seen": (state or {}).get("tokens_seen"), "trained_seq_len": loaded.trained_seq_len,
             "data_prefix": prefix, "split": split, "valid_fraction": valid_fraction if split == "run" else None,
-            "validation_tokens": data.tokens_available, "tokens_per_length": tokens, "dtype": dtype,
+            "validation_tokens": data.tokens_available, "tokens_per_length": tokens,
+            "dtype": dtype_name(compute_dtype), "device": str(where),
             "rope_scaling": rope_scaling, "rope_factor": rope_factor,
             "document_masking": loaded.model.config.document_masking, "results": results}
 
@@ -229,7 +233,7 @@ def main(argv=None) -> int:
                    f"{DEFAULT_TOKENS})")
     p.add_argument("--split", default="auto", choices=["auto", "run", "all"], help="which documents (see above)")
     p.add_argument("--valid-fraction", type=float, help="override the run's data.valid_fraction for --split run")
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype (default fp32)")
+    add_device_arguments(p)
     p.add_argument("--tokens-per-batch", type=int, default=8192, help="tokens per forward pass (memory)")
     p.add_argument("--out", help="write the report as JSON here (checked before the work, written atomically)")
     args = p.parse_args(argv)
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
             check_writable(args.out)  # before the work: a report that cannot be saved is refused, not lost
         report = evaluate(args.checkpoint, args.data_prefix, parse_lengths(args.lengths), args.rope_scaling,
                           args.rope_factor, args.tokens, args.split, args.valid_fraction, args.dtype,
-                          args.tokens_per_batch)
+                          args.tokens_per_batch, args.device)
     except (EvidenceError, DatasetError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2

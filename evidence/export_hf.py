@@ -2,10 +2,14 @@
 by the checkpoint's model family.
 
     python -m evidence.export_hf --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--overwrite] [--tokenizer PATH]
+        [--device auto|cpu|cuda[:N]] [--dtype fp32|bf16|fp16|auto]
 
-The ZeRO shards are consolidated with DeepSpeed's zero_to_fp32; --out is built beside itself and renamed into
-place, and --overwrite replaces only a previous export. `load_trained_model` is shared with the tools that read
-checkpoints.
+The ZeRO shards are consolidated with DeepSpeed's zero_to_fp32. README.md, the model card, gets the run's training
+record (evidence.model_card: the stage plan, tokens per stage and source, the schedule, the final validation
+losses). --out is built beside itself and renamed into place, and --overwrite replaces only a previous export. The
+weights are written in fp32 (as trained) unless --dtype says otherwise. `load_trained_model` is shared with the tools
+that read checkpoints: it treats how the run executed (attention kernel, deterministic attention, activation
+checkpointing) as a choice of the machine that loads it.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from data_pipeline.atomic import atomic_dir, check_dir_writable
 from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
-from evidence.runs import EvidenceError, find_tokenizer, run_dir_of
+from evidence.model_card import training_record
+from evidence.runs import EvidenceError, compute_device, find_tokenizer, run_dir_of
 from model import CausalLM, ModelConfig
 
 log = logging.getLogger("growlength")
@@ -41,13 +46,18 @@ def find_checkpoint(path: str | Path) -> tuple[Path, dict]:
     return found, state
 
 
+# how the run executed, not what its weights mean: a checkpoint loads anywhere (one saved with attention: flash on a
+# machine without flash-attn), and the kernels are chosen for the device it is loaded on
+RUNTIME_ON_LOAD = {"attention": "auto", "deterministic_attention": False, "activation_checkpointing": False}
+
+
 def load_trained_model(path: str | Path) -> tuple[CausalLM, dict, Path]:
     """``(model in fp32 on the CPU, the checkpoint's growlength state, checkpoint dir)`` for a run directory, its
     checkpoints directory or one checkpoint; the newest complete checkpoint when several."""
     from launcher import engine as ds  # DeepSpeed lives there
 
     found, state = find_checkpoint(path)
-    config = ModelConfig(**state["model"])
+    config = ModelConfig(**{**state["model"], **RUNTIME_ON_LOAD})
     model = CausalLM(config)
     try:
         sd = ds.consolidated_fp32_state_dict(str(found.parent), found.name)
@@ -82,10 +92,13 @@ def check_out(out_path: Path, run_dir: Path, overwrite: bool) -> None:
                                 f"--overwrite replaces only an export: choose another directory")
 
 
-def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | None = None) -> Path:
-    """Write the HF directory at ``out`` (complete or absent: built beside it and renamed)."""
+def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | None = None,
+           device: str = "auto", dtype: str = "fp32") -> Path:
+    """Write the HF directory at ``out`` (complete or absent: built beside it and renamed), its weights in ``dtype``
+    (default fp32: the master weights as trained), the model built on ``device``."""
     from model.hf import save_hf
 
+    where, weights_dtype = compute_device(device, dtype)
     out_path = Path(out)
     found, state = find_checkpoint(checkpoint)
     check_out(out_path, run_dir_of(found), overwrite)
@@ -96,10 +109,13 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
         raise DatasetError(f"{found}: the tokenizer this run trained with does not open ({e})") from None
     check_dir_writable(out_path.parent, "--out", out, EvidenceError)
     model, state, found = load_trained_model(found)
+    model = model.to(device=where, dtype=weights_dtype)
     with atomic_dir(out_path) as tmp:
-        save_hf(model, tmp)
+        save_hf(model, tmp, dtype=weights_dtype)
         if tok is not None:
             write_tokenizer(tok, tmp)
+        card = tmp / "README.md"  # model/hf.py's card (the model), then the run's training record
+        card.write_text(card.read_text() + training_record(state, run_dir_of(found), found), encoding="utf-8")
     log.info("exported %s (step %d, %s tokens) to %s", found, state["step"], f"{state['tokens_seen']:,}", out_path)
     return out_path
 
@@ -125,10 +141,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the Hugging Face directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a previous export at --out")
     p.add_argument("--tokenizer", help="the tokenizer to ship (default: the run's copy, else the recorded path)")
+    p.add_argument("--device", default="auto", help="where the model is built: auto (CUDA when usable) | cpu | "
+                                                    "cuda | cuda:N")
+    p.add_argument("--dtype", default="fp32", help="dtype of the written weights: fp32 (default: as trained) | bf16 "
+                                                   "(half the size) | fp16 | auto (bf16 on CUDA)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        export(args.checkpoint, args.out, args.overwrite, args.tokenizer)
+        export(args.checkpoint, args.out, args.overwrite, args.tokenizer, args.device, args.dtype)
     except (ckpt.CheckpointError, EvidenceError, FileExistsError, DatasetError) as e:
         log.error("%s", e)
         return 2

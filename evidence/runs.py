@@ -1,6 +1,7 @@
 """Reading what a training run left behind, for the evidence tools: metrics.jsonl as step, eval and stage records;
 a run's tokenizer and data wherever the run directory now is (`find_tokenizer`, `find_data_prefix`); reports
-written complete or not at all (`check_writable`, `write_json`, over `data_pipeline.atomic`).
+written complete or not at all (`check_writable`, `write_json`, over `data_pipeline.atomic`); where a tool computes
+(`compute_device`: --device / --dtype).
 """
 from __future__ import annotations
 
@@ -90,6 +91,53 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     run.steps = sorted({r["step"]: r for r in run.steps}.values(), key=lambda r: r["step"])
     run.evals.sort(key=lambda r: r["step"])
     return run
+
+
+# ---- where a tool computes ---------------------------------------------------------------------------------------
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def compute_device(device: str = "auto", dtype: str = "auto"):
+    """``(torch.device, torch.dtype)`` for a tool's ``--device`` and ``--dtype``: auto = CUDA in bf16 where CUDA is
+    usable (fp32 on a GPU without bf16), else the CPU in fp32. A device or dtype that cannot be used here raises
+    EvidenceError with the fix."""
+    import torch
+
+    usable = torch.cuda.is_available()
+    if device == "auto":
+        where = torch.device("cuda" if usable else "cpu")
+    else:
+        try:
+            where = torch.device(device)
+        except (RuntimeError, ValueError):
+            where = None
+        if where is None or where.type not in ("cpu", "cuda"):
+            raise EvidenceError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+        if where.type == "cuda" and not usable:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else \
+                "no GPU is visible, or the driver is older than this torch's CUDA " + str(torch.version.cuda)
+            raise EvidenceError(f"--device {device}: CUDA is not usable here ({why}); use --device cpu")
+        if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+            raise EvidenceError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible; "
+                                f"choose cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if dtype == "auto":
+        half = where.type == "cuda" and torch.cuda.is_bf16_supported()
+        return where, torch.bfloat16 if half else torch.float32
+    if dtype not in DTYPE_NAMES:
+        raise EvidenceError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPE_NAMES)}")
+    return where, getattr(torch, DTYPE_NAMES[dtype])
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bf16" (the --dtype spelling)."""
+    return {v: k for k, v in DTYPE_NAMES.items()}[str(dtype).replace("torch.", "")]
+
+
+def add_device_arguments(parser, what: str = "compute") -> None:
+    """The tools' shared --device / --dtype flags (checked by compute_device, not argparse: one line, exit 2)."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when usable, else cpu) | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto", help=f"{what} dtype: auto (bf16 on CUDA, fp32 on the CPU) | "
+                                                         f"{' | '.join(DTYPE_NAMES)}")
 
 
 # ---- writing reports: complete or absent ------------------------------------------------------------------------

@@ -169,7 +169,8 @@ def read_state(path: Path) -> dict:
 
 
 # ModelConfig fields that change how a run executes, not what the weights mean
-_RUNTIME_MODEL_KEYS = {"attention", "activation_checkpointing", "rope_scaling", "rope_scaling_factor"}
+_RUNTIME_MODEL_KEYS = {"attention", "deterministic_attention", "activation_checkpointing", "rope_scaling",
+                       "rope_scaling_factor"}
 
 
 def model_identity(state: dict) -> dict:

@@ -127,7 +127,8 @@ class StageCompiler:
         gen = torch.Generator(device="cpu").manual_seed(seq_len)
         h0 = torch.randn(micro_batch_size, seq_len, c.hidden_size, generator=gen).to(self.device, self.dtype)
         h0.requires_grad_(True)  # (B, T, d): stands for the embedding's output
-        backend = resolve_backend(c.attention, self.device, self.dtype, masked=c.document_masking)
+        backend = resolve_backend(c.attention, self.device, self.dtype, c.document_masking,
+                                  c.deterministic_attention)
         docs = None
         if c.document_masking:  # training batches carry their documents: the graph must take them too
             # every row split in two documents (the row starts are boundaries in any case)
@@ -135,7 +136,7 @@ class StageCompiler:
             inner = starts + max(1, seq_len // 2) if seq_len > 1 else starts[:0]
             cu = torch.cat([torch.stack([starts, inner], 1).reshape(-1) if seq_len > 1 else starts,
                             torch.tensor([micro_batch_size * seq_len], dtype=torch.int32)])
-            docs = documents(cu, micro_batch_size, seq_len, self.device, need_mask=backend == "sdpa")
+            docs = documents(cu, micro_batch_size, seq_len, self.device, backend)
         cos, sin = m.rotary_tables(seq_len, self.device, docs)
         h = h0
         for layer in m.layers:  # the same calls as CausalLM.forward makes

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from model.config import PRESETS, ModelConfig
+
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the field, the value and the fix."""
@@ -178,36 +180,46 @@ class DataConfig(Section):
         return []
 
 
-@dataclass
-class ModelSection(Section):
+class _ModelRules(Section):
+    """The rules of the `model:` section (its fields are made by :func:`_model_section`)."""
+
     SECTION = "model"
-    preset: str = doc("model preset: tiny, pythia-70m, pythia-160m, pythia-410m, pythia-1b (gpt-neox); tiny-llama, "
-                      "smollm2-135m, smollm2-360m, tinyllama-1.1b (llama)", "tiny")
-    family: str | None = doc("gpt-neox or llama; null = the preset's (a preset implies its family, and a different "
-                             "value is an error)", None, choices=("gpt-neox", "llama"))
-    attention: str = doc("attention backend: auto (flash-attn on CUDA when installed, else SDPA), flash, sdpa",
-                         "auto")
-    activation_checkpointing: bool = doc("recompute each block's activations in backward (long stages, big models)",
-                                         False)
-    document_masking: bool = doc("attention never crosses an EOD inside a window (flash-attn varlen on CUDA, else "
-                                 "SDPA with a block-causal mask); validation and evaluate mask the same way; "
-                                 "false as in Pythia", False)
-    reset_position_ids: bool = doc("RoPE positions restart at each document (needs document_masking)", False)
-    compile: object = doc("torch.compile the blocks, one static-shape graph per stage length built at the switch: "
-                          "true (a compiler failure stops the run), false, or auto (eager with a warning where it "
-                          "fails)", False)
-    rotary_pct: float | None = doc("share of each head's dims that are rotated (Pythia: 0.25, Llama: 1); "
-                                   "null = preset", None)
-    rope_base: float | None = doc("RoPE base (HF rope_theta); null = preset (10000; SmolLM2 100000)", None)
-    overrides: dict = doc("any other ModelConfig fields, e.g. {num_layers: 4, hidden_size: 256, num_kv_heads: 2}",
-                          factory=dict)
-    init_from_hf: str | None = doc("start from a Hugging Face GPT-NeoX/Pythia or Llama directory instead of random "
-                                   "init (its config.json replaces the preset)", None)
 
     def problems(self, failed: set[str]) -> list[str]:
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             return [f"model.compile must be true, false or auto, got {self.compile!r}"]
         return []
+
+    def model_settings(self) -> dict:
+        """The ModelConfig fields this section sets (the others keep the preset's, or init_from_hf's, value)."""
+        return {name: getattr(self, name) for name in MODEL_FIELDS if getattr(self, name) is not None}
+
+
+# the model's own fields, as model/config.py declares them (help, bounds); vocab_size comes from the tokenizer
+MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
+
+
+def _model_section() -> type:
+    """The `model:` section: the launcher's keys (preset, compile, init_from_hf), then every ModelConfig field but
+    vocab_size with its own help and bounds, optional here: null (the default) keeps the preset's value."""
+    own = [
+        ("preset", "str", doc("model preset: tiny, pythia-70m, pythia-160m, pythia-410m, pythia-1b (gpt-neox); "
+                              "tiny-llama, smollm2-135m, smollm2-360m, tinyllama-1.1b (llama); the model fields "
+                              "below override its values", "tiny", choices=tuple(PRESETS))),
+        ("compile", "object", doc("torch.compile the blocks, one static-shape graph per stage length built at the "
+                                  "switch: true (a compiler failure stops the run), false, or auto (eager with a "
+                                  "warning where it fails)", False)),
+        ("init_from_hf", "str | None", doc("start from a Hugging Face GPT-NeoX/Pythia or Llama directory instead of "
+                                           "random init (its config.json replaces the preset)", None)),
+    ]
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    model = [(name, fields[name].type if "None" in fields[name].type else f"{fields[name].type} | None",
+              field(default=None, metadata=fields[name].metadata)) for name in MODEL_FIELDS]
+    return dataclasses.make_dataclass("ModelSection", own + model, bases=(_ModelRules,),
+                                      namespace={"__module__": __name__})
+
+
+ModelSection = _model_section()
 
 
 # the keys of one growlength.stages entry: (type, bounds), checked like the fields
@@ -319,6 +331,13 @@ class LoggingConfig(Section):
     tensorboard: bool = doc("write TensorBoard event files under RUN_DIR/tensorboard", True)
     peak_tflops: float | None = doc("peak TFLOP/s per device for MFU; null = look up the GPU, else no MFU", None,
                                     gt=0)
+    wandb: dict | None = doc("Weights & Biases: {project: P, name: N, mode: online|offline|disabled, entity, group, "
+                             "tags}; the metrics.jsonl records, config and plan, rank 0 (docs/trackers.md); null = off",
+                             None)
+
+    def problems(self, failed: set[str]) -> list[str]:
+        from launcher.trackers import wandb_problems
+        return [] if "wandb" in failed else wandb_problems(self.wandb)
 
 
 @dataclass
@@ -386,7 +405,7 @@ def parse_overrides(items: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "overrides" else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -21,7 +21,7 @@ from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.loader import MicroBatch, StageLoader
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
 from data_pipeline.tokenizer import Tokenizer
-from launcher import engine as ds
+from launcher import distributed as dist
 from launcher.config import RunConfig
 from launcher.plan import Stage, StagePlan
 
@@ -80,7 +80,7 @@ class TrainData:
                       epochs=d.epochs, cache_dir=str(self.cache_dir()))
         self.samples = GrowLengthSamples(self.prefix, **kwargs)
         # minutes on a large corpus: the others wait under GROWLENGTH_RANK0_TIMEOUT_MIN, not the collective timeout
-        ds.wait_for_rank0(self.samples.build, self.rank, self.world)
+        dist.wait_for_rank0(self.samples.build, self.rank, self.world)
         if self.rank != 0:
             self.samples.load()
         log.info("sample index ready in %.2fs (%s)", time.perf_counter() - t0, self.cache_dir())
@@ -97,12 +97,12 @@ class TrainData:
         return StageLoader(self.samples, stage.index, stage.micro_batch_size, stage.grad_accum, self.rank,
                            self.world, consumed_samples=consumed_steps * global_batch,
                            documents=self.document_masking, prefetch=prefetch,
-                           pin_memory=ds.device().type == "cuda")
+                           pin_memory=dist.device().type == "cuda")
 
     @property
     def document_masking(self) -> bool:
         """Batches come with their document boundaries (``MicroBatch``es) for a model trained with masking."""
-        return self.cfg.model.document_masking
+        return bool(self.cfg.model.document_masking)  # null: the presets' (off)
 
     def valid_batches(self, seq_len: int, eval_tokens: int, tokens_per_batch: int):
         """This rank's share of the validation windows at ``seq_len``, in batches of about ``tokens_per_batch``:
@@ -125,7 +125,7 @@ class TrainData:
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
     d = cfg.data
     if d.prefix is None:
-        ds.wait_for_rank0(lambda: prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size), rank, world)
+        dist.wait_for_rank0(lambda: prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size), rank, world)
         tokenizer_path, prefix = prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
     else:
         tokenizer_path, prefix = d.tokenizer, d.prefix

@@ -123,12 +123,16 @@ def truncate_after(run_dir: str | Path, step: int) -> int:
 
 
 class MetricsWriter:
-    """Appends JSON records to RUN_DIR/metrics.jsonl and scalars to TensorBoard. A no-op off rank 0."""
+    """Appends JSON records to RUN_DIR/metrics.jsonl, scalars to TensorBoard, and the same records to the trackers
+    (``wandb``: the ``logging.wandb`` mapping; ``run_info``: the config and plan they record once). A no-op off
+    rank 0."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, wandb: dict | None = None,
+                 run_info: dict | None = None):
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._trackers = []
         if not enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -136,11 +140,16 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb is not None and wandb.get("mode", "online") != "disabled":
+            from launcher.trackers import WandbSink
+            self._trackers.append(WandbSink(wandb, run_dir, run_info or {}))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
+        for tracker in self._trackers:
+            tracker.log(record)
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():
@@ -153,6 +162,8 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
 
 
 def fmt_count(x: float) -> str:

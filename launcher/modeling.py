@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 
 import torch
 
 from data_pipeline.errors import DatasetError
 from data_pipeline.tokenizer import Tokenizer
-from launcher import engine as ds
+from launcher import distributed as dist
 from launcher import steptime
 from launcher.config import ConfigError, ModelSection, RunConfig
 from launcher.plan import micro_batch_for
@@ -33,24 +34,24 @@ def run_model_config(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
         raise ConfigError(f"model section: {e}") from e
 
 
+# model fields a Hugging Face start (model.init_from_hf) may set: how it runs, not its architecture
+HF_RUNTIME = ("attention", "deterministic_attention", "activation_checkpointing", "document_masking",
+              "reset_position_ids")
+
+
 def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
-    """The run's ModelConfig: the preset with the section's settings, or the architecture of model.init_from_hf's
-    config.json (read only; its weights are loaded by build_model)."""
-    runtime = dict(attention=m.attention, activation_checkpointing=m.activation_checkpointing,
-                   document_masking=m.document_masking, reset_position_ids=m.reset_position_ids)
+    """The run's ModelConfig: the preset with the section's model fields, or the architecture of model.init_from_hf's
+    config.json (read only; its weights are loaded by build_model) with the section's runtime fields."""
+    settings = m.model_settings()
     if not m.init_from_hf:
-        overrides = {**m.overrides, **runtime}
-        for key in ("family", "rotary_pct", "rope_base"):
-            if getattr(m, key) is not None:
-                overrides[key] = getattr(m, key)
-        return ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **overrides)
+        return ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **settings)
     from model.hf import read_hf_config
-    fixed = [k for k in ("rotary_pct", "rope_base", "overrides") if getattr(m, k)]
+    fixed = [k for k in settings if k not in HF_RUNTIME + ("family",)]
     if fixed:
         raise ConfigError(f"model.init_from_hf {m.init_from_hf}: the architecture comes from its config.json; "
                           f"drop model.{', model.'.join(fixed)}")
     try:
-        config = read_hf_config(m.init_from_hf, **runtime)
+        config = read_hf_config(m.init_from_hf, **{k: v for k, v in settings.items() if k in HF_RUNTIME})
     except FileNotFoundError:
         raise ConfigError(f"model.init_from_hf {m.init_from_hf}: no config.json there; give a Hugging Face "
                           f"GPT-NeoX or Llama directory (save_pretrained's layout)") from None
@@ -64,6 +65,18 @@ def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
                            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size}: give the checkpoint's own "
                            f"tokenizer as data.tokenizer (and preprocess with it)")
     return config
+
+
+def deterministic_kernels(model_config: ModelConfig, device: torch.device) -> None:
+    """model.deterministic_attention on CUDA: torch's deterministic algorithms for the whole step (torch's attention
+    backward reads them; flash-attn takes deterministic=True itself), with cuBLAS's fixed workspace that they
+    require. An op without a deterministic CUDA kernel then raises instead of drifting."""
+    if not (model_config.deterministic_attention and device.type == "cuda"):
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts: before any matmul
+    torch.use_deterministic_algorithms(True)
+    log.info("model.deterministic_attention: torch deterministic algorithms on (CUBLAS_WORKSPACE_CONFIG=%s)",
+             os.environ["CUBLAS_WORKSPACE_CONFIG"])
 
 
 def build_model(cfg: RunConfig, model_config: ModelConfig) -> CausalLM:
@@ -89,7 +102,7 @@ def probe_step_times(cfg: RunConfig, model_config: ModelConfig, rank: int, world
     Only the ratios between lengths matter for a time-share plan with a token total. (The engine's own ZeRO
     step cannot be timed here: the plan this probe sizes is what the engine's scheduler is built from.)"""
     g = cfg.growlength
-    device = ds.device()
+    device = dist.device()
     shapes = {L: micro_batch_for(L, g.tokens_per_step, world, g.grad_accum, g.max_tokens_per_micro_batch,
                                  f"growlength.stages[{i}]") for i, L in enumerate(seq_lens)}
     times = oom = None
@@ -118,7 +131,7 @@ def probe_step_times(cfg: RunConfig, model_config: ModelConfig, rank: int, world
             torch.cuda.empty_cache()
     n = len(seq_lens)
     mine = times.medians() + [t.spread for t in times.lengths.values()] if times else [math.inf] * 2 * n
-    worst = ds.all_reduce_max(mine)
+    worst = dist.all_reduce_max(mine)
     out, spreads = worst[:n], worst[n:]
     if math.inf in out:
         where = f"at seq_len {oom.seq_len} ({oom.detail})" if oom else "on another rank"

@@ -29,6 +29,7 @@ import torch
 
 from launcher import checkpoint as ckpt
 from launcher import compile as compiling
+from launcher import distributed as dist
 from launcher import engine as ds
 from launcher.config import ConfigError, RunConfig, load_config
 from launcher.data import TrainData, prepare_data
@@ -211,9 +212,11 @@ class Trainer:
         self.cfg, self.plan, self.data, self.engine = cfg, plan, data, engine
         self.rank, self.world, self.progress = rank, world, progress
         self.run_dir = Path(cfg.run_dir)
-        self.device = ds.device()
+        self.device = dist.device()
         self.model: CausalLM = engine.module
-        self.metrics = MetricsWriter(self.run_dir, rank == 0, cfg.logging.tensorboard)
+        self.metrics = MetricsWriter(self.run_dir, rank == 0, cfg.logging.tensorboard, cfg.logging.wandb,
+                                     {"config": cfg.to_dict(), "plan": plan.describe(),
+                                      "tokens_per_step": plan.tokens_per_step, "world_size": world})
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak = peak_tflops(cfg.logging.peak_tflops, name)
         self.preemption = preemption
@@ -299,7 +302,7 @@ class Trainer:
                             torch.as_tensor(-1.0 if norm is None else norm, dtype=torch.float64,
                                             device=self.device).reshape(1),
                             torch.tensor(flags, dtype=torch.float64, device=self.device)])
-        loss_sum, norm_sum, signalled, stop, pairs = ds.all_reduce_sum_tensor(packed)
+        loss_sum, norm_sum, signalled, stop, pairs = dist.all_reduce_sum_tensor(packed)
         dt = time.perf_counter() - t0
         p = self.progress
         p.step += 1
@@ -363,7 +366,7 @@ class Trainer:
         """Whether growlength.max_time_s is used up, by rank 0's clock, agreed by every rank."""
         if self.cfg.growlength.max_time_s is None:
             return False
-        return ds.all_reduce_sum([float(self._past_time_limit())])[0] > 0
+        return dist.all_reduce_sum([float(self._past_time_limit())])[0] > 0
 
     def elapsed(self) -> float:
         return self.progress.elapsed_s + time.perf_counter() - self.start_time
@@ -397,7 +400,7 @@ class Trainer:
                 loss = self.engine(batch[:, :-1], labels=batch[:, 1:], cu_seqlens=cu_seqlens)
                 loss_sum += loss.item() * batch[:, 1:].numel()
                 n_tok += batch[:, 1:].numel()
-            loss_sum, n_tok = ds.all_reduce_sum([loss_sum, n_tok])
+            loss_sum, n_tok = dist.all_reduce_sum([loss_sum, n_tok])
             if n_tok:
                 record[f"val_loss_{length}"] = loss_sum / n_tok
                 record[f"val_ppl_{length}"] = float(torch.tensor(loss_sum / n_tok).exp())
@@ -412,19 +415,19 @@ class Trainer:
         tag = ckpt.tag_for(self.progress.step)
         t0 = time.perf_counter()
         ckpt.prepare_dir(root, tag, self.rank)
-        ds.barrier()
+        dist.barrier()
         self.progress.elapsed_s, self.start_time = self.elapsed(), time.perf_counter()
         state = client_state(self.cfg, self.plan, self.data, self.model.config, self.progress,
                              self.loader.state_dict(), self.world)
         ds.save_checkpoint(self.engine, str(root), tag, {"growlength": state})
         ckpt.save_rng(root / tag, self.rank)
-        ds.barrier()
+        dist.barrier()
         self.faults.in_save(self.progress.step)
         if self.rank == 0:
             state["files"] = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
             ckpt.write_state(root / tag, state)
             ckpt.prune(root, self.cfg.checkpointing.keep_last)
-        ds.barrier()
+        dist.barrier()
         log.info("checkpoint %s saved (%.1fs)", root / tag, time.perf_counter() - t0)
 
     def summary(self) -> None:
@@ -511,7 +514,7 @@ def start_decision(cfg: RunConfig, run_dir: Path, rank: int, world: int) -> tupl
             decision.update(path=str(path) if path else None, warnings=warnings)
         except USER_ERRORS as e:
             decision["error"] = f"{type(e).__name__}: {e}"
-    decision = ds.broadcast_object(decision)
+    decision = dist.broadcast_object(decision)
     if decision["error"]:
         if lock is not None:
             lock.release()
@@ -542,7 +545,8 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     dtype = (torch.bfloat16 if user_ds_config.get("bf16", {}).get("enabled") else
              torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
     model_config = modeling.run_model_config(cfg.model, data.tokenizer)
-    compiling.check_compiler(cfg.model.compile, ds.device())  # refused here, before the plan and the model
+    compiling.check_compiler(cfg.model.compile, dist.device())  # refused here, before the plan and the model
+    modeling.deterministic_kernels(model_config, dist.device())
     plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
                             step_seconds=lambda lens: modeling.probe_step_times(cfg, model_config, rank, world, lens,
                                                                                 dtype))

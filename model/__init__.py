@@ -8,6 +8,13 @@ Hugging Face interchange (needs transformers) lives in `model.hf`: save_hf, load
 LlamaForCausalLM).
 """
 from .config import FAMILIES, PRESETS, ModelConfig
-from .model import CausalLM
 
 __all__ = ["CausalLM", "FAMILIES", "ModelConfig", "PRESETS"]
+
+
+def __getattr__(name: str):
+    """`CausalLM` on first use: `model.config` (the run config's `model:` section) stays importable without torch."""
+    if name == "CausalLM":
+        from .model import CausalLM
+        return CausalLM
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -38,61 +38,98 @@ def _swiglu_width(d: int, multiple_of: int = 256) -> int:
     return -(-width // multiple_of) * multiple_of
 
 
+def bound_problems(config) -> list[str]:
+    """The fields of a dataclass outside the bounds their `knob` declares (None, a family default, is skipped);
+    the run config checks types too, before a ModelConfig is built."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None or not meta:
+            continue
+        if "choices" in meta:
+            if value not in meta["choices"]:
+                problems.append(f"{f.name}={value!r}: choose one of {', '.join(meta['choices'])}")
+            continue
+        if not any(k in meta for k in ("ge", "gt", "le", "lt")):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                f.type.startswith("int") and not isinstance(value, int)):
+            problems.append(f"{f.name}={value!r}: must be {'an integer' if f.type.startswith('int') else 'a number'}")
+        elif (("ge" in meta and value < meta["ge"]) or ("gt" in meta and value <= meta["gt"])
+              or ("le" in meta and value > meta["le"]) or ("lt" in meta and value >= meta["lt"])):
+            problems.append(f"{f.name}={value!r}: must be {_bounds_text(meta)}")
+    return problems
+
+
+def _bounds_text(meta) -> str:
+    """`in (0, 1]`, `>= 1`, `> 0`."""
+    lo = f"[{meta['ge']}" if "ge" in meta else f"({meta['gt']}" if "gt" in meta else None
+    hi = f"{meta['le']}]" if "le" in meta else f"{meta['lt']})" if "lt" in meta else None
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    return f"{'>=' if lo[0] == '[' else '>'} {lo[1:]}" if lo else f"{'<=' if hi[-1] == ']' else '<'} {hi[:-1]}"
+
+
+def knob(help_text: str, default=dataclasses.MISSING, **bounds) -> dataclasses.Field:
+    """A ModelConfig field with its one-line help and its bounds (`ge`, `gt`, `le`, `lt`, `choices`), declared once:
+    ModelConfig checks the bounds (`bound_problems`), and the run config's `model:` section (launcher/config.py)
+    checks each value's type and bounds and shows the help."""
+    return dataclasses.field(default=default, metadata={"help": help_text, **bounds})
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a RoPE decoder of either family. There is no block size: any sequence length runs.
     Fields left None take the family's default (see each field)."""
 
-    vocab_size: int
-    """Tokenizer vocabulary size (kept for export); the embedding has `padded_vocab_size` rows."""
-    hidden_size: int
-    """Width d of the residual stream."""
-    num_layers: int
-    """Number of transformer blocks."""
-    num_heads: int
-    """Query heads; head_dim = hidden_size / num_heads."""
-    family: str = "gpt-neox"
-    """gpt-neox (Pythia: LayerNorm, GELU MLP, biases, partial rotary) | llama (RMSNorm, SwiGLU, no biases, GQA)."""
-    num_kv_heads: int | None = None
-    """Key/value heads (grouped-query attention, llama only); None = num_heads (multi-head attention)."""
-    intermediate_size: int | None = None
-    """MLP inner width; None = 4 * d (gpt-neox) or 8d/3 rounded up to a multiple of 256 (llama, Meta's rule)."""
-    rotary_pct: float | None = None
-    """Fraction of each head's dims that get rotary embeddings, in (0, 1]; None = 0.25 (gpt-neox) or 1.0 (llama)."""
-    rope_base: float = 10000.0
-    """RoPE base theta (Hugging Face: rope_theta)."""
-    rope_scaling: str = "none"
-    """Position scaling for evaluation beyond the trained length: none | linear (interpolation) | ntk."""
-    rope_scaling_factor: float = 1.0
-    """Factor for rope_scaling: positions / factor (linear) or base * factor^(r/(r-2)) (ntk); >= 1."""
-    use_parallel_residual: bool | None = None
-    """x + attn(ln1(x)) + mlp(ln2(x)) instead of attention then MLP; None = True (gpt-neox), False (llama)."""
-    tie_word_embeddings: bool = False
-    """LM head shares the input embedding's weight (llama only, e.g. SmolLM2; Pythia's are untied)."""
-    layer_norm_eps: float = 1e-5
-    """Epsilon of the norms (LayerNorm for gpt-neox, RMSNorm for llama)."""
-    attention: str = "auto"
-    """Attention backend: auto (flash-attn on CUDA fp16/bf16 when installed, else SDPA) | flash | sdpa."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward (saves memory on long stages)."""
-    document_masking: bool = False
-    """Trained with attention kept within documents (never across an EOD): the launcher, validation and
-    evidence.evaluate pass each batch's document boundaries (forward's cu_seqlens). False as in Pythia."""
-    reset_position_ids: bool = False
-    """RoPE positions restart at 0 at each document start (needs document_masking)."""
-    init_std: float | None = None
-    """Std of the normal init of embeddings, input projections and the LM head; None = sqrt(2/(5d)) (Pythia's
-    small_init) for gpt-neox, 0.02 (Hugging Face's initializer_range) for llama."""
-    output_init_std: float | None = None
-    """Std for the two projections that write into the residual stream; None = 2/(L*sqrt(d)) (Pythia's
-    wang_init) for gpt-neox, 0.02/sqrt(2L) (GPT-2's scaled init) for llama."""
-    vocab_pad_multiple: int = 128
-    """The embedding and LM head are padded to a multiple of this (speed); 1 disables padding."""
+    vocab_size: int = knob("tokenizer vocabulary size (kept for export); the embedding has padded_vocab_size rows",
+                           ge=1)
+    hidden_size: int = knob("width d of the residual stream", ge=1)
+    num_layers: int = knob("number of transformer blocks", ge=1)
+    num_heads: int = knob("query heads; head_dim = hidden_size / num_heads", ge=1)
+    family: str = knob("gpt-neox (Pythia: LayerNorm, GELU MLP, biases, partial rotary) or llama (RMSNorm, SwiGLU, "
+                       "no biases, GQA); a preset implies its family", "gpt-neox", choices=FAMILIES)
+    num_kv_heads: int | None = knob("key/value heads (grouped-query attention, llama only); null = num_heads", None,
+                                    ge=1)
+    intermediate_size: int | None = knob("MLP inner width; null = 4d (gpt-neox) or 8d/3 rounded up to a multiple of "
+                                         "256 (llama, Meta's rule)", None, ge=1)
+    rotary_pct: float | None = knob("share of each head's dims that are rotated; null = 0.25 (gpt-neox, Pythia) or "
+                                    "1.0 (llama)", None, gt=0, le=1)
+    rope_base: float = knob("RoPE base theta (Hugging Face: rope_theta)", 10000.0, gt=0)
+    rope_scaling: str = knob("position scaling for evaluation beyond the trained length: none, linear "
+                             "(interpolation) or ntk", "none", choices=ROPE_SCALINGS)
+    rope_scaling_factor: float = knob("factor of rope_scaling: positions / factor (linear) or base * "
+                                      "factor^(r/(r-2)) (ntk)", 1.0, ge=1)
+    use_parallel_residual: bool | None = knob("x + attn(ln1(x)) + mlp(ln2(x)) instead of attention then MLP; "
+                                              "null = true (gpt-neox), false (llama)", None)
+    tie_word_embeddings: bool = knob("the LM head shares the input embedding's weight (llama only, e.g. SmolLM2; "
+                                     "Pythia's are untied)", False)
+    layer_norm_eps: float = knob("epsilon of the norms (LayerNorm for gpt-neox, RMSNorm for llama)", 1e-5, gt=0)
+    attention: str = knob("attention backend: auto (flash-attn on CUDA fp16/bf16 sm80+ when installed, SDPA on Hopper "
+                          "without documents, else torch's kernels; docs/gpu.md), flash or sdpa; how the run executes: "
+                          "a checkpoint loads with any", "auto", choices=ATTENTION_BACKENDS)
+    deterministic_attention: bool = knob("attention backward with a fixed summation order (flash-attn "
+                                         "deterministic=True; SDPA without cuDNN or memory-efficient kernels), so a "
+                                         "bf16 resume on a GPU repeats the same bits; slower backward", False)
+    activation_checkpointing: bool = knob("recompute each block's activations in backward (saves memory on long "
+                                          "stages)", False)
+    document_masking: bool = knob("attention never crosses an EOD inside a window; the launcher, validation and "
+                                  "evidence.evaluate pass each batch's document boundaries (forward's cu_seqlens); "
+                                  "false as in Pythia", False)
+    reset_position_ids: bool = knob("RoPE positions restart at 0 at each document start (needs document_masking)",
+                                    False)
+    init_std: float | None = knob("std of the normal init of embeddings, input projections and the LM head; null = "
+                                  "sqrt(2/(5d)) (Pythia's small_init) for gpt-neox, 0.02 for llama", None, gt=0)
+    output_init_std: float | None = knob("std of the two projections that write into the residual stream; null = "
+                                         "2/(L*sqrt(d)) (Pythia's wang_init) for gpt-neox, 0.02/sqrt(2L) for llama",
+                                         None, gt=0)
+    vocab_pad_multiple: int = knob("the embedding and LM head are padded to a multiple of this (speed); 1 disables "
+                                   "padding", 128, ge=1)
 
     def __post_init__(self):
-        problems = []
-        if self.family not in FAMILIES:
-            raise ValueError(f"invalid ModelConfig:\n  family={self.family!r}: choose one of {', '.join(FAMILIES)}")
+        problems = bound_problems(self)
+        if problems:  # later checks divide by these
+            raise ValueError("invalid ModelConfig:\n  " + "\n  ".join(problems))
         llama = self.family == "llama"
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
@@ -100,53 +137,26 @@ class ModelConfig:
             self.rotary_pct = 1.0 if llama else 0.25
         if self.use_parallel_residual is None:
             self.use_parallel_residual = not llama
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_pad_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name}={value!r}: must be a positive integer")
-        if problems:  # later checks divide by these
-            raise ValueError("invalid ModelConfig:\n  " + "\n  ".join(problems))
         if self.intermediate_size is None:
             self.intermediate_size = _swiglu_width(self.hidden_size) if llama else 4 * self.hidden_size
-        if not isinstance(self.intermediate_size, int) or self.intermediate_size < 1:
-            problems.append(f"intermediate_size={self.intermediate_size!r}: must be a positive integer")
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}: "
                             f"choose num_heads dividing hidden_size")
-        elif not 0.0 < self.rotary_pct <= 1.0:
-            problems.append(f"rotary_pct={self.rotary_pct}: must be in (0, 1] (Pythia uses 0.25)")
-        else:
-            rd = self.rotary_dim
-            if rd < 2 or rd % 2:
-                problems.append(
-                    f"rotary dims = int(head_dim {self.head_dim} * rotary_pct {self.rotary_pct}) = {rd}: RoPE "
-                    f"rotates pairs, so this must be even and >= 2; change rotary_pct or hidden_size/num_heads "
-                    f"so that head_dim * rotary_pct is an even integer")
+        elif self.rotary_dim < 2 or self.rotary_dim % 2:
+            problems.append(
+                f"rotary dims = int(head_dim {self.head_dim} * rotary_pct {self.rotary_pct}) = {self.rotary_dim}: "
+                f"RoPE rotates pairs, so this must be even and >= 2; change rotary_pct or hidden_size/num_heads "
+                f"so that head_dim * rotary_pct is an even integer")
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}: each "
                             f"key/value head serves num_heads / num_kv_heads query heads; choose a divisor")
         problems += self._family_problems()
-        if self.rope_base <= 0:
-            problems.append(f"rope_base={self.rope_base}: must be > 0 (Pythia uses 10000)")
         if self.rope_scaling == "ntk" and self.rotary_dim <= 2:
             problems.append(f"rope_scaling='ntk' needs more than 2 rotary dims (have {self.rotary_dim}); "
                             f"raise rotary_pct or use rope_scaling='linear'")
-        if self.rope_scaling not in ROPE_SCALINGS:
-            problems.append(f"rope_scaling={self.rope_scaling!r}: choose one of {', '.join(ROPE_SCALINGS)}")
-        if self.rope_scaling_factor < 1.0:
-            problems.append(f"rope_scaling_factor={self.rope_scaling_factor}: must be >= 1 "
-                            f"(e.g. eval length / trained length)")
-        if self.attention not in ATTENTION_BACKENDS:
-            problems.append(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
         if self.reset_position_ids and not self.document_masking:
             problems.append("reset_position_ids=True needs document_masking=True (positions restart at the "
                             "document boundaries that masking supplies): set both, or drop reset_position_ids")
-        if self.layer_norm_eps <= 0:
-            problems.append(f"layer_norm_eps={self.layer_norm_eps}: must be > 0")
-        for name in ("init_std", "output_init_std"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                problems.append(f"{name}={value}: must be > 0, or None for the family's default")
         if problems:
             raise ValueError("invalid ModelConfig:\n  " + "\n  ".join(problems))
 

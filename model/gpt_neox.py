@@ -24,6 +24,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.deterministic = config.deterministic_attention
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
@@ -36,7 +37,7 @@ class Attention(nn.Module):
         qk, v = qkv.split([2, 1], dim=3)  # split, not indexing: its backward is one cat, no zero-filled grads
         q, k = apply_rotary(qk, cos, sin).unbind(dim=3)  # each (B, T, nh, hd), strided views
         v = v.squeeze(3)  # (B, T, nh, hd)
-        y = causal_attention(q, k, v, backend, docs)  # (B, T, nh, hd)
+        y = causal_attention(q, k, v, backend, docs, self.deterministic)  # (B, T, nh, hd)
         return F.linear(y.reshape(B, T, d), self.dense.weight, self.dense.bias if add_bias else None)
 
 

@@ -234,9 +234,9 @@ def save_tokenizer(sp_model_path: str | os.PathLike, out_dir: str | os.PathLike,
 
 # ---------------------------------------------------------------- model directories
 def save_hf(model: CausalLM, out_dir: str | os.PathLike, tokenizer_model_path: str | os.PathLike | None = None,
-            max_position_embeddings: int = 2048) -> Path:
+            max_position_embeddings: int = 2048, dtype: torch.dtype = torch.float32) -> Path:
     """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads as GPTNeoXForCausalLM or
-    LlamaForCausalLM (by the model's family) with our logits: config.json, model.safetensors (fp32, HF's key
+    LlamaForCausalLM (by the model's family) with our logits: config.json, model.safetensors (in `dtype`, HF's key
     names), and with a sentencepiece model also the tokenizer files. `max_position_embeddings` is metadata for HF
     users (RoPE has no limit)."""
     from safetensors.torch import save_file
@@ -250,9 +250,10 @@ def save_hf(model: CausalLM, out_dir: str | os.PathLike, tokenizer_model_path: s
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model_path))
         ids = dict(bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id() if sp.pad_id() >= 0 else None)
     config = hf_config_dict(model.config, max_position_embeddings=max_position_embeddings, **ids)
+    config["torch_dtype"] = str(dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "README.md").write_text(model_card(model, config["architectures"][0]))
-    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state_dict_to_hf(sd, model.config), str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_model_path is not None:
         save_tokenizer(tokenizer_model_path, out, model_max_length=max_position_embeddings)

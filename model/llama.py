@@ -42,6 +42,7 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.deterministic = config.deterministic_attention
         self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
@@ -54,7 +55,7 @@ class Attention(nn.Module):
         q = apply_rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)  # (B, T, nh, hd)
         k = apply_rotary(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)  # (B, T, nkv, hd)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, nkv, hd)
-        y = causal_attention(q, k, v, backend, docs)  # (B, T, nh, hd)
+        y = causal_attention(q, k, v, backend, docs, self.deterministic)  # (B, T, nh, hd)
         return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))
 
 

@@ -83,8 +83,9 @@ class CausalLM(nn.Module):
         each row is one causal sequence."""
         B, T = input_ids.shape
         x = self.embed_in(input_ids)  # (B, T, d)
-        backend = resolve_backend(self.config.attention, x.device, x.dtype, masked=cu_seqlens is not None)
-        docs = None if cu_seqlens is None else documents(cu_seqlens, B, T, x.device, need_mask=backend == "sdpa")
+        backend = resolve_backend(self.config.attention, x.device, x.dtype, cu_seqlens is not None,
+                                  self.config.deterministic_attention)
+        docs = None if cu_seqlens is None else documents(cu_seqlens, B, T, x.device, backend)
         cos, sin = self.rotary_tables(T, x.device, docs)
         for layer in self.layers:
             if self.config.activation_checkpointing and torch.is_grad_enabled():
@@ -108,7 +109,8 @@ class CausalLM(nn.Module):
     def attention_kernel(self, device: torch.device, dtype: torch.dtype) -> str:
         """The attention kernel a training forward on `device` in `dtype` uses (for the stage log line)."""
         masked = self.config.document_masking
-        kernel = KERNELS[resolve_backend(self.config.attention, device, dtype, masked), masked]
+        kernel = KERNELS[resolve_backend(self.config.attention, device, dtype, masked,
+                                         self.config.deterministic_attention), masked]
         return kernel + (", positions reset per document" if self.config.reset_position_ids else "")
 
     @torch.no_grad()
@@ -177,12 +179,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """loss = mean_i -log_softmax(z_i)[y_i];  dloss/dz_i = (softmax(z_i) - onehot(y_i)) / n_valid, with the
     softmax recomputed per chunk in backward instead of saved."""
 
-    CHUNK_ELEMENTS = 1 << 24  # fp32 working set per chunk: 64 MB
+    # fp32 (rows, V) working set per chunk: 5,336 rows at Pythia's padded 50,304 vocabulary, 32,768 at 8,192, so a
+    # 32k-token micro-batch is a handful of chunks (a few large kernels), not hundreds of small ones
+    CHUNK_BYTES = 1 << 30
+
+    @staticmethod
+    def rows_per_chunk(vocab: int) -> int:
+        return max(1, _ChunkedCrossEntropy.CHUNK_BYTES // (4 * vocab))
 
     @staticmethod
     def forward(ctx, logits, labels):  # logits (N, V) any float dtype, labels (N,) long
         N, V = logits.shape
-        rows = max(1, _ChunkedCrossEntropy.CHUNK_ELEMENTS // V)
+        rows = _ChunkedCrossEntropy.rows_per_chunk(V)
         valid = labels != -100
         safe_labels = torch.where(valid, labels, 0)[:, None]  # (N, 1)
         nll = torch.empty(N, dtype=torch.float32, device=logits.device)  # -log p(label) per row

@@ -1,9 +1,9 @@
-"""launcher.engine._map_launcher_env: the five env:// variables from deepspeed, Open MPI or srun (no cluster needed)."""
+"""launcher.distributed.map_launcher_env: the five env:// variables from deepspeed, Open MPI or srun (no cluster needed)."""
 import os
 
 import pytest
 
-from launcher.engine import _first_host, _map_launcher_env, job_master_port
+from launcher.distributed import first_host, job_master_port, map_launcher_env
 
 KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -13,13 +13,13 @@ def env(monkeypatch):
     for k in list(os.environ):
         if k.startswith(("SLURM_", "OMPI_", "PMIX_")):
             monkeypatch.delenv(k)
-    for k in KEYS:  # _map_launcher_env writes these: register them so monkeypatch restores them afterwards
+    for k in KEYS:  # map_launcher_env writes these: register them so monkeypatch restores them afterwards
         monkeypatch.setenv(k, "")
         monkeypatch.delenv(k)
     def set_env(**kv):
         for k, v in kv.items():
             monkeypatch.setenv(k, v)
-        kind = _map_launcher_env()
+        kind = map_launcher_env().kind
         return kind, tuple(os.environ[k] for k in KEYS)
     return set_env
 
@@ -44,7 +44,7 @@ def test_batch_step_is_one_process(env):
 
 def test_mpirun_inside_sbatch_reads_ompi_first(env, monkeypatch):
     """Every rank of mpirun-in-sbatch inherits SLURM_PROCID=0; without mpi4py the port follows the SLURM job."""
-    monkeypatch.setattr("launcher.engine._mpi_rendezvous", lambda one_node: None)  # as if mpi4py were missing
+    monkeypatch.setattr("launcher.distributed._mpi_rendezvous", lambda one_node: None)  # as if mpi4py were missing
     kind, got = env(SLURM_JOB_ID="9", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="1",
                     OMPI_COMM_WORLD_RANK="1", OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_RANK="1",
                     OMPI_COMM_WORLD_LOCAL_SIZE="2", OMPI_MCA_ess_base_jobid="123")
@@ -52,7 +52,7 @@ def test_mpirun_inside_sbatch_reads_ompi_first(env, monkeypatch):
 
 
 def test_mpirun_across_nodes_without_slurm_or_mpi4py_says_what_to_set(env, monkeypatch):
-    monkeypatch.setattr("launcher.engine._mpi_rendezvous", lambda one_node: None)
+    monkeypatch.setattr("launcher.distributed._mpi_rendezvous", lambda one_node: None)
     with pytest.raises(RuntimeError, match="mpirun across several nodes.*-x MASTER_ADDR"):
         env(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_SIZE="2")
 
@@ -64,5 +64,5 @@ def test_launcher_values_win(env):
 
 
 def test_first_host_of_hostlists():
-    assert [_first_host(n) for n in ("localhost", "gpu[03-05,07],cpu1", "a1,b[2-3]", "node[7]", "x-y[010-012]")] \
+    assert [first_host(n) for n in ("localhost", "gpu[03-05,07],cpu1", "a1,b[2-3]", "node[7]", "x-y[010-012]")] \
         == ["localhost", "gpu03", "a1", "node7", "x-y010"]

@@ -13,7 +13,7 @@ from slurm_jobs import (ROOT, assert_same_losses, job_info, last_step, log_of, s
                         wait_job)
 
 from launcher import checkpoint as ckpt
-from launcher.engine import job_master_port
+from launcher.distributed import job_master_port
 
 
 def test_sbatch_deepspeed_trains_tiny_plan(reference):

@@ -155,7 +155,8 @@ def test_preprocess_same_input_twice(tmp_path, sp_model, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("make, extra, pattern", [
-    (lambda d: os.mkdir(d / "in.jsonl"), [], r"--input .*in\.jsonl: is a directory; pass the files in it"),
+    (lambda d: os.mkdir(d / "in.jsonl"), [], r"--input .*in\.jsonl: a directory with no input in it; it should "
+                                              r"hold \.jsonl/\.json \(one JSON object per line\)"),
     (lambda d: (d / "in.jsonl").write_text(""), [], r"--input .*in\.jsonl: no documents: 0 lines, 0 empty, 0 bad; "
                                                      r"nothing written"),
     (lambda d: (d / "in.jsonl").write_text('{"text": " "}\n\n'), [], r"no documents: 2 lines, 2 empty, 0 bad"),

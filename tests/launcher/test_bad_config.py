@@ -29,7 +29,8 @@ ZERO2 = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     ("checkpointing.resume_force='false'", "checkpointing.resume_force must be true or false, got 'false' "
                                            r"\(a quoted string: write true or false without quotes\)"),
     ("checkpointing.resume_force=1", "checkpointing.resume_force must be true or false, got 1"),
-    ("model.activation_checkpointing=maybe", "model.activation_checkpointing must be true or false, got 'maybe'"),
+    ("model.activation_checkpointing=maybe", "model.activation_checkpointing must be true or false or null, got "
+                                             "'maybe'"),
     ("logging.tensorboard=0", "logging.tensorboard must be true or false, got 0"),
     ("growlength.tokens_per_step=abc", "growlength.tokens_per_step must be an integer, got 'abc'"),
     ("growlength.tokens_per_step=0", "growlength.tokens_per_step must be >= 1, got 0"),
@@ -53,7 +54,7 @@ ZERO2 = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     ("optimisation.warmup_fraction=.nan", r"warmup_fraction must be a number, got nan"),
     ("data.valid_fraction=x", "data.valid_fraction must be a number, got 'x'"),
     ("data.prefix=5", "data.prefix must be a string or null, got 5"),
-    ("model.overrides=[1]", r"model.overrides must be a mapping, got \[1\]"),
+    ("model.num_kv_heads=[1]", r"model.num_kv_heads must be an integer or null, got \[1\]"),
     ("model.rope_base=ten", "model.rope_base must be a number or null, got 'ten'"),
     ("seed=-1", r"seed must be in \[0, 4294967296\), got -1"),
     ("run_dir=null", "run_dir must be a string, got None"),

@@ -7,7 +7,7 @@ from runner import assert_refused, pretrain_ds_config
 
 
 def test_unknown_preset(run):
-    assert_refused(run("model.preset=pythia-7b"), "model section: unknown model preset 'pythia-7b': choose one of",
+    assert_refused(run("model.preset=pythia-7b"), "model.preset must be 'tiny' or 'pythia-70m' or",
                    run.run_dir)
 
 

@@ -14,11 +14,11 @@ def test_defaults_yaml_and_overrides(tmp_path):
     f.write_text("run_dir: runs/x\ngrowlength:\n  tokens_per_step: 8192\n  total_tokens: 81920\n"
                  "model:\n  preset: pythia-160m\n")
     cfg = load_config(str(f), ["growlength.tokens_per_step=16384", "logging.eval_lengths=[512, 1024]",
-                               "model.overrides={num_layers: 2}"])
+                               "model.num_layers=2"])
     assert cfg.run_dir == "runs/x"
     assert cfg.growlength.tokens_per_step == 16384
     assert cfg.growlength.total_tokens == 81920  # from the file, untouched by the override of a sibling
-    assert cfg.model.preset == "pythia-160m" and cfg.model.overrides == {"num_layers": 2}
+    assert cfg.model.preset == "pythia-160m" and cfg.model.model_settings() == {"num_layers": 2}
     assert cfg.logging.eval_lengths == [512, 1024]
     assert cfg.checkpointing.resume == "auto"
 
@@ -125,3 +125,70 @@ def test_micro_batch_probe_needs_free_accumulation():
                                           "growlength.grad_accum: null"):
         load_config(None, ["growlength.micro_batch_probe=probe.json"])
     assert load_config(None, ["growlength.micro_batch_probe=p.json", "growlength.grad_accum=null"]).growlength.grad_accum is None
+
+
+# ---- the model section validates into the model's own config ----------------------------------------------------
+# a valid value other than the preset's for every ModelConfig field, with the preset it fits
+MODEL_VALUES = {
+    "hidden_size": ("tiny", 32), "num_layers": ("tiny", 3), "num_heads": ("tiny", 2),
+    "family": ("tiny-llama", "llama"), "num_kv_heads": ("tiny-llama", 1), "intermediate_size": ("tiny", 100),
+    "rotary_pct": ("tiny", 0.5), "rope_base": ("pythia-70m", 500.0), "rope_scaling": ("tiny", "linear"),
+    "rope_scaling_factor": ("tiny", 2.0), "use_parallel_residual": ("tiny", False),
+    "tie_word_embeddings": ("tiny-llama", False), "layer_norm_eps": ("tiny", 0.001), "attention": ("tiny", "sdpa"),
+    "activation_checkpointing": ("tiny", True), "document_masking": ("tiny", True),
+    "reset_position_ids": ("tiny", True), "init_std": ("tiny", 0.01), "output_init_std": ("tiny", 0.003),
+    "vocab_pad_multiple": ("tiny", 64),
+}
+
+
+def model_config(*overrides):
+    from types import SimpleNamespace
+
+    from launcher.modeling import model_config_for
+    cfg = load_config(None, list(overrides))
+    return model_config_for(cfg.model, SimpleNamespace(vocab_size=300, path="tok.model"))
+
+
+def test_every_model_field_is_set_from_the_run_config():
+    import dataclasses
+
+    from model import ModelConfig
+    assert set(MODEL_VALUES) == {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+    for name, (preset, value) in MODEL_VALUES.items():
+        extra = ["model.document_masking=true"] if name == "reset_position_ids" else []
+        config = model_config(f"model.preset={preset}", f"model.{name}={json.dumps(value)}", *extra)
+        default = ModelConfig.from_preset(preset, vocab_size=300)
+        assert getattr(config, name) == value, name
+        assert value != getattr(default, name) or name == "family", name  # a preset implies its family
+        assert config.vocab_size == 300
+    with pytest.raises(ValueError, match=r"family='gpt-neox' disagrees with preset 'tiny-llama'"):
+        model_config("model.preset=tiny-llama", "model.family=gpt-neox")
+
+
+def test_presets_keep_working_with_field_overrides():
+    from model import ModelConfig
+    config = model_config("model.preset=pythia-70m", "model.num_layers=2", "model.attention=sdpa")
+    assert config == ModelConfig.from_preset("pythia-70m", vocab_size=300, num_layers=2, attention="sdpa")
+    assert (config.hidden_size, config.num_heads, config.rotary_pct) == (512, 8, 0.25)
+    assert model_config("model.preset=smollm2-135m").rope_base == 100000.0  # null keeps the preset's value
+    with pytest.raises(ValueError, match=r"num_kv_heads=3 does not divide num_heads=4"):  # the model's own rules
+        model_config("model.preset=tiny-llama", "model.num_kv_heads=3")
+
+
+def test_every_model_field_is_checked_and_a_wrong_type_names_it():
+    import dataclasses
+
+    from model import ModelConfig
+    for f in dataclasses.fields(ModelConfig):
+        if f.name == "vocab_size":
+            with pytest.raises(ConfigError, match=r"unknown config keys \['model.vocab_size'\]"):
+                load_config(None, ["model.vocab_size=5"])  # the tokenizer's, never the config's
+            continue
+        with pytest.raises(ConfigError, match=rf"^model\.{f.name} must be .*, got \[1\]$"):
+            load_config(None, [f"model.{f.name}=[1]"])
+        meta = f.metadata
+        bad = ("nonsense" if "choices" in meta else meta.get("ge", meta.get("gt", 0)) - 1 if "le" not in meta
+               else meta["le"] + 1)
+        if any(k in meta for k in ("choices", "ge", "gt", "le")):
+            with pytest.raises(ConfigError, match=rf"^model\.{f.name} must be .*, got {bad!r}$"):
+                load_config(None, [f"model.{f.name}={json.dumps(bad)}"])

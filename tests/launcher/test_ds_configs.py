@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher import distributed
 from launcher import engine as ds
 from launcher.ds_config import load_ds_config
 from launcher.metrics import read_metrics
@@ -47,14 +48,14 @@ def test_shipped_config_trains_a_step_on_cpu(run, monkeypatch, name, optimizer):
 
 def test_allocator_setting_keeps_the_users(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
-    ds.set_allocator_defaults()
+    distributed.set_allocator_defaults()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # torch's newer name counts as set
-    ds.set_allocator_defaults()
+    distributed.set_allocator_defaults()
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     monkeypatch.delenv("PYTORCH_ALLOC_CONF")
-    ds.set_allocator_defaults()
+    distributed.set_allocator_defaults()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
@@ -86,11 +87,11 @@ def test_cpu_adam_fallback_when_it_cannot_build(tmp_path):
 
 def test_timeout_setting_errors(monkeypatch, capsys):
     monkeypatch.setenv("GROWLENGTH_RANK0_TIMEOUT_MIN", "0.5")
-    assert ds.timeout_setting(ds.RANK0_TIMEOUT).total_seconds() == 30
+    assert distributed.timeout_setting(distributed.RANK0_TIMEOUT).total_seconds() == 30
     for bad in ("abc", "0", "-3", "inf"):
         monkeypatch.setenv("GROWLENGTH_DIST_TIMEOUT_MIN", bad)
         with pytest.raises(SystemExit) as e:
-            ds.timeout_setting(ds.DIST_TIMEOUT)
+            distributed.timeout_setting(distributed.DIST_TIMEOUT)
         assert e.value.code == 2
         assert (f"error: GROWLENGTH_DIST_TIMEOUT_MIN='{bad}': must be a positive number of minutes (default 30)"
                 in capsys.readouterr().err)

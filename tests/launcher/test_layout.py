@@ -1,4 +1,5 @@
 """The layers: the training runtime never imports the evidence tools."""
+import re
 import subprocess
 import sys
 
@@ -12,3 +13,15 @@ def test_the_training_path_imports_no_evidence_tool():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
+
+
+def test_deepspeed_is_imported_by_the_engine_module_only():
+    """The distributed environment and collectives load without DeepSpeed; no other module names it."""
+    code = ("import sys, launcher.distributed, launcher.data, launcher.modeling; "
+            "sys.exit(1 if 'deepspeed' in sys.modules else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    importers = sorted(str(f.relative_to(ROOT)) for package in ("launcher", "evidence", "model", "data_pipeline")
+                       for f in (ROOT / package).rglob("*.py")
+                       if re.search(r"^\s*(import|from) deepspeed\b", f.read_text(), re.M))
+    assert importers == ["launcher/engine.py"]

@@ -26,23 +26,24 @@ def _restart(port: int) -> None:
 
 def _slow_rank0(rank, world, port, mode):
     from data_pipeline.errors import DatasetError
+    from launcher import distributed
     from launcher import engine as ds
     _restart(port)
     t0 = time.monotonic()
     if mode == "wait":
-        ds.wait_for_rank0(lambda: time.sleep(SLOW_S), rank, world)
+        distributed.wait_for_rank0(lambda: time.sleep(SLOW_S), rank, world)
     else:  # what build_index did before: rank 0 works, the others sit in a barrier of the main group
         if rank == 0:
             time.sleep(SLOW_S)
-        ds.barrier()
+        distributed.barrier()
     waited = time.monotonic() - t0
-    total = ds.all_reduce_sum([1.0])[0]  # the main group is still usable
+    total = distributed.all_reduce_sum([1.0])[0]  # the main group is still usable
 
     def broken():
         raise DatasetError("PREFIX.bin: truncated; preprocess again")
 
     try:
-        ds.wait_for_rank0(broken, rank, world)
+        distributed.wait_for_rank0(broken, rank, world)
         message = None
     except DatasetError as e:
         message = str(e)

@@ -3,6 +3,16 @@ import random
 
 import pytest
 
+from model import attention
+
+
+@pytest.fixture(autouse=True)
+def fresh_flash_functions():
+    """flash-attn is resolved once per process; tests that swap `flash_attn` in sys.modules resolve it afresh."""
+    attention.forget_flash()
+    yield
+    attention.forget_flash()
+
 WORDS = ("the model grows its sequence length from short to long windows while rotary position embeddings "
          "extrapolate directly and attention cost grows with length pythia uses parallel residual blocks "
          "tokens per step stay constant across stages").split()

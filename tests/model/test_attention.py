@@ -137,11 +137,12 @@ def test_flash_without_cuda_is_a_clear_error(monkeypatch):
 
 def test_flash_on_cpu_tensors_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", stand_in_flash_attn([]))
-    with pytest.raises(RuntimeError, match=r"tensors are on cpu, flash-attn needs CUDA; set attention='sdpa'"):
+    with pytest.raises(RuntimeError, match=r"tensors are on cpu, flash-attn 2 needs CUDA; set attention='sdpa'"):
         attention_mod.resolve_backend("flash", torch.device("cpu"), torch.bfloat16)
     monkeypatch.setattr(attention_mod, "FLASH_NEEDS_CUDA_HALF", False)
     monkeypatch.setitem(sys.modules, "flash_attn", None)
-    with pytest.raises(RuntimeError, match=r"flash-attn package is not installed \(pip install flash-attn\)"):
+    with pytest.raises(RuntimeError, match=r"flash-attn package is not installed \(see docs/gpu.md: Installing "
+                                           r"flash-attn\)"):
         attention_mod.resolve_backend("flash", torch.device("cpu"), torch.float32)
 
 
@@ -200,9 +201,18 @@ def test_auto_takes_sdpa_below_compute_capability_8_and_flash_errors(monkeypatch
                                            r"and flash-attn 2 needs 8.0 or newer .*; set attention='sdpa'"):
         monkeypatch.setattr(attention_mod, "_cuda_capability", lambda device: (7, 5))  # T4
         attention_mod.check_flash_requested("flash")
-    for capability in [(8, 0), (8, 9), (9, 0)]:  # A100, L40S, H100
+    for capability in [(8, 0), (8, 9)]:  # A100, L40S
         monkeypatch.setattr(attention_mod, "_cuda_capability", lambda device, c=capability: c)
         assert attention_mod.resolve_backend("auto", cpu, torch.float32) == "flash"
+    # Hopper and newer: SDPA (cuDNN) without documents, flash-attn for documents and for deterministic attention
+    for capability in [(9, 0), (10, 0)]:  # H100/H200, B200
+        monkeypatch.setattr(attention_mod, "_cuda_capability", lambda device, c=capability: c)
+        with caplog.at_level(logging.INFO, logger="model.attention"):
+            assert attention_mod.resolve_backend("auto", cpu, torch.float32) == "sdpa"
+        assert f"sm{capability[0]}{capability[1]}: SDPA (cuDNN attention on Hopper)" in caplog.text
+        assert attention_mod.resolve_backend("auto", cpu, torch.float32, masked=True) == "flash"
+        assert attention_mod.resolve_backend("auto", cpu, torch.float32, deterministic=True) == "flash"
+        assert attention_mod.resolve_backend("flash", cpu, torch.float32) == "flash"
 
 
 @pytest.fixture
@@ -241,5 +251,6 @@ def test_missing_extension_module_is_not_called_not_installed(tmp_path, monkeypa
     assert reason.startswith("flash-attn is installed but does not import (ModuleNotFoundError: No module named "
                              "'flash_attn_2_cuda_missing_here')")
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(__version__="1.0.9", __name__="flash_attn"))
+    attention_mod.forget_flash()  # resolved once per process: a new module needs a new look
     assert attention_mod.flash_unusable_reason(torch.device("cpu"), torch.float32) == \
         "flash_attn 1.0.9 has no flash_attn_func (flash-attn 2 is needed)"

@@ -76,7 +76,7 @@ def test_family_that_disagrees_with_the_preset_is_refused(name, kwargs, match):
     ("tiny-llama", dict(use_parallel_residual=True), r"use_parallel_residual=True: family llama is sequential"),
     ("tiny", dict(num_kv_heads=2), r"num_kv_heads=2: family gpt-neox has no grouped-query attention"),
     ("tiny", dict(tie_word_embeddings=True), r"tie_word_embeddings=True: family gpt-neox \(Pythia\) keeps"),
-    ("tiny-llama", dict(num_kv_heads=0), r"num_kv_heads=0: must be a positive integer"),
+    ("tiny-llama", dict(num_kv_heads=0), r"num_kv_heads=0: must be >= 1"),
 ])
 def test_bad_llama_and_family_configs_say_what_to_change(name, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -47,7 +47,7 @@ def test_padded_vocab_is_a_multiple_of_128_and_keeps_tokenizer_size():
     (dict(rope_scaling="yarn"), r"rope_scaling='yarn': choose one of none, linear, ntk"),
     (dict(rope_scaling_factor=0.5), r"rope_scaling_factor=0.5: must be >= 1"),
     (dict(attention="xformers"), r"attention='xformers': choose one of auto, flash, sdpa"),
-    (dict(num_layers=0), r"num_layers=0: must be a positive integer"),
+    (dict(num_layers=0), r"num_layers=0: must be >= 1"),
     (dict(init_std=-1.0), r"init_std=-1.0: must be > 0"),
 ])
 def test_bad_configs_say_what_to_change(kwargs, match):
@@ -178,10 +178,13 @@ def test_num_params_and_flops_per_token():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_cross_entropy_matches_torch_loss_and_grad(dtype, monkeypatch):
+@pytest.mark.parametrize("rows", [7, None])  # several chunks; the default budget (one chunk here)
+def test_chunked_cross_entropy_matches_torch_loss_and_grad(dtype, rows, monkeypatch):
     from model.model import _ChunkedCrossEntropy, cross_entropy_fp32
 
-    monkeypatch.setattr(_ChunkedCrossEntropy, "CHUNK_ELEMENTS", 384 * 7)  # 7 rows per chunk: several chunks
+    assert _ChunkedCrossEntropy.rows_per_chunk(50304) > 4096  # Pythia's vocabulary: thousands of rows per chunk
+    if rows:
+        monkeypatch.setattr(_ChunkedCrossEntropy, "CHUNK_BYTES", 4 * 384 * rows)
     torch.manual_seed(0)
     logits = (3 * torch.randn(3, 20, 384)).to(dtype).requires_grad_()
     labels = torch.randint(0, 384, (3, 20))
