@@ -606,7 +606,8 @@ def check_compare(ctx: Context, budget: Budget) -> Result:
     reached = grow["time_to_target_s"]
     res.rows += [(f"{s.compare_preset}, {tokens:,} tokens per run = {tokens / epoch:.2f} epochs of",
                   f"{corpus['source']} ({corpus['tokens']:,} tokens)"),
-                 (f"val loss @ L={long}: GrowLength {arrow}", f"{grow['val_loss_long']:.4f} in {grow['elapsed_s']:.1f} s"),
+                 (f"val loss @ L={long}: GrowLength {arrow}",
+                  f"{grow['val_loss_long']:.4f} in {grow['elapsed_s']:.1f} s"),
                  (f"val loss @ L={long}: fixed {long}", f"{fixed['val_loss_long']:.4f} in {fixed['elapsed_s']:.1f} s"),
                  (f"GrowLength's time to fixed-{long}'s final loss",
                   f"{reached:.1f} s = {ratio:.2f}x fixed's" if reached is not None else "not reached"),

@@ -5,11 +5,12 @@
 #
 # 1. the environment: nvidia-smi, benchmarks/cuda_env.py (torch, CUDA, cuDNN, NCCL, driver, GPUs, library versions);
 #    stops here (exit 1) when CUDA cannot be used
-# 2. the CUDA kernel tests, tests/gpu/test_cuda_kernels.py, bounded by KERNEL_TESTS_S (default 120 s)
-# 3. the acceptance run, benchmarks/gpu_acceptance.py --timeout-s ACCEPTANCE_S (default 330 s): its table, its JSON
+# 2. the CUDA kernel tests, tests/gpu/test_cuda_kernels.py, bounded by KERNEL_TESTS_S (default 60 s)
+# 3. the acceptance run, benchmarks/gpu_acceptance.py --timeout-s ACCEPTANCE_S (default 300 s): its table, its JSON
 #    and the small files of its work directory (logs, JSON, reports; no checkpoints) are copied to $OUT
-# The whole stays under about 8 minutes, so that a second run fits in a 15-minute slot. Exit: the acceptance's
-# (0 every check that ran passed, 1 one failed), 1 when CUDA is unusable, 3 when the wheel bundle would not install.
+# The whole stays under about 6.5 minutes, so that a second run fits in a 15-minute slot with its start-up.
+# Exit: the acceptance's (0 every check that ran passed, 1 one failed), 1 when CUDA is unusable, 3 when the wheel
+# bundle would not install.
 #
 # Without network: a .whl/ directory beside the checkout (../shared/gpu/make_bundle.sh builds it) is installed into
 # /tmp/site first when DeepSpeed does not import; the project itself never needs it.
@@ -17,8 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-runs/first-contact}
 PY=${PYTHON:-python3}
-KERNEL_TESTS_S=${KERNEL_TESTS_S:-120}
-ACCEPTANCE_S=${ACCEPTANCE_S:-330}
+KERNEL_TESTS_S=${KERNEL_TESTS_S:-60}
+ACCEPTANCE_S=${ACCEPTANCE_S:-300}
 WORK=${WORK:-/tmp/growlength-first-contact}
 ACCEPTANCE_ARGS=${ACCEPTANCE_ARGS:-}  # more arguments for gpu_acceptance.py (the CPU test: --dry-run --checks ...)
 REQUIRE_CUDA=${REQUIRE_CUDA:-1}       # 0: go on without CUDA (the CPU test of this script)
