@@ -171,6 +171,7 @@ def measure_engine(preset: str, vocab: int, seq_len: int, micro_batch: int, ds_c
     a constant rate does not change the step's cost): tokens/s, step time and MFU over ``steps`` timed steps after
     one warm-up step. Starts a process group of one when none exists."""
     import torch.distributed as dist
+    from launcher import distributed
     from launcher import engine as ds
     from launcher.ds_config import load_ds_config
     from launcher.optim import param_groups
@@ -187,7 +188,7 @@ def measure_engine(preset: str, vocab: int, seq_len: int, micro_batch: int, ds_c
         model = CausalLM(ModelConfig.from_preset(preset, vocab_size=vocab))
         engine = ds.create_engine(model, cfg, param_groups(model))
         window = torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(1))
-        window = window.to(ds.device())
+        window = window.to(distributed.device())
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         times = []
         for i in range(steps + 1):

@@ -283,6 +283,7 @@ def search_max_batch(preset, vocab_size, seq_len, dtype, fits_mb: int, ds_config
     cache emptied between tries; every rank of the group must fit. ``{"max_micro_batch", "tries"}``."""
     import torch
     import torch.distributed as dist
+    from launcher import distributed
     from launcher import engine as ds
 
     own_group = not dist.is_initialized()
@@ -298,7 +299,8 @@ def search_max_batch(preset, vocab_size, seq_len, dtype, fits_mb: int, ds_config
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            failed = ds.all_reduce_sum_tensor(torch.tensor([float(peak is None)], device=ds.device()))[0]
+            failed = distributed.all_reduce_sum_tensor(torch.tensor([float(peak is None)],
+                                                                    device=distributed.device()))[0]
             tries.append({"micro_batch": mb, "fits": not failed, "peak_bytes": peak})
             lo, hi = (mb, hi) if not failed else (lo, mb)
     finally:
