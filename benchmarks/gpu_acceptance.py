@@ -64,7 +64,6 @@ class Sizes:
     bench_lengths: tuple = (128, 256, 512, 1024, 2048, 4096)
     bench_tokens: int = 16384
     bench_rounds: int = 3
-    bench_steps: int = 2
     switch_preset: str = "pythia-70m"
     switch_lengths: tuple = (256, 512)
     switch_tokens_per_rank: int = 8192  # stage 0: 32 x 256, stage 1: 16 x 512, or 4 x 512 x accum 4
@@ -103,7 +102,7 @@ TARGETS = {"mfu_causal": 0.45, "tokens_per_s_vs_transformers": 1.2, "growlength_
 
 GPU = Sizes()
 DRY = Sizes(parity_preset="tiny", parity_vocab=512, parity_len=64, bench_preset="tiny", bench_vocab=512,
-            bench_lengths=(32, 64), bench_tokens=256, bench_rounds=1, bench_steps=1, switch_preset="tiny",
+            bench_lengths=(32, 64), bench_tokens=256, bench_rounds=1, switch_preset="tiny",
             switch_lengths=(32, 64), switch_tokens_per_rank=512, probe_preset="tiny", probe_lengths=(32, 64),
             probe_tokens=256, probe_memory_cap_gb=0.3, compare_preset="tiny", compare_lengths=(32, 64),
             compare_shares=(0.5, 0.5), compare_tokens_per_rank=512, compare_seconds=3.0, compare_min_seconds=1.0,
