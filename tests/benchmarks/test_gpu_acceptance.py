@@ -36,8 +36,8 @@ def dry_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("GROWLENGTH_FAULT", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--json", str(report), "--out", str(tmp / "work"),
-                           "--builtin-dir", str(tmp / "builtin"), "--timeout-s", "900"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+                           "--builtin-dir", str(tmp / "builtin")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert report.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(report.read_text())
     return proc, data, {c["name"]: c for c in data["checks"]}
