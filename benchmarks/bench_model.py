@@ -257,7 +257,8 @@ def print_cross_entropy(tokens: int, vocab: int, dtype_name: str, repeats: int,
     r = compare_cross_entropy(tokens, vocab, DTYPES[dtype_name], repeats, device)
     peak = "" if r["ours_peak"] is None else \
         f" | peak MB ours {r['ours_peak'] / 2**20:,.0f} torch {r['torch_peak'] / 2**20:,.0f}"
-    print(f"cross-entropy at ({tokens}, {vocab}) {dtype_name}, forward+backward: ours {r['ours_s'] * 1e3:.1f} ms, "
+    print(f"cross-entropy at ({tokens}, {vocab}) {dtype_name} on {device}, forward+backward: "
+          f"ours {r['ours_s'] * 1e3:.1f} ms, "
           f"F.cross_entropy(logits.float()) {r['torch_s'] * 1e3:.1f} ms ({r['torch_s'] / r['ours_s']:.2f}x){peak} | "
           f"max |loss diff| {r['loss_diff']:.1e}, max |grad diff| {r['grad_diff']:.1e}")
     return r
@@ -297,6 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per model per length (after 1 warm-up)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled column")
     p.add_argument("--no-ce", action="store_true", help="skip the cross-entropy comparison")
+    p.add_argument("--ce-device", help="device of the cross-entropy comparison (default --device)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU when the GPU is not in the table")
     p.add_argument("--engine", metavar="DS_CONFIG", help="add the launcher-shaped cell through this DeepSpeed JSON")
     p.add_argument("--engine-length", type=int, help="its sequence length (default the longest --lengths)")
@@ -332,7 +334,8 @@ def main(argv=None) -> int:
               "peak_tflops": peak_tflops, "models": names, "lengths": rows}
     if not args.no_ce:
         vocab = ModelConfig.from_preset(args.preset, vocab_size=args.vocab).padded_vocab_size
-        report["cross_entropy"] = print_cross_entropy(args.tokens_per_batch, vocab, args.dtype, args.repeats, device)
+        report["cross_entropy"] = print_cross_entropy(args.tokens_per_batch, vocab, args.dtype, args.repeats,
+                                                      torch.device(args.ce_device or args.device))
     if args.engine:
         L = args.engine_length or max(args.lengths)
         mb = max(1, args.engine_tokens // L)

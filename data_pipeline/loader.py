@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import SamplePlanError
-from data_pipeline.samples import GrowLengthSamples
+from data_pipeline.samples import GrowLengthSamples, WindowStream
 
 
 class MicroBatch(NamedTuple):
@@ -198,3 +198,16 @@ class _Prefetcher:
             except queue.Empty:
                 pass
             self._thread.join(timeout=self._POLL_S)
+
+
+def window_batches(stream: WindowStream, seq_len: int, max_windows: int, tokens_per_batch: int, rank: int = 0,
+                   world: int = 1, documents: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """This rank's share (every world-th window from rank) of ``stream.windows(seq_len, max_windows)``, in
+    batches of max(1, tokens_per_batch // seq_len) windows: ``(tokens (B, seq_len + 1) int64, cu_seqlens)``, with
+    the windows' document boundaries (CPU int32) when ``documents``, else None. What validation scores."""
+    mine = np.ascontiguousarray(stream.windows(seq_len, max_windows)[rank::world])
+    bs = max(1, tokens_per_batch // seq_len)
+    for i in range(0, len(mine), bs):
+        tokens = torch.from_numpy(mine[i:i + bs])
+        rows = np.arange(i, i + len(tokens)) * world + rank  # indices into stream.windows
+        yield tokens, torch.from_numpy(stream.cu_seqlens(seq_len, rows)) if documents else None

@@ -99,14 +99,6 @@ def _gather(tokens: np.ndarray, doc_starts: np.ndarray, stream_docs: np.ndarray,
     return tokens[bin_pos].astype(np.int64).reshape(positions.shape)
 
 
-def stream_windows(tokens: np.ndarray, doc_starts: np.ndarray, stream_docs: np.ndarray, stream_cum: np.ndarray,
-                   seq_len: int, n: int) -> np.ndarray:
-    """The first ``n`` whole windows of a document stream: (n, seq_len + 1) int64, window i starting at stream
-    position i * seq_len (consecutive windows share one token, so every token is a label once)."""
-    positions = (np.arange(n, dtype=np.int64) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
-    return _gather(tokens, doc_starts, stream_docs, stream_cum, positions)
-
-
 def window_cu_seqlens(doc_starts: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
     """Document boundaries of the input windows [s, s + seq_len) of a stream, in flash-attn's varlen layout.
 
@@ -130,6 +122,56 @@ def window_cu_seqlens(doc_starts: np.ndarray, starts: np.ndarray, seq_len: int) 
     out[row_at[row] + 1 + within] = doc_starts[first[row] + within] - starts[row] + row * seq_len
     out[-1] = n * seq_len
     return out.astype(np.int32)
+
+
+class WindowStream:
+    """Whole windows over some documents of a dataset taken in order as one stream: the one rule for validation
+    windows (the launcher's in-loop validation and evidence.evaluate). Window i is stream[i*L : i*L + L + 1]
+    (consecutive windows share one token, so every token is a label once), never truncated.
+
+    ``held_out``: a run's validation split (``split_documents``); ``every_document``: a separate corpus."""
+
+    def __init__(self, dataset: IndexedDataset, docs: np.ndarray, what: str, fix: str):
+        self.dataset, self.docs, self.what, self.fix = dataset, np.asarray(docs, dtype=np.int64), what, fix
+        self._starts, lengths = dataset.document_token_bounds()
+        self._cum = np.concatenate([[0], np.cumsum(lengths[self.docs])]).astype(np.int64)
+        self.tokens = int(self._cum[-1])
+        self._windows: dict[tuple[int, int], np.ndarray] = {}
+
+    @classmethod
+    def held_out(cls, dataset: IndexedDataset, valid_fraction: float, split_seed: int = 0) -> "WindowStream":
+        """The documents a run with this ``valid_fraction`` and ``split_seed`` held out, in id order."""
+        _, valid = split_documents(dataset.num_documents, float(valid_fraction), int(split_seed))
+        return cls(dataset, valid, f"the validation split (valid_fraction {valid_fraction})",
+                   "raise valid_fraction or evaluate shorter lengths")
+
+    @classmethod
+    def every_document(cls, dataset: IndexedDataset) -> "WindowStream":
+        """Every document of a (separate) corpus, in its own order."""
+        return cls(dataset, np.arange(dataset.num_documents), "the corpus", "evaluate shorter lengths or a larger "
+                   "corpus")
+
+    def windows(self, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+        """(n, seq_len + 1) int64, n = min(max_windows, (tokens - 1) // seq_len) (kept: the same windows at every
+        evaluation); raises if not even one window fits."""
+        if seq_len < 1:
+            raise SamplePlanError(f"seq_len {seq_len}: must be positive")
+        n = (self.tokens - 1) // seq_len if self.tokens else 0
+        if max_windows is not None:
+            n = min(n, int(max_windows))
+        if n <= 0:
+            raise DatasetError(f"{self.dataset.prefix}: {self.what} has {self.tokens:,} tokens, fewer than one "
+                               f"window of seq_len {seq_len} + 1; {self.fix}")
+        if (seq_len, n) not in self._windows:
+            positions = (np.arange(n, dtype=np.int64) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
+            self._windows[seq_len, n] = _gather(self.dataset.tokens, self._starts, self.docs, self._cum, positions)
+        return self._windows[seq_len, n]
+
+    def cu_seqlens(self, seq_len: int, rows) -> np.ndarray:
+        """Document boundaries of windows ``rows`` (indices into ``windows(seq_len)``): cu_seqlens over their
+        flattened inputs, as the training loader gives them (see ``window_cu_seqlens``)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return window_cu_seqlens(self._cum, rows * seq_len, seq_len)
 
 
 class GrowLengthSamples:
@@ -185,8 +227,8 @@ class GrowLengthSamples:
         key = json.dumps({"version": INDEX_VERSION, "data": self.fingerprint, "seed": self.seed,
                           "stages": self.stages}, sort_keys=True)
         self.cache_key = hashlib.sha256(key.encode()).hexdigest()[:24]
-        valid_cum = np.concatenate([[0], np.cumsum(doc_lengths[self.valid_docs])]).astype(np.int64)
-        self._valid = (self.valid_docs, valid_cum)
+        self.validation = WindowStream(ds, self.valid_docs, f"the validation split (valid_fraction "
+                                       f"{self.valid_fraction})", "raise valid_fraction or evaluate shorter lengths")
         self._index: dict[str, np.ndarray] | None = None
 
     # --- the index -----------------------------------------------------------------------------------------
@@ -383,29 +425,6 @@ class GrowLengthSamples:
             raise IndexError(f"stream range [{start}, {stop}) outside the indexed "
                              f"{self.num_epochs * self.tokens_per_epoch} tokens")
         return self._stream_tokens(np.arange(start, stop, dtype=np.int64))
-
-    def valid_samples(self, seq_len: int, max_samples: int | None = None) -> np.ndarray:
-        """Unshuffled windows of the validation stream: (n, seq_len + 1) int64, window i starting at i * seq_len.
-
-        n = min(max_samples, (validation tokens - 1) // seq_len); raises if not even one full window fits."""
-        if seq_len < 1:
-            raise SamplePlanError(f"seq_len {seq_len}: must be positive")
-        docs, cum = self._valid
-        n = (self.valid_tokens - 1) // seq_len if self.valid_tokens else 0
-        if max_samples is not None:
-            n = min(n, int(max_samples))
-        if n <= 0:
-            raise DatasetError(f"{self.dataset.prefix}: the validation split has {self.valid_tokens:,} tokens "
-                               f"(valid_fraction {self.valid_fraction}), fewer than one window of seq_len "
-                               f"{seq_len} + 1; raise valid_fraction or evaluate shorter lengths")
-        positions = (np.arange(n, dtype=np.int64) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
-        return _gather(self.dataset.tokens, self.doc_starts, docs, cum, positions)
-
-    def valid_cu_seqlens(self, seq_len: int, windows) -> np.ndarray:
-        """Document boundaries of validation windows `windows` (indices into valid_samples(seq_len)): cu_seqlens
-        over their inputs, as `cu_seqlens`."""
-        windows = np.asarray(windows, dtype=np.int64).reshape(-1)
-        return window_cu_seqlens(self._valid[1], windows * seq_len, seq_len)
 
     def __repr__(self) -> str:
         plan = ", ".join(f"{L}x{self.num_samples(k)}" for k, (L, _) in enumerate(self.stages))

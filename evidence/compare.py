@@ -1,14 +1,17 @@
-"""GrowLength against fixed-length training under one budget, everything else identical (the paper's headline claim).
+"""GrowLength against fixed-length training under one budget, everything else identical (the paper's Table 1 and
+Figures 1-2 on this machine): the time ratio predicted before training, and the ratios the runs realized.
 
-    python -m evidence.compare (--budget-seconds S | --budget-calibrated-seconds C | --budget-tokens N) --out DIR
-        [--preset tiny] [--ranks 1] [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048]
-        [--plans fixed-short,fixed-long,growlength] [--seeds 1,2,3] [--device auto|cpu|cuda[:N]]
-        [--dtype auto|fp32|bf16]
+    python -m evidence.compare (--budget-tokens N | --budget-calibrated-seconds C | --budget-seconds S) --out DIR
+        [--preset tiny] [--lengths 64,128,256] [--shares 0.5,0.3,0.2] [--tokens-per-step 2048] [--seeds 1,2,3]
+        [--plans fixed-short,fixed-long,growlength] [--calibration-rounds 3] [--calibration-steps 3]
+        [--device auto|cpu|cuda[:N]] [--dtype auto|fp32|bf16] [key=value ...]
 
-Runs the real launcher once per plan and seed, only the stage plan differing; evaluates every checkpoint at the
-longest length (on --device in --dtype: CUDA in bf16 where usable, else the CPU in fp32); charges each run its steps
-at calibrated step times beside its raw wall-clock; writes DIR/report.md, summary.json and figures. Budgets and
-clocks: docs/tools.md.
+Runs the real launcher once per plan and seed, only the stage plan differing (the order turned by one from seed to
+seed). Before the runs: calibration runs time every length (launcher.steptime medians), and each plan's time against
+fixed-long for the same tokens is predicted from them and the plan's token shares (DIR/prediction.json). After the
+runs: each run's training and calibrated clocks, its time per token and its time to reach the same seed's fixed-long
+final validation loss, from the launcher's own evaluations (evidence.speedup); DIR/report.md, summary.json and
+figures. Budgets and clocks: docs/tools.md.
 """
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.atomic import check_dir_writable
+from evidence import speedup
+from evidence.compare_report import markdown, speed_figure, summarise
 from evidence.launch import ROOT, launch_command
+from evidence.runs import EvidenceError, add_device_arguments, compute_device, load_run, parse_lengths, \
+    write_json, write_text
 from launcher import steptime
-from evidence.runs import EvidenceError, add_device_arguments, compute_device, find_data_prefix, load_run, \
-    parse_lengths, write_json, write_text
 
 log = logging.getLogger("growlength")
 
@@ -53,9 +58,11 @@ class Setup:
     ds_config: str = "ds_configs/zero2.json"
     extra: list = field(default_factory=list)
     calibration_rounds: int = 3
+    calibration_steps: int = 3  # timed steps per length in each calibration round (after one warm-up step)
     budget_calibrated: float | None = None
     seeds: list = field(default_factory=list)  # [] = [seed]
-    device: str = "auto"  # where checkpoints are evaluated (evidence.runs.compute_device)
+    extrapolation: bool = True  # evaluate the first seed's final models at 2x and 4x the long length (Figure 4)
+    device: str = "auto"  # where the final models are evaluated (evidence.runs.compute_device)
     dtype: str = "auto"
 
     @property
@@ -97,8 +104,13 @@ def check_setup(s: Setup) -> None:
     if bad:
         raise EvidenceError(f"--tokens-per-step {s.tokens_per_step} is not a multiple of seq_len * ranks for "
                             f"lengths {bad}; use a multiple of {s.long * s.ranks}")
+    if not 0 < s.valid_fraction < 1:
+        raise EvidenceError(f"--valid-fraction {s.valid_fraction}: must be between 0 and 1 (exclusive); every run "
+                            f"is validated at the longest length on held-out documents")
     if s.calibration_rounds < 1:
         raise EvidenceError(f"--calibration-rounds {s.calibration_rounds}: must be at least 1")
+    if s.calibration_steps < 1:
+        raise EvidenceError(f"--calibration-steps {s.calibration_steps}: must be at least 1")
     unknown = set(s.plans) - set(PLANS)
     if unknown or "fixed-long" not in s.plans:
         raise EvidenceError(f"--plans {list(s.plans)}: choose from {', '.join(PLANS)}; fixed-long is the reference "
@@ -124,16 +136,17 @@ def calibration_times(s: Setup, rounds: list[list[dict]]) -> steptime.StepTimes:
     return steptime.summarize(timed)
 
 
-def step_seconds(s: Setup, ds_config: str, steps_per_round: int = 3) -> dict[int, float]:
+def calibrate(s: Setup, ds_config: str) -> steptime.StepTimes:
     """Seconds per optimizer step at each length, measured on the real launcher and engine: ``s.calibration_rounds``
     short calibration runs (OUT/runs/calibration-R), each a round over every length (:func:`calibration_stages`) in
-    a fresh launcher process, so every round starts from the same process state; the median per length
-    (launcher.steptime), with a warning when the machine was noisy."""
-    rounds = []
+    a fresh launcher process, so every round starts from the same process state; launcher.steptime's summary
+    (medians per length), with a warning when the machine was noisy. No validation: only the steps are timed."""
+    rounds, steps_per_round = [], s.calibration_steps
     for r in range(s.calibration_rounds):
         run_dir = launch(s, f"calibration-{r}", calibration_stages(s, steps_per_round), ds_config, warmup=1,
                          extra=["checkpointing.at_stage_end=false", "checkpointing.interval_steps=0",
-                                "logging.eval_lengths=[]", "growlength.max_time_s=null"])
+                                "logging.eval_lengths=[]", "growlength.max_time_s=null",
+                                "data.valid_fraction=0"])
         rounds.append(load_run(run_dir).steps)
     times = calibration_times(s, rounds)
     log.info("step times of the real engine (%d rounds of %d timed steps per length):\n%s", s.calibration_rounds,
@@ -142,7 +155,23 @@ def step_seconds(s: Setup, ds_config: str, steps_per_round: int = 3) -> dict[int
                             "quiet machine")
     if warning:
         log.warning("calibration: %s", warning)
-    return {L: times.median(L) for L in s.lengths}
+    return times
+
+
+def predictions(plans: dict[str, list[dict]], times: steptime.StepTimes, reference: str = "fixed-long") -> dict:
+    """Before training: each plan's predicted time for its tokens over ``reference``'s for the same tokens, from the
+    calibration's medians (``ratio``) and from each calibration round's own medians (``min``-``max``), with the
+    plan's token shares."""
+    ref_len = plans[reference][0]["seq_len"]
+    rounds = [{L: t.round_medians()[r] for L, t in times.lengths.items()}
+              for r in range(len(next(iter(times.lengths.values())).rounds))]
+    out = {}
+    for name, stages in plans.items():
+        per_round = [speedup.predicted_ratio(stages, m, ref_len) for m in rounds]
+        out[name] = {"ratio": speedup.predicted_ratio(stages, {L: times.median(L) for L in times.lengths}, ref_len),
+                     "min": min(per_round), "max": max(per_round),
+                     "token_shares": {str(L): v for L, v in speedup.token_shares(stages).items()}}
+    return out
 
 
 def stage_plans(s: Setup, times: dict[int, float] | None) -> dict[str, list[dict]]:
@@ -196,15 +225,15 @@ def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int,
            seed: int | None = None) -> Path:
     run_dir = (s.out / "runs" / name).resolve()
     steps = sum(st["tokens"] for st in stages) // s.tokens_per_step
-    if s.budget_seconds is not None:  # checkpoints spread over the predicted steps, not the oversized plan
+    if s.budget_seconds is not None:  # evaluations spread over the predicted steps, not the oversized plan
         steps = steps // OVERSIZE
     overrides = [f"run_dir={run_dir}", f"seed={s.seed if seed is None else seed}", f"model.preset={s.preset}",
                  f"growlength.tokens_per_step={s.tokens_per_step}", "growlength.total_tokens=null",
                  f"growlength.stages={json.dumps(stages)}", f"optimisation.warmup_steps={warmup}",
                  f"data.valid_fraction={s.valid_fraction}", f"data.cache_dir={(s.out / 'index-cache').resolve()}",
-                 f"checkpointing.interval_steps={max(1, steps // s.points)}", "checkpointing.keep_last=1000",
+                 "checkpointing.interval_steps=0", "checkpointing.at_stage_end=false",
                  f"logging.eval_tokens={s.eval_tokens}", f"logging.eval_lengths=[{s.long}]",
-                 "logging.eval_interval=0", f"logging.log_interval={max(1, steps // 10)}",
+                 f"logging.eval_interval={max(1, steps // s.points)}", f"logging.log_interval={max(1, steps // 10)}",
                  "logging.tensorboard=false", "checkpointing.resume=none"]
     if s.budget_seconds is not None:
         overrides.append(f"growlength.max_time_s={s.budget_seconds}")
@@ -225,234 +254,64 @@ def launch(s: Setup, name: str, stages: list[dict], ds_config: str, warmup: int,
     return run_dir
 
 
-def calibrated_clock(records: list[dict], times: dict[int, float]) -> dict[int, float]:
-    """``{step: calibrated seconds at the end of that step}``: every step charged the calibrated time of its
-    length (``times``, seconds per optimizer step), whatever it took on the wall-clock."""
-    clock, total = {}, 0.0
-    for r in sorted(records, key=lambda r: r["step"]):
-        total += times[r["seq_len"]]
-        clock[r["step"]] = total
-    return clock
+# ---- the comparison ------------------------------------------------------------------------------------------
+def run_order(s: Setup, index: int) -> list[str]:
+    """The plans of the ``index``-th seed, in the order they run: fixed-long first for the first seed, and the
+    order turned by one for each later seed, so that no plan always runs first or last in the sequence."""
+    order = ["fixed-long"] + [p for p in s.plans if p != "fixed-long"]
+    k = index % len(order)
+    return order[k:] + order[:k]
 
 
-def checkpoint_curve(run_dir: Path, s: Setup, times: dict[int, float]) -> list[dict]:
-    """Validation loss at the long length for every checkpoint of a run:
-    [{step, tokens_seen, elapsed_s, calibrated_s, loss}]."""
-    from launcher import checkpoint as ckpt
-    from evidence.evaluate import ValidationWindows, load_for_eval, perplexity
-
-    steps = {r["step"]: r for r in load_run(run_dir).steps}
-    calibrated = calibrated_clock(list(steps.values()), times)
-    points, windows = [], None
-    for path in ckpt.complete_checkpoints(ckpt.checkpoint_root(run_dir)):
-        loaded = load_for_eval(str(path))
-        if windows is None:
-            data = ValidationWindows(find_data_prefix(loaded.state, loaded.source), "run", s.valid_fraction)
-            windows = data.windows(s.long, max(1, s.eval_tokens // s.long))
-        where, dtype = compute_device(s.device, s.dtype)
-        loss, _ = perplexity(loaded.model, windows, dtype=dtype, device=where)
-        st = loaded.state
-        # the step record's clock: the end of that step, before the eval and save that followed it
-        points.append({"step": st["step"], "tokens_seen": st["tokens_seen"],
-                       "elapsed_s": steps[st["step"]]["elapsed_s"], "calibrated_s": calibrated[st["step"]],
-                       "loss": loss})
-    return points
-
-
-def time_to_reach(points: list[dict], target: float, key: str = "elapsed_s") -> float | None:
-    """First ``key`` at which the curve reaches ``target`` (linear between checkpoints; from 0 loss-free start)."""
-    prev = None
-    for p in points:
-        if p["loss"] <= target:
-            if prev is None or prev["loss"] == p["loss"]:
-                return p[key]
-            frac = (prev["loss"] - target) / (prev["loss"] - p["loss"])
-            return prev[key] + frac * (p[key] - prev[key])
-        prev = p
-    return None
-
-
-def loss_at(points: list[dict], x: float, key: str) -> float | None:
-    """Validation loss at ``key`` = x (linear between checkpoints); None outside the curve."""
-    prev = None
-    for p in points:
-        if p[key] >= x:
-            if prev is None:
-                return p["loss"] if p[key] == x else None
-            frac = (x - prev[key]) / (p[key] - prev[key]) if p[key] > prev[key] else 1.0
-            return prev["loss"] + frac * (p["loss"] - prev["loss"])
-        prev = p
-    return None
-
-
-# ---- the report -------------------------------------------------------------------------------------------------
-def summarise(s: Setup, run_dirs: dict[tuple[str, int], Path], curves: dict[tuple[str, int], list[dict]],
-              times: dict[int, float]) -> dict:
-    """Per run (plan, seed): its stages, clocks, losses and time to the same seed's fixed-long target; per plan the
-    mean and min-max over seeds; and the conclusions that hold (or not) under both clocks and across seeds."""
-    rows = {}
-    for (plan, seed), run_dir in run_dirs.items():
-        target = curves[("fixed-long", seed)][-1]["loss"]
-        run = load_run(run_dir, s.run_name(plan, seed))
-        last = run.final
-        tail = [r["loss"] for r in run.steps[-5:]]
-        stopped = "clock" if any("max_time_s" in line and "reached" in line
-                                 for line in (run_dir / "train.log").read_text().splitlines()) else "plan end"
-        curve = curves[(plan, seed)]
-        rows[s.run_name(plan, seed)] = {
-            "plan": plan, "seed": seed, "target_val_loss": target,
-            "stages": [(st["seq_len"], st["step"], st["elapsed_s"]) for st in run.stage_starts()],
-            "steps": last["step"], "tokens_seen": last["tokens_seen"], "elapsed_s": last["elapsed_s"],
-            "calibrated_s": calibrated_clock(run.steps, times)[last["step"]],
-            "last_step_s": last["tokens_per_step"] / last["tokens_per_s"], "stopped_by": stopped,
-            "final_train_loss": last["loss"], "final_train_loss_mean5": sum(tail) / len(tail),
-            "final_train_seq_len": last["seq_len"], "val_loss_long": curve[-1]["loss"],
-            "time_to_target_s": time_to_reach(curve, target),
-            "calibrated_to_target_s": time_to_reach(curve, target, "calibrated_s"),
-            "tokens_to_target": time_to_reach(curve, target, "tokens_seen"), "curve": curve}
-    by_plan = {plan: aggregate([r for r in rows.values() if r["plan"] == plan]) for plan in s.plans}
-    return {"budget_seconds": s.budget_seconds, "budget_tokens": s.budget_tokens,
-            "budget_calibrated_seconds": s.budget_calibrated, "preset": s.preset, "ranks": s.ranks,
-            "tokens_per_step": s.tokens_per_step, "lengths": s.lengths, "shares": s.shares, "seeds": s.seed_list,
-            "long": s.long, "target_val_loss": rows[s.run_name("fixed-long", s.seed_list[0])]["target_val_loss"],
-            "runs": rows, "by_plan": by_plan, "conclusions": conclusions(s, rows)}
-
-
-def spread(values: list) -> dict:
-    """mean, min, max of the values that exist, and how many do (a run that never reached a target has None)."""
-    got = [v for v in values if v is not None]
-    return {"mean": sum(got) / len(got) if got else None, "min": min(got, default=None),
-            "max": max(got, default=None), "n": len(got), "of": len(values)}
-
-
-def aggregate(rows: list[dict]) -> dict:
-    keys = ("val_loss_long", "elapsed_s", "calibrated_s", "time_to_target_s", "calibrated_to_target_s",
-            "tokens_seen")
-    return {k: spread([r[k] for r in rows]) for k in keys}
-
-
-CLOCKS = {"wall-clock": "elapsed_s", "calibrated time": "calibrated_s"}
-
-
-def conclusions(s: Setup, rows: dict) -> list[dict]:
-    """For each plan against fixed-long, per clock: in how many seeds its validation loss is lower at the time the
-    shorter of the two runs ended (equal time, read off both curves), and in how many it reaches fixed-long's final
-    loss sooner. ``holds``: in every seed and under both clocks."""
-    out = []
-    for plan in [p for p in s.plans if p != "fixed-long"]:
-        for claim in ("lower val loss at equal time", "reaches fixed-long's final val loss sooner"):
-            per_clock = {}
-            for clock, key in CLOCKS.items():
-                wins = []
-                for seed in s.seed_list:
-                    mine, ref = rows[s.run_name(plan, seed)], rows[s.run_name("fixed-long", seed)]
-                    if claim.startswith("lower"):
-                        x = min(mine["curve"][-1][key], ref["curve"][-1][key])
-                        a, b = loss_at(mine["curve"], x, key), loss_at(ref["curve"], x, key)
-                        wins.append(a is not None and b is not None and a < b)
-                    else:
-                        to = "time_to_target_s" if key == "elapsed_s" else "calibrated_to_target_s"
-                        wins.append(mine[to] is not None and ref[to] is not None and mine[to] < ref[to])
-                per_clock[clock] = sum(wins)
-            n = len(s.seed_list)
-            holds = all(v == n for v in per_clock.values())
-            fails = all(v == 0 for v in per_clock.values())
-            out.append({"plan": plan, "claim": claim, "seeds": n, "wins": per_clock,
-                        "verdict": "holds" if holds else "does not hold" if fails else "mixed"})
-    return out
-
-
-def fmt(x, spec=".3f", none="not reached"):
-    return none if x is None else format(x, spec)
-
-
-def _mean_range(x: dict, spec: str = ".4f") -> str:
-    if x["mean"] is None:
-        return f"not reached (0/{x['of']})"
-    reached = f", {x['n']}/{x['of']} reached" if x["n"] < x["of"] else ""
-    return f"{x['mean']:{spec}} ({x['min']:{spec}}-{x['max']:{spec}}{reached})"
-
-
-def markdown(summary: dict, command: str, figures: list[str]) -> str:
-    tps = summary["tokens_per_step"]
-    b = (f"equal wall-clock: {summary['budget_seconds']:g} s of training per run" if summary["budget_seconds"]
-         else f"equal calibrated time: {summary['budget_calibrated_seconds']:g} calibrated s per run"
-         if summary["budget_calibrated_seconds"]
-         else f"equal tokens: {summary['budget_tokens']:,} per run, in whole steps of {tps:,}: "
-              f"{summary['budget_tokens'] // tps * tps:,}")
-    L = summary["long"]
-    seeds = summary["seeds"]
-    lines = [f"# GrowLength vs fixed-length training ({b})", "", f"Command: `{command}`", "",
-             f"Preset `{summary['preset']}`, {summary['ranks']} rank(s), {summary['tokens_per_step']:,} tokens per "
-             f"optimizer step, seed(s) {', '.join(map(str, seeds))}; GrowLength lengths {summary['lengths']} with "
-             f"shares {summary['shares']}. Validation loss is at L={L} on the same held-out windows for every run "
-             f"(fp32, from each run's checkpoints). Target = the same seed's fixed-long final validation loss. "
-             f"Calibrated time = each run's steps charged at the calibrated step times below (the same for every "
-             f"run, whatever the machine did during it).", "",
-             f"| run | stages (L from step (wall-clock)) | steps | tokens seen | wall-clock (s) | calibrated (s) | "
-             f"stopped by | final train loss (mean of last 5, at L) | val loss @ L={L} | to target, wall (s) | "
-             f"to target, calibrated (s) | tokens to target |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for name, r in summary["runs"].items():
-        stages = " → ".join(f"{sl} from step {st} ({t:.0f} s)" for sl, st, t in r["stages"])
-        lines.append(f"| {name} | {stages} | {r['steps']} | {r['tokens_seen']:,} | {r['elapsed_s']:.1f} | "
-                     f"{r['calibrated_s']:.1f} | {r['stopped_by']} | {r['final_train_loss_mean5']:.4f} "
-                     f"(L={r['final_train_seq_len']}) | {r['val_loss_long']:.4f} | {fmt(r['time_to_target_s'], '.1f')} "
-                     f"| {fmt(r['calibrated_to_target_s'], '.1f')} | {fmt(r['tokens_to_target'], ',.0f')} |")
-    lines += ["", f"Over {len(seeds)} seed(s): mean (min-max).", "",
-              f"| plan | val loss @ L={L} | wall-clock (s) | calibrated (s) | to target, wall (s) | "
-              f"to target, calibrated (s) |", "|---|---:|---:|---:|---:|---:|"]
-    for plan, a in summary["by_plan"].items():
-        lines.append(f"| {plan} | {_mean_range(a['val_loss_long'])} | {_mean_range(a['elapsed_s'], '.1f')} | "
-                     f"{_mean_range(a['calibrated_s'], '.1f')} | {_mean_range(a['time_to_target_s'], '.1f')} | "
-                     f"{_mean_range(a['calibrated_to_target_s'], '.1f')} |")
-    lines += ["", "Conclusions against fixed-long (seeds where it holds, per clock; a conclusion holds only if it "
-              "does in every seed under both clocks):", ""]
-    for c in summary["conclusions"]:
-        wins = ", ".join(f"{clock} {k}/{c['seeds']}" for clock, k in c["wins"].items())
-        lines.append(f"- {c['plan']} {c['claim']}: **{c['verdict']}** ({wins})")
-    if summary.get("step_seconds"):
-        lines += ["", "Calibrated seconds per optimizer step (real engine, interleaved calibration runs before the "
-                  "runs, medians): " + ", ".join(f"L={k}: {v:.3f}" for k, v in summary["step_seconds"].items()) + "."]
-    lines += ["", "Training losses at different lengths are not comparable (a short window gives each token less "
-              "context); the validation column is.", ""]
-    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
-    return "\n".join(lines) + "\n"
+def state_prediction(s: Setup, plans: dict[str, list[dict]], times: steptime.StepTimes) -> dict:
+    """The prediction, written (OUT/prediction.json) and logged before any run starts."""
+    predicted = predictions(plans, times)
+    write_json(s.out / "prediction.json", {"step_seconds": {L: times.median(L) for L in s.lengths},
+                                            "calibration": {L: times.row(L) for L in s.lengths},
+                                            "plans": plans, "predicted": predicted})
+    for name, p in predicted.items():
+        log.info("predicted before training: %s takes %.3fx (%.3f-%.3f over calibration rounds) the time of "
+                 "fixed-long for the same tokens", name, p["ratio"], p["min"], p["max"])
+    return predicted
 
 
 def compare(s: Setup, command: str = "") -> dict:
     check_setup(s)
-    check_dir_writable(s.out, "--out", error=EvidenceError)  # before the runs: a report that cannot be saved is refused, not lost
+    # before the runs: a report that cannot be saved is refused, not lost
+    check_dir_writable(s.out, "--out", error=EvidenceError)
     s.out.mkdir(parents=True, exist_ok=True)
     ds_config = ds_config_for(s)
-    times = step_seconds(s, ds_config)  # every budget: the calibrated clock is charged to every run
+    calibration = calibrate(s, ds_config)  # every budget: the calibrated clock is charged to every run
+    times = {L: calibration.median(L) for L in s.lengths}
     plans = stage_plans(s, times)
+    predicted = state_prediction(s, plans, calibration)
     if s.budget_tokens is not None:
         warmup = max(1, round(0.05 * s.budget_tokens // s.tokens_per_step))
     else:
         budget = s.budget_seconds if s.budget_seconds is not None else s.budget_calibrated
         warmup = max(1, round(0.05 * budget / max(times.values())))
-    order = ["fixed-long"] + [p for p in s.plans if p != "fixed-long"]
-    run_dirs = {(name, seed): launch(s, s.run_name(name, seed), plans[name], ds_config, warmup, seed=seed)
-                for seed in s.seed_list for name in order}
-    curves = {key: checkpoint_curve(d, s, times) for key, d in run_dirs.items()}
-    first = s.seed_list[0]  # the extrapolation curves and the figures: the first seed's runs
+    run_dirs = {}
+    for i, seed in enumerate(s.seed_list):
+        for name in run_order(s, i):
+            run_dirs[(name, seed)] = launch(s, s.run_name(name, seed), plans[name], ds_config, warmup, seed=seed)
+    runs = {key: load_run(d, s.run_name(*key)) for key, d in run_dirs.items()}
+    summary = summarise(s, runs, times)
+    summary.update(step_seconds=times, plans=plans, predicted=predicted)
+
+    first = s.seed_list[0]  # the extrapolation curves and the training-loss figures: the first seed's runs
     ordered = [n for n in PLANS if n in s.plans]
     reports = []
-    from evidence.evaluate import evaluate
-    eval_lengths = sorted(set(s.lengths) | {2 * s.long, 4 * s.long})
-    for name in ordered:  # each final model's extrapolation curve (Figure 4)
-        rep = evaluate(str(run_dirs[(name, first)]), lengths=eval_lengths, tokens=s.eval_tokens, split="run",
-                       dtype=s.dtype, device=s.device)
-        reports.append(str(write_json(s.out / f"eval_{name}.json", rep)))
-    summary = summarise(s, run_dirs, curves, times)
-    summary["step_seconds"] = times
-    summary["plans"] = plans
-
+    if s.extrapolation:
+        from evidence.evaluate import evaluate
+        eval_lengths = sorted(set(s.lengths) | {2 * s.long, 4 * s.long})
+        for name in ordered:  # each final model's extrapolation curve (Figure 4)
+            rep = evaluate(str(run_dirs[(name, first)]), lengths=eval_lengths, tokens=s.eval_tokens, split="run",
+                           dtype=s.dtype, device=s.device)
+            reports.append(str(write_json(s.out / f"eval_{name}.json", rep)))
     from evidence.plot import plot_runs
-    extra = {n: [(p["tokens_seen"], p["elapsed_s"], p["loss"]) for p in curves[(n, first)]] for n in ordered}
-    figures = plot_runs([str(run_dirs[(n, first)]) for n in ordered], str(s.out), ordered, s.long,
-                        eval_reports=reports, extra_val=extra, run_ppl=False)
+    figures = [speed_figure(summary, s.out / "val_loss_vs_clock.png"),
+               *plot_runs([str(run_dirs[(n, first)]) for n in ordered], str(s.out), ordered, s.long,
+                          eval_reports=reports, run_ppl=False)]
     write_json(s.out / "summary.json", summary)
     write_text(s.out / "report.md", markdown(summary, command, [str(f) for f in figures]))
     return summary
@@ -482,6 +341,10 @@ def main(argv=None) -> int:
     p.add_argument("--ds-config", default="ds_configs/zero2.json")
     p.add_argument("--calibration-rounds", type=int, default=3,
                    help="calibration runs before the runs, each timing every length once in turn")
+    p.add_argument("--calibration-steps", type=int, default=3,
+                   help="timed steps per length in each calibration run (after one warm-up step)")
+    p.add_argument("--no-extrapolation", dest="extrapolation", action="store_false",
+                   help="skip evaluating the final models at 2x and 4x the longest length (Figure 4)")
     add_device_arguments(p, "evaluation")
     p.add_argument("overrides", nargs="*", help="extra key=value passed to every run (e.g. model.num_layers=4)")
     args = p.parse_args(argv)
@@ -502,6 +365,7 @@ def main(argv=None) -> int:
               points=args.points, eval_tokens=args.eval_tokens, valid_fraction=args.valid_fraction,
               data_prefix=args.data_prefix, tokenizer=args.tokenizer, ds_config=args.ds_config,
               extra=args.overrides, calibration_rounds=args.calibration_rounds,
+              calibration_steps=args.calibration_steps, extrapolation=args.extrapolation,
               budget_calibrated=args.budget_calibrated_seconds, seeds=seeds, device=args.device, dtype=args.dtype)
     try:
         s.lengths = parse_lengths(args.lengths)

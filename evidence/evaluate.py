@@ -20,15 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.samples import GrowLengthSamples, data_fingerprint, stream_windows, window_cu_seqlens
+from data_pipeline.loader import window_batches
+from data_pipeline.samples import WindowStream, data_fingerprint
 from evidence.runs import (EvidenceError, add_device_arguments, check_writable, compute_device, dtype_name,
                            find_data_prefix, parse_lengths, write_json)
 from model import CausalLM
+from model.model import mean_loss
 
 log = logging.getLogger("growlength")
 
@@ -79,41 +80,13 @@ def load_for_eval(path: str, rope_scaling: str = "none", rope_factor: float = 1.
     return Loaded(model=model.float().eval(), source=source, state=state)
 
 
-class ValidationWindows:
-    """Whole ``(n, L + 1)`` windows of a validation stream; see the module docstring for which documents."""
-
-    def __init__(self, prefix: str, split: str, valid_fraction: float | None):
-        self.prefix, self.split, self.valid_fraction = prefix, split, valid_fraction
-        if split == "run":
-            if not valid_fraction:
-                raise EvidenceError(f"--split run needs the run's data.valid_fraction > 0 (got {valid_fraction}); "
-                                    f"the run held out no documents: evaluate a separate corpus with --split all")
-            # the stage plan is irrelevant to the validation windows; (1, 1) is the smallest valid one
-            self._samples = GrowLengthSamples(prefix, stages=[(1, 1)], seed=0, valid_fraction=valid_fraction)
-            self.tokens_available = self._samples.valid_tokens
-        else:
-            self._dataset = IndexedDataset(prefix)
-            starts, lengths = self._dataset.document_token_bounds()
-            self._starts, self._cum = starts, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            self.tokens_available = int(self._cum[-1])
-
-    def windows(self, seq_len: int, max_windows: int) -> np.ndarray:
-        """(n, seq_len + 1) int64, n = min(max_windows, (tokens - 1) // seq_len); raises DatasetError if n == 0."""
-        if self.split == "run":
-            return self._samples.valid_samples(seq_len, max_windows)
-        n = min(max_windows, (self.tokens_available - 1) // seq_len)
-        if n <= 0:
-            raise DatasetError(f"{self.prefix}: {self.tokens_available:,} tokens, fewer than one window of "
-                               f"seq_len {seq_len} + 1")
-        every_document = np.arange(len(self._starts), dtype=np.int64)  # the corpus in its own order
-        return stream_windows(self._dataset.tokens, self._starts, every_document, self._cum, seq_len, n)
-
-    def cu_seqlens(self, seq_len: int, rows: np.ndarray) -> np.ndarray:
-        """Document boundaries of windows ``rows`` of ``windows(seq_len, ...)`` (for a model trained with
-        document masking): cu_seqlens over their flattened inputs, as the training loader gives them."""
-        if self.split == "run":
-            return self._samples.valid_cu_seqlens(seq_len, rows)
-        return window_cu_seqlens(self._cum, np.asarray(rows, dtype=np.int64) * seq_len, seq_len)
+def validation_windows(prefix: str, split: str, valid_fraction: float | None) -> WindowStream:
+    """The windows ``--split`` scores (see the module docstring): the run's held-out documents, or every one."""
+    if split == "run" and not valid_fraction:
+        raise EvidenceError(f"--split run needs the run's data.valid_fraction > 0 (got {valid_fraction}); "
+                            f"the run held out no documents: evaluate a separate corpus with --split all")
+    dataset = IndexedDataset(prefix)
+    return WindowStream.held_out(dataset, valid_fraction) if split == "run" else WindowStream.every_document(dataset)
 
 
 def resolve_split(split: str, prefix: str, state: dict | None,
@@ -134,23 +107,15 @@ def resolve_split(split: str, prefix: str, state: dict | None,
     return split, valid_fraction
 
 
-@torch.no_grad()
-def perplexity(model: CausalLM, windows: np.ndarray, tokens_per_batch: int = 8192,
-               dtype: torch.dtype = torch.float32, cu_seqlens_of=None,
-               device: torch.device = torch.device("cpu")) -> tuple[float, int]:
-    """Mean next-token loss over every label of ``windows`` ((n, L + 1) int64) and the number of labels scored.
-    ``cu_seqlens_of(rows)``: the document boundaries of those windows, for a model trained with document masking
-    (attention then stays within documents, as in training)."""
+def perplexity(model: CausalLM, stream: WindowStream, seq_len: int, max_windows: int, tokens_per_batch: int = 8192,
+               dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")) -> tuple[float, int]:
+    """Mean next-token loss over every label of ``stream.windows(seq_len, max_windows)`` and the number of labels
+    scored, by the launcher's validation loop (``model.model.mean_loss``), on ``device`` in ``dtype``; a model
+    trained with document masking is given the windows' document boundaries, as in training."""
     model = model.to(device=device, dtype=dtype)
-    seq_len = windows.shape[1] - 1
-    bs = max(1, tokens_per_batch // seq_len)
-    loss_sum, n_tok = 0.0, 0
-    for i in range(0, len(windows), bs):
-        batch = torch.from_numpy(np.ascontiguousarray(windows[i:i + bs])).to(device)  # (B, L + 1)
-        cu = None if cu_seqlens_of is None else torch.from_numpy(cu_seqlens_of(np.arange(i, i + len(batch))))
-        loss = model(batch[:, :-1], labels=batch[:, 1:], cu_seqlens=cu)
-        loss_sum += loss.item() * batch[:, 1:].numel()
-        n_tok += batch[:, 1:].numel()
+    batches = window_batches(stream, seq_len, max_windows, tokens_per_batch,
+                             documents=model.config.document_masking)
+    loss_sum, n_tok = mean_loss(model, batches, device)
     return loss_sum / n_tok, n_tok
 
 
@@ -176,7 +141,7 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
     if tokens is None:
         tokens = state["config"]["logging"]["eval_tokens"] if state else DEFAULT_TOKENS
     split, valid_fraction = resolve_split(split, prefix, state, valid_fraction)
-    data = ValidationWindows(prefix, split, valid_fraction)
+    data = validation_windows(prefix, split, valid_fraction)
     results = []
     for L in lengths:
         t0 = time.perf_counter()
@@ -186,18 +151,16 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
             log.warning("L=%d skipped: %s", L, e)
             results.append({"seq_len": L, "skipped": str(e)})
             continue
-        masked = loaded.model.config.document_masking  # evaluate as it was trained
-        loss, n_tok = perplexity(loaded.model, windows, tokens_per_batch, compute_dtype,
-                                 (lambda rows, L=L: data.cu_seqlens(L, rows)) if masked else None, where)
+        loss, n_tok = perplexity(loaded.model, data, L, len(windows), tokens_per_batch, compute_dtype, where)
         results.append({"seq_len": L, "windows": int(len(windows)), "tokens": n_tok, "loss": loss,
                         "ppl": math.exp(loss), "seconds": time.perf_counter() - t0})
     if all("skipped" in r for r in results):
         raise EvidenceError(f"{prefix}: no length in {lengths} fits the validation split "
-                            f"({data.tokens_available:,} tokens); evaluate shorter lengths or a larger corpus")
+                            f"({data.tokens:,} tokens); evaluate shorter lengths or a larger corpus")
     return {"checkpoint": loaded.source, "step": (state or {}).get("step"),
             "tokens_seen": (state or {}).get("tokens_seen"), "trained_seq_len": loaded.trained_seq_len,
             "data_prefix": prefix, "split": split, "valid_fraction": valid_fraction if split == "run" else None,
-            "validation_tokens": data.tokens_available, "tokens_per_length": tokens,
+            "validation_tokens": data.tokens, "tokens_per_length": tokens,
             "dtype": dtype_name(compute_dtype), "device": str(where),
             "rope_scaling": rope_scaling, "rope_factor": rope_factor,
             "document_masking": loaded.model.config.document_masking, "results": results}

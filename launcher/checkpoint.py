@@ -222,8 +222,11 @@ def check_compatible(saved: dict, current: dict, path: Path, force: bool) -> lis
     return diffs
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (rank 0 only)."""
+def prune(root: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (rank 0 only), and never those in ``keep``
+    (still read by a background job)."""
     for old in complete_checkpoints(root)[:-keep_last]:
+        if old in keep:
+            continue
         (old / STATE_FILE).unlink()  # first: an interrupted deletion leaves an incomplete dir, never a bad one
         shutil.rmtree(old)

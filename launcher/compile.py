@@ -13,10 +13,8 @@ import time
 
 import torch
 import torch._dynamo
-from torch.utils.checkpoint import checkpoint
 
 from model import CausalLM
-from model.attention import documents, resolve_backend
 
 log = logging.getLogger("growlength")
 
@@ -123,27 +121,18 @@ class StageCompiler:
         return self.seconds[stage_index]
 
     def _warm_up(self, micro_batch_size: int, seq_len: int) -> None:
-        m, c = self.model, self.model.config
+        c = self.model.config
         gen = torch.Generator(device="cpu").manual_seed(seq_len)
         h0 = torch.randn(micro_batch_size, seq_len, c.hidden_size, generator=gen).to(self.device, self.dtype)
         h0.requires_grad_(True)  # (B, T, d): stands for the embedding's output
-        backend = resolve_backend(c.attention, self.device, self.dtype, c.document_masking,
-                                  c.deterministic_attention)
-        docs = None
+        cu = None
         if c.document_masking:  # training batches carry their documents: the graph must take them too
             # every row split in two documents (the row starts are boundaries in any case)
             starts = torch.arange(micro_batch_size, dtype=torch.int32) * seq_len
             inner = starts + max(1, seq_len // 2) if seq_len > 1 else starts[:0]
             cu = torch.cat([torch.stack([starts, inner], 1).reshape(-1) if seq_len > 1 else starts,
-                            torch.tensor([micro_batch_size * seq_len], dtype=torch.int32)])
-            docs = documents(cu, micro_batch_size, seq_len, self.device, backend)
-        cos, sin = m.rotary_tables(seq_len, self.device, docs)
-        h = h0
-        for layer in m.layers:  # the same calls as CausalLM.forward makes
-            if c.activation_checkpointing:
-                h = checkpoint(layer, h, cos, sin, backend, docs, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, backend, docs)
+                            torch.tensor([micro_batch_size * seq_len], dtype=torch.int32)])  # CPU, as loaders
+        h = self.model.blocks(h0, cu)  # the loop CausalLM.forward runs
         torch.autograd.grad(h.float().square().mean(), [h0])  # builds the backward graph; no parameter grads
 
     def _failed(self, exc: Exception, seq_len: int) -> None:

@@ -203,9 +203,9 @@ def _model_section() -> type:
     """The `model:` section: the launcher's keys (preset, compile, init_from_hf), then every ModelConfig field but
     vocab_size with its own help and bounds, optional here: null (the default) keeps the preset's value."""
     own = [
-        ("preset", "str", doc("model preset: tiny, pythia-70m, pythia-160m, pythia-410m, pythia-1b (gpt-neox); "
-                              "tiny-llama, smollm2-135m, smollm2-360m, tinyllama-1.1b (llama); the model fields "
-                              "below override its values", "tiny", choices=tuple(PRESETS))),
+        ("preset", "str", doc("model preset: tiny, narrow-4x128, pythia-70m, pythia-160m, pythia-410m, pythia-1b "
+                              "(gpt-neox); tiny-llama, smollm2-135m, smollm2-360m, tinyllama-1.1b (llama); the "
+                              "model fields below override its values", "tiny", choices=tuple(PRESETS))),
         ("compile", "object", doc("torch.compile the blocks, one static-shape graph per stage length built at the "
                                   "switch: true (a compiler failure stops the run), false, or auto (eager with a "
                                   "warning where it fails)", False)),
@@ -335,9 +335,20 @@ class LoggingConfig(Section):
                              "tags}; the metrics.jsonl records, config and plan, rank 0 (docs/trackers.md); null = off",
                              None)
 
+    downstream_tasks: list[str] = doc("lm-evaluation-harness tasks (names or task YAML paths) to run on each stage-end "
+                                      "checkpoint in the background (docs/tools.md#downstream); [] = none",
+                                      factory=list)
+    downstream_limit: float | None = doc("documents per downstream task (a fraction when < 1); null = all", None,
+                                         gt=0)
+
     def problems(self, failed: set[str]) -> list[str]:
+        import importlib.util
         from launcher.trackers import wandb_problems
-        return [] if "wandb" in failed else wandb_problems(self.wandb)
+        problems = [] if "wandb" in failed else wandb_problems(self.wandb)
+        if self.downstream_tasks and "downstream_tasks" not in failed and importlib.util.find_spec("lm_eval") is None:
+            problems.append("logging.downstream_tasks: lm-evaluation-harness is not installed; pip install "
+                            "'growlength[eval]' (or set logging.downstream_tasks=[])")
+        return problems
 
 
 @dataclass

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from data_pipeline.builtin_corpus import prepare_builtin_dataset
 from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.loader import MicroBatch, StageLoader
+from data_pipeline.loader import StageLoader, window_batches
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
 from data_pipeline.tokenizer import Tokenizer
 from launcher import distributed as dist
@@ -60,7 +58,6 @@ class TrainData:
     samples: GrowLengthSamples | None = None
     plan: StagePlan | None = None
     tokenizer_in_run: str | None = None  # the run directory's copy of the tokenizer (relative to RUN_DIR)
-    _valid_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def has_validation(self) -> bool:
@@ -101,25 +98,15 @@ class TrainData:
 
     @property
     def document_masking(self) -> bool:
-        """Batches come with their document boundaries (``MicroBatch``es) for a model trained with masking."""
+        """Batches come with their document boundaries for a model trained with masking."""
         return bool(self.cfg.model.document_masking)  # null: the presets' (off)
 
     def valid_batches(self, seq_len: int, eval_tokens: int, tokens_per_batch: int):
-        """This rank's share of the validation windows at ``seq_len``, in batches of about ``tokens_per_batch``:
-        LongTensors (B, seq_len + 1), or ``MicroBatch``es with their document boundaries under document masking."""
-        key = (seq_len, eval_tokens)
-        if key not in self._valid_cache:  # the same windows at every eval: gather them once
-            windows = self.samples.valid_samples(seq_len, max(1, eval_tokens // seq_len))  # (n, seq_len + 1)
-            self._valid_cache[key] = np.ascontiguousarray(windows[self.rank::self.world], dtype=np.int64)
-        mine = self._valid_cache[key]
-        bs = max(1, tokens_per_batch // seq_len)
-        for i in range(0, len(mine), bs):
-            tokens = torch.from_numpy(mine[i:i + bs])
-            if not self.document_masking:
-                yield tokens
-                continue
-            rows = np.arange(i, i + len(tokens)) * self.world + self.rank  # indices into valid_samples
-            yield MicroBatch(tokens, torch.from_numpy(self.samples.valid_cu_seqlens(seq_len, rows)))
+        """This rank's share of the validation windows at ``seq_len`` (``eval_tokens`` of them over all ranks), in
+        batches of about ``tokens_per_batch``: ``(tokens (B, seq_len + 1), cu_seqlens or None)``, with document
+        boundaries under document masking (see data_pipeline.loader.window_batches)."""
+        return window_batches(self.samples.validation, seq_len, max(1, eval_tokens // seq_len), tokens_per_batch,
+                              self.rank, self.world, self.document_masking)
 
 
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:

@@ -18,7 +18,7 @@ from data_pipeline.tokenizer import Tokenizer
 from launcher import distributed as dist
 from launcher import steptime
 from launcher.config import ConfigError, ModelSection, RunConfig
-from launcher.plan import micro_batch_for
+from launcher.plan import Stage
 from model import CausalLM, ModelConfig
 
 log = logging.getLogger("growlength")
@@ -92,19 +92,20 @@ def build_model(cfg: RunConfig, model_config: ModelConfig) -> CausalLM:
     return model
 
 
-def probe_step_times(cfg: RunConfig, model_config: ModelConfig, rank: int, world: int, seq_lens: list[int],
-                     dtype: torch.dtype = torch.float32, rounds: int = 3) -> list[float]:
-    """Seconds per optimizer step at each length: this rank's share of ``tokens_per_step`` (forward + backward
-    of every micro-batch, then an AdamW update), on a throw-away copy of the model in the training dtype.
+def probe_step_times(model_config: ModelConfig, rank: int, stages: list[Stage], dtype: torch.dtype = torch.float32,
+                     rounds: int = 3) -> list[float]:
+    """Seconds per optimizer step of each stage as the plan runs it (``plan_from_config`` passes the stages'
+    ``seq_len``, ``micro_batch_size`` and ``grad_accum``, chosen by launcher.plan's one rule): this rank's
+    micro-batches (forward + backward each, then an AdamW update), on a throw-away copy of the model in the
+    training dtype.
 
     launcher.steptime's measurer: a warm-up step per length, then ``rounds`` rounds over the lengths in turn;
     the median per length; on CUDA the clock is read after a synchronize. The slowest rank's median counts.
     Only the ratios between lengths matter for a time-share plan with a token total. (The engine's own ZeRO
     step cannot be timed here: the plan this probe sizes is what the engine's scheduler is built from.)"""
-    g = cfg.growlength
     device = dist.device()
-    shapes = {L: micro_batch_for(L, g.tokens_per_step, world, g.grad_accum, g.max_tokens_per_micro_batch,
-                                 f"growlength.stages[{i}]") for i, L in enumerate(seq_lens)}
+    seq_lens = [s.seq_len for s in stages]
+    shapes = {s.seq_len: (s.micro_batch_size, s.grad_accum) for s in stages}
     times = oom = None
     try:
         model = steptime.run_guarded(lambda: CausalLM(model_config).to(device=device, dtype=dtype))

@@ -228,13 +228,16 @@ def plan_from_config(g, world_size: int, step_seconds=None, saved_steps: list[in
     """Resolve a ``GrowLengthConfig`` into a :class:`StagePlan`.
 
     Budgets: ``tokens`` (absolute, whole steps), ``share`` (of ``total_tokens``) or ``time_share`` (of the
-    wall-clock, resolved with ``step_seconds(seq_lens) -> [seconds per optimizer step]``, a measured probe).
+    wall-clock, resolved with ``step_seconds(stages) -> [seconds per optimizer step]``, a measured probe of each
+    stage's shape: its ``seq_len``, ``micro_batch_size`` and ``grad_accum`` as the plan will run it).
     ``saved_steps`` (from a checkpoint) replaces the time-share resolution so a resumed run repeats the
     switch steps it actually took. Each stage's cap on tokens per micro-batch is its own
     ``max_tokens_per_micro_batch`` if the stage gives one, else ``stage_caps[i]`` (from a memory probe), else the
     section's single ``max_tokens_per_micro_batch``.
     """
     seq_lens = [int(s["seq_len"]) for s in g.stages]
+    caps = [s.get("max_tokens_per_micro_batch") or (stage_caps[i] if stage_caps is not None else None)
+            or g.max_tokens_per_micro_batch for i, s in enumerate(g.stages)]
     kind = g.budget_kind()
     if kind == "tokens":
         steps = steps_from_tokens([int(s["tokens"]) for s in g.stages], g.tokens_per_step)
@@ -252,9 +255,9 @@ def plan_from_config(g, world_size: int, step_seconds=None, saved_steps: list[in
         else:
             if step_seconds is None:
                 raise PlanError("growlength.stages give time_share but no step-time probe is available")
-            steps = steps_from_time_shares(shares, step_seconds(seq_lens), total_steps=total_steps)
-    caps = [s.get("max_tokens_per_micro_batch") or (stage_caps[i] if stage_caps is not None else None)
-            or g.max_tokens_per_micro_batch for i, s in enumerate(g.stages)]
+            # the probe times the shapes the plan will run: the same rule and caps (one step per stage here)
+            shapes = build_plan(seq_lens, [1] * len(seq_lens), g.tokens_per_step, world_size, g.grad_accum, caps)
+            steps = steps_from_time_shares(shares, step_seconds(list(shapes.stages)), total_steps=total_steps)
     return build_plan(seq_lens, steps, g.tokens_per_step, world_size, g.grad_accum, caps)
 
 

@@ -36,11 +36,13 @@ from launcher.data import TrainData, prepare_data
 from launcher.ds_config import DSConfigError, fill_ds_config, load_ds_config, warmup_steps
 from launcher import modeling, rundir
 from launcher.optim import describe as describe_groups, param_groups
+from launcher.downstream_jobs import DownstreamJobs
 from launcher.metrics import MetricsError, MetricsWriter, peak_tflops, step_line, truncate_after, fmt_duration
 from launcher.plan import PlanError, StagePlan, max_tokens_per_micro_batch, plan_from_config
 from data_pipeline.atomic import write_text
 from data_pipeline.errors import DatasetError, SamplePlanError
 from model import CausalLM
+from model.model import mean_loss
 from model.attention import attention_pairs
 
 log = logging.getLogger("growlength")
@@ -217,6 +219,9 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, rank == 0, cfg.logging.tensorboard, cfg.logging.wandb,
                                      {"config": cfg.to_dict(), "plan": plan.describe(),
                                       "tokens_per_step": plan.tokens_per_step, "world_size": world})
+        self.downstream = DownstreamJobs(self.run_dir, cfg.logging.downstream_tasks, cfg.logging.downstream_limit,
+                                         rank == 0)
+        self.finished = False
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak = peak_tflops(cfg.logging.peak_tflops, name)
         self.preemption = preemption
@@ -275,6 +280,7 @@ class Trainer:
                          self.cfg.growlength.max_time_s, p.step)
                 break
         self.summary()
+        self.finished = True
         return 0
 
     def train_step(self, stage, batches) -> tuple[dict, StepFlags]:
@@ -349,6 +355,8 @@ class Trainer:
                 raise
         if save:
             self.save()
+        if save and stage_end:  # a background process: training goes on while it evaluates
+            self.downstream.start(ckpt.checkpoint_root(self.run_dir) / ckpt.tag_for(step), step)
         # the evaluation or the save may itself have used up the wall-clock budget
         out_of_time = flags.out_of_time or bool((save or evaluate) and step < last and self.out_of_time())
         if out_of_time and not save:
@@ -393,14 +401,8 @@ class Trainer:
                   "tokens_seen": self.progress.tokens_seen, "elapsed_s": self.elapsed()}
         tokens_per_batch = stage.micro_batch_size * stage.seq_len
         for length in sorted(lengths):
-            loss_sum, n_tok = 0.0, 0
-            for batch in self.data.valid_batches(length, self.cfg.logging.eval_tokens, tokens_per_batch):
-                batch, cu_seqlens = batch if self.data.document_masking else (batch, None)  # the training masking
-                batch = batch.to(self.device)  # (B, length + 1)
-                loss = self.engine(batch[:, :-1], labels=batch[:, 1:], cu_seqlens=cu_seqlens)
-                loss_sum += loss.item() * batch[:, 1:].numel()
-                n_tok += batch[:, 1:].numel()
-            loss_sum, n_tok = dist.all_reduce_sum([loss_sum, n_tok])
+            batches = self.data.valid_batches(length, self.cfg.logging.eval_tokens, tokens_per_batch)
+            loss_sum, n_tok = dist.all_reduce_sum(list(mean_loss(self.engine, batches, self.device)))
             if n_tok:
                 record[f"val_loss_{length}"] = loss_sum / n_tok
                 record[f"val_ppl_{length}"] = float(torch.tensor(loss_sum / n_tok).exp())
@@ -426,7 +428,7 @@ class Trainer:
         if self.rank == 0:
             state["files"] = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
             ckpt.write_state(root / tag, state)
-            ckpt.prune(root, self.cfg.checkpointing.keep_last)
+            ckpt.prune(root, self.cfg.checkpointing.keep_last, keep=self.downstream.busy())
         dist.barrier()
         log.info("checkpoint %s saved (%.1fs)", root / tag, time.perf_counter() - t0)
 
@@ -445,6 +447,7 @@ class Trainer:
     def close(self) -> None:
         if self.loader is not None:
             self.loader.close()
+        self.downstream.close(wait=self.finished)  # a stopped run ends its jobs; a finished one waits for them
         self.metrics.close()
         self.compiler.close()
 
@@ -496,7 +499,7 @@ def check_validation(data: TrainData, plan: StagePlan, cfg: RunConfig) -> None:
         return
     for length in sorted({s.seq_len for s in plan.stages} | set(cfg.logging.eval_lengths)):
         try:
-            data.samples.valid_samples(length, 1)
+            data.samples.validation.windows(length, 1)
         except (DatasetError, SamplePlanError) as e:
             where = "logging.eval_lengths" if length in cfg.logging.eval_lengths else "a stage's seq_len"
             raise DatasetError(f"{where} {length}: {e}") from e
@@ -548,8 +551,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     compiling.check_compiler(cfg.model.compile, dist.device())  # refused here, before the plan and the model
     modeling.deterministic_kernels(model_config, dist.device())
     plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
-                            step_seconds=lambda lens: modeling.probe_step_times(cfg, model_config, rank, world, lens,
-                                                                                dtype))
+                            step_seconds=lambda stages: modeling.probe_step_times(model_config, rank, stages, dtype))
     ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
                                             cfg.optimisation.warmup_fraction), source=ds_config_path)

@@ -107,13 +107,15 @@ def check_flash_requested(requested: str) -> None:
             raise RuntimeError(f"attention='flash' was requested but {reason}; {_FIX}")
 
 
+try:  # resolved at import, like flash-attn's functions: nothing is imported inside the compiled forward
+    from torch.nn.attention.varlen import varlen_attn as _VARLEN_ATTN
+except ImportError:  # torch before 2.10
+    _VARLEN_ATTN = None
+
+
 def _torch_varlen():
     """torch.nn.attention.varlen.varlen_attn, or None where this torch has none."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
+    return _VARLEN_ATTN
 
 
 def _documents_kernel(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:

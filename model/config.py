@@ -16,6 +16,8 @@ ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 # SwiGLU, grouped-query attention, no biases; SmolLM2 ties its embeddings, TinyLlama does not.
 PRESETS: dict[str, dict] = {
     "tiny": dict(family="gpt-neox", hidden_size=64, num_layers=2, num_heads=4),
+    # narrow enough that attention, not the LM head, decides how a CPU step's cost grows with length (docs/results)
+    "narrow-4x128": dict(family="gpt-neox", hidden_size=128, num_layers=4, num_heads=4),
     "pythia-70m": dict(family="gpt-neox", hidden_size=512, num_layers=6, num_heads=8),
     "pythia-160m": dict(family="gpt-neox", hidden_size=768, num_layers=12, num_heads=12),
     "pythia-410m": dict(family="gpt-neox", hidden_size=1024, num_layers=24, num_heads=16),

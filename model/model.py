@@ -81,8 +81,18 @@ class CausalLM(nn.Module):
         included (flash-attn's varlen layout; best on the CPU, see model.attention.documents): attention then
         never crosses a document, and with config.reset_position_ids RoPE positions restart at each one. None:
         each row is one causal sequence."""
-        B, T = input_ids.shape
-        x = self.embed_in(input_ids)  # (B, T, d)
+        x = self.blocks(self.embed_in(input_ids), cu_seqlens)  # (B, T, d)
+        logits = self.embed_out(self.final_layer_norm(x))  # (B, T, V)
+        if labels is None:
+            return logits
+        return cross_entropy_fp32(logits, labels)
+
+    def blocks(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder stack on embeddings, x: (B, T, d) -> (B, T, d): the attention kernel, the documents of
+        `cu_seqlens` (see forward), the RoPE tables, then every block (recomputed in backward with
+        activation_checkpointing). The one copy of this loop: launcher/compile.py's warm-up calls it too, so the
+        graph it builds is the one training runs."""
+        B, T, _ = x.shape
         backend = resolve_backend(self.config.attention, x.device, x.dtype, cu_seqlens is not None,
                                   self.config.deterministic_attention)
         docs = None if cu_seqlens is None else documents(cu_seqlens, B, T, x.device, backend)
@@ -92,10 +102,7 @@ class CausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, backend, docs, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, backend, docs)
-        logits = self.embed_out(self.final_layer_norm(x))  # (B, T, V)
-        if labels is None:
-            return logits
-        return cross_entropy_fp32(logits, labels)
+        return x
 
     def rotary_tables(self, seq_len: int, device: torch.device,
                       docs: Documents | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +170,20 @@ class CausalLM(nn.Module):
         recomputation is not counted (model FLOPs, not hardware FLOPs).
         """
         return self.matmul_flops_per_token() + self.attention_flops(seq_len * seq_len) / seq_len
+
+
+@torch.no_grad()
+def mean_loss(forward, batches, device: torch.device) -> tuple[float, int]:
+    """The one validation loop: summed next-token loss over ``batches`` of ``(tokens (B, L + 1) int64, cu_seqlens
+    or None)`` and the number of labels, ``(loss_sum, n_labels)`` (the mean is their ratio; ranks add both first).
+    ``forward``: the model, or the DeepSpeed engine wrapping it."""
+    loss_sum, n = 0.0, 0
+    for tokens, cu_seqlens in batches:
+        tokens = tokens.to(device)  # (B, L + 1)
+        loss = forward(tokens[:, :-1], labels=tokens[:, 1:], cu_seqlens=cu_seqlens)
+        loss_sum += loss.item() * tokens[:, 1:].numel()
+        n += tokens[:, 1:].numel()
+    return loss_sum, n
 
 
 def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,9 @@ def test_boundaries_equal_an_eod_scan_in_every_stage(samples):
 
 def test_validation_boundaries_equal_an_eod_scan(samples):
     for L in (4, 16, 33):
-        windows = samples.valid_samples(L)
+        windows = samples.validation.windows(L)
         rows = np.arange(1, len(windows), 3)
-        assert samples.valid_cu_seqlens(L, rows).tolist() == by_eod_scan(windows[rows])
+        assert samples.validation.cu_seqlens(L, rows).tolist() == by_eod_scan(windows[rows])
 
 
 def test_loader_yields_each_micro_batch_with_its_boundaries_and_resumes_them(samples):

@@ -101,11 +101,11 @@ def test_split_documents_disjoint_and_valid_windows(many_docs):
     valid_stream = sum((docs[d] for d in s.valid_docs), [])
     train_tokens = set(s.stream(0, s.tokens_per_epoch).tolist())
     assert not train_tokens & set(valid_stream)
-    v = s.valid_samples(4)
+    v = s.validation.windows(4)
     n = (len(valid_stream) - 1) // 4
     assert v.shape == (n, 5)
     assert v.tolist() == [valid_stream[i * 4:i * 4 + 5] for i in range(n)]
-    assert s.valid_samples(4, max_samples=2).tolist() == v[:2].tolist()
+    assert s.validation.windows(4, max_windows=2).tolist() == v[:2].tolist()
     # the split does not depend on the training seed
     assert GrowLengthSamples(prefix, [(2, 20)], seed=9, valid_fraction=0.25).valid_docs.tolist() == s.valid_docs.tolist()
 
@@ -113,14 +113,14 @@ def test_split_documents_disjoint_and_valid_windows(many_docs):
 def test_valid_errors(many_docs):
     prefix, _ = many_docs
     s = GrowLengthSamples(prefix, [(2, 20)], seed=0)
-    with pytest.raises(DatasetError, match=r"the validation split has 0 tokens \(valid_fraction 0.0\), fewer than one "
+    with pytest.raises(DatasetError, match=r"the validation split \(valid_fraction 0.0\) has 0 tokens, fewer than one "
                                            r"window of seq_len 4 \+ 1; raise valid_fraction"):
-        s.valid_samples(4)
+        s.validation.windows(4)
     s2 = GrowLengthSamples(prefix, [(2, 20)], seed=0, valid_fraction=0.05)
     with pytest.raises(DatasetError, match="fewer than one window of seq_len 1000"):
-        s2.valid_samples(1000)
+        s2.validation.windows(1000)
     with pytest.raises(SamplePlanError, match="seq_len 0: must be positive"):
-        s2.valid_samples(0)
+        s2.validation.windows(0)
     with pytest.raises(SamplePlanError, match=r"valid_fraction 1.5: must be in \[0, 1\)"):
         GrowLengthSamples(prefix, [(2, 20)], seed=0, valid_fraction=1.5)
     with pytest.raises(SamplePlanError, match="holds out 40 of 40 documents, leaving none to train on"):

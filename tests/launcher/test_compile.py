@@ -69,10 +69,13 @@ def test_compiled_stages_train_as_eager_and_report_compile_time(run, fp32_config
 def test_recompile_within_a_stage_is_counted(caplog):
     m = CausalLM(ModelConfig.from_preset("tiny", vocab_size=128, attention="sdpa", num_layers=1))
     compiler = compiling.StageCompiler(m, True, torch.device("cpu"), torch.float32)
+    stack, calls = m.blocks, []
+    m.blocks = lambda x, cu_seqlens=None: calls.append(tuple(x.shape)) or stack(x, cu_seqlens)
     try:
         assert compiler.compile_stage(0, 2, 8) > 0
+        assert calls == [(2, 8, 64)]  # the warm-up runs the model's own block loop, not a copy of it
         m(torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2, 8, dtype=torch.long)).backward()
-        assert compiler.recompiles == 0  # the warm-up's graph served the real step
+        assert compiler.recompiles == 0 and len(calls) == 2  # the warm-up's graph served the real step
         m(torch.zeros(3, 8, dtype=torch.long), labels=torch.zeros(3, 8, dtype=torch.long)).backward()
         assert compiler.recompiles == 1 and "recompile 1 within stage 0" in caplog.text
         with torch.no_grad():

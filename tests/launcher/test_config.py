@@ -137,7 +137,7 @@ MODEL_VALUES = {
     "tie_word_embeddings": ("tiny-llama", False), "layer_norm_eps": ("tiny", 0.001), "attention": ("tiny", "sdpa"),
     "activation_checkpointing": ("tiny", True), "document_masking": ("tiny", True),
     "reset_position_ids": ("tiny", True), "init_std": ("tiny", 0.01), "output_init_std": ("tiny", 0.003),
-    "vocab_pad_multiple": ("tiny", 64),
+    "vocab_pad_multiple": ("tiny", 64), "deterministic_attention": ("tiny", True),
 }
 
 

@@ -73,9 +73,11 @@ def test_masked_run_loss_flops_validation_evaluate_and_export(run, fp32_ds_confi
     assert report["document_masking"] is True
     assert report["results"][0]["loss"] == pytest.approx(final["val_loss_64"], abs=1e-5)
     loaded = evaluate.load_for_eval(str(run.run_dir))
-    valid = samples.valid_samples(64, 1024 // 64)
-    plain_loss, _ = evaluate.perplexity(loaded.model, valid)
-    assert abs(plain_loss - final["val_loss_64"]) > 1e-4
+    from data_pipeline.loader import window_batches
+    from model.model import mean_loss
+    unmasked = window_batches(samples.validation, 64, 1024 // 64, 8192)  # no document boundaries
+    plain_sum, plain_n = mean_loss(loaded.model, unmasked, torch.device("cpu"))
+    assert abs(plain_sum / plain_n - final["val_loss_64"]) > 1e-4
     # the export's model card and config say how it was trained; evaluating the export masks the same way
     from evidence.export_hf import export
     hf = export(str(run.run_dir), str(tmp_path / "hf"))
@@ -132,4 +134,4 @@ def test_validation_batches_carry_their_own_boundaries_on_every_rank(tokenized, 
             seen += [tuple(row) for row in tokens.tolist()]
             interior += len(cu) - 1 - len(tokens)
     assert interior > 0  # documents do start inside some of these windows
-    assert sorted(seen) == sorted(map(tuple, samples.valid_samples(48, 20).tolist()))  # each window once
+    assert sorted(seen) == sorted(map(tuple, samples.validation.windows(48, 20).tolist()))  # each window once

@@ -90,10 +90,10 @@ def test_plan_from_config_shares_and_time_shares():
     assert [s.micro_batch_size for s in plan.stages] == [8, 4]
     t = GrowLengthConfig(stages=[{"seq_len": 64, "time_share": 0.5}, {"seq_len": 128, "time_share": 0.5}],
                          tokens_per_step=1024, total_tokens=1024 * 9)
-    plan = plan_from_config(t, world_size=1, step_seconds=lambda lens: [0.1, 0.2])
+    plan = plan_from_config(t, world_size=1, step_seconds=lambda stages: [0.1, 0.2])
     assert [s.steps for s in plan.stages] == [6, 3]
     # a resumed run repeats the switch steps it actually took, whatever the probe says now
-    plan = plan_from_config(t, world_size=1, step_seconds=lambda lens: [1.0, 0.1], saved_steps=[6, 3])
+    plan = plan_from_config(t, world_size=1, step_seconds=lambda stages: [1.0, 0.1], saved_steps=[6, 3])
     assert [s.steps for s in plan.stages] == [6, 3]
     with pytest.raises(PlanError, match="total_tokens 1000 is not a whole number of steps"):
         plan_from_config(GrowLengthConfig(stages=[{"seq_len": 8, "share": 1.0}], tokens_per_step=1024,
@@ -101,6 +101,28 @@ def test_plan_from_config_shares_and_time_shares():
     with pytest.raises(PlanError, match="time_share but no step-time probe"):
         plan_from_config(t, world_size=1)
 
+
+
+def test_the_time_share_probe_times_the_micro_batches_the_plan_runs():
+    """One rule for the micro-batch: the probe is handed each stage's shape under the per-stage and probed caps."""
+    timed = []
+
+    def probe(stages):
+        timed.append([(s.seq_len, s.micro_batch_size, s.grad_accum) for s in stages])
+        return [0.1, 0.2]
+
+    def config(**long_stage):
+        return GrowLengthConfig(stages=[{"seq_len": 64, "time_share": 0.5},
+                                        {"seq_len": 128, "time_share": 0.5, **long_stage}],
+                                tokens_per_step=1024, total_tokens=1024 * 9, grad_accum=None,
+                                max_tokens_per_micro_batch=512)
+    plan = plan_from_config(config(), world_size=1, step_seconds=probe)
+    assert timed[-1] == [(64, 8, 2), (128, 4, 2)]  # the section's cap: 512 tokens per micro-batch
+    plan = plan_from_config(config(max_tokens_per_micro_batch=256), world_size=1, step_seconds=probe)
+    assert timed[-1] == [(64, 8, 2), (128, 2, 4)]  # the stage's own cap halves its micro-batch
+    assert [(s.micro_batch_size, s.grad_accum) for s in plan.stages] == [(8, 2), (2, 4)]  # and the plan runs it
+    plan_from_config(config(), world_size=2, step_seconds=probe, stage_caps=[128, 1024])  # a memory probe's caps
+    assert timed[-1] == [(64, 2, 4), (128, 4, 1)]
 
 def test_table_lists_every_stage():
     plan = build_plan([64, 128], [3, 1], tokens_per_step=1024, world_size=1)

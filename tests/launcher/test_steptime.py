@@ -145,12 +145,11 @@ def one_rank(monkeypatch):
 
 
 def probe(tokens_per_step: int, seq_lens: list[int]) -> list[float]:
-    from launcher.config import from_dict
     from launcher.modeling import probe_step_times
+    from launcher.plan import build_plan
     from model import ModelConfig
-    stages = [{"seq_len": 32, "time_share": 0.5}, {"seq_len": 64, "time_share": 0.5}]
-    cfg = from_dict({"growlength": {"tokens_per_step": tokens_per_step, "total_tokens": 1 << 20, "stages": stages}})
-    return probe_step_times(cfg, ModelConfig.from_preset("tiny", vocab_size=300), 0, 1, seq_lens)
+    stages = build_plan(seq_lens, [1] * len(seq_lens), tokens_per_step, world_size=1).stages  # accumulation 1
+    return probe_step_times(ModelConfig.from_preset("tiny", vocab_size=300), 0, list(stages))
 
 
 def test_time_share_probe_gives_interleaved_medians(one_rank, caplog):

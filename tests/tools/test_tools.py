@@ -216,11 +216,23 @@ def test_compare_equal_tokens(tmp_path, tokenized, sp_model):
     out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-tokens", "4000")
     for name, r in summary["runs"].items():
         assert r["tokens_seen"] == 3584 and r["stopped_by"] == "plan end"  # 4000 rounded down to 7 steps of 512
-    assert summary["runs"]["fixed-long"]["time_to_target_s"] is not None  # it reaches its own final loss
-    assert [st[:2] for st in summary["runs"]["growlength"]["stages"]] == [[32, 0], [64, 4]]
+    fixed, grow = summary["runs"]["fixed-long"], summary["runs"]["growlength"]
+    assert fixed["to_target_train_s"] is not None  # it reaches its own final loss
+    assert fixed["vs_fixed_long"]["same_tokens_train"] == 1.0
+    assert [st[:2] for st in grow["stages"]] == [[32, 0], [64, 4]]
+    # the launcher's own evaluations at L=64: every 7 // 2 = 3 steps and at each stage end
+    assert [p["step"] for p in fixed["curve"]] == [3, 6, 7] and [p["step"] for p in grow["curve"]] == [3, 4, 6, 7]
+    assert grow["curve"][-1]["loss"] == final_eval(out / "runs" / "growlength")["val_loss_64"]
+    # the prediction was written before the first run started, from the calibration's medians
+    prediction = json.loads((out / "prediction.json").read_text())
+    assert (out / "prediction.json").stat().st_mtime < (out / "runs" / "fixed-long" / "metrics.jsonl").stat().st_mtime
+    t = {int(k): v for k, v in prediction["step_seconds"].items()}
+    assert prediction["predicted"]["growlength"]["ratio"] == pytest.approx((4 * t[32] + 3 * t[64]) / 7 / t[64])
+    assert summary["predicted"] == prediction["predicted"]
     report = (out / "report.md").read_text()
     assert "equal tokens: 4,000 per run" in report and "| growlength |" in report
-    for name in ("loss_vs_tokens.png", "loss_vs_time.png", "ppl_vs_length.png"):
+    assert f"| growlength | 32: 0.57, 64: 0.43 | {prediction['predicted']['growlength']['ratio']:.3f}x" in report
+    for name in ("val_loss_vs_clock.png", "loss_vs_tokens.png", "loss_vs_time.png", "ppl_vs_length.png"):
         assert_png(out / name)
 
 
@@ -282,15 +294,6 @@ def test_compare_calibrated_budget_over_seeds(tmp_path, tokenized, sp_model):
     assert f"growlength lower val loss at equal time: **{lower['verdict']}**" in report
 
 
-def test_compare_calibrated_clock_and_loss_at():
-    assert compare.calibrated_clock([{"step": 2, "seq_len": 64}, {"step": 1, "seq_len": 32}], {32: 0.5, 64: 2.0}) \
-        == {1: 0.5, 2: 2.5}
-    curve = [{"t": 1.0, "loss": 5.0}, {"t": 3.0, "loss": 3.0}]
-    assert compare.loss_at(curve, 2.0, "t") == pytest.approx(4.0)
-    assert compare.loss_at(curve, 3.0, "t") == 3.0 and compare.loss_at(curve, 0.5, "t") is None
-    assert compare.loss_at(curve, 3.5, "t") is None
-
-
 def test_compare_calibration_rounds_take_medians_and_flag_noise():
     """Step records of two calibration rounds (as load_run gives them): the warm-up step of each stage is dropped,
     one slow step leaves the median alone and flags its length."""
@@ -315,6 +318,10 @@ def test_compare_bad_inputs(tmp_path, caplog):
     assert "one positive share per length" in caplog.text
     assert compare.main(["--budget-seconds", "5", "--out", str(tmp_path), "--calibration-rounds", "0"]) == 2
     assert "--calibration-rounds 0: must be at least 1" in caplog.text
+    assert compare.main(["--budget-tokens", "100000", "--out", str(tmp_path), "--calibration-steps", "0"]) == 2
+    assert "--calibration-steps 0: must be at least 1" in caplog.text
+    assert compare.main(["--budget-tokens", "100000", "--out", str(tmp_path), "--valid-fraction", "0"]) == 2
+    assert "--valid-fraction 0.0: must be between 0 and 1" in caplog.text
     assert compare.main(["--budget-calibrated-seconds", "0", "--out", str(tmp_path)]) == 2
     assert "--budget-calibrated-seconds 0.0: must be positive" in caplog.text
     assert compare.main(["--budget-tokens", "100000", "--out", str(tmp_path), "--seeds", "1,x"]) == 2
