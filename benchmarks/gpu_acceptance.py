@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from data_pipeline.atomic import check_dir_writable, write_text  # noqa: E402
+from data_pipeline.errors import UserError  # noqa: E402
 
 RANK_SCRIPT = "benchmarks/acceptance_rank.py"
 CHECKS = ("parity", "throughput", "switch", "probe", "compare")
@@ -44,7 +45,7 @@ FLASH_ERROR_FACTOR = 2.0
 SWITCH_RTOL = {"cpu": {"loss": 2e-5, "grad_norm": 1e-4}, "cuda": {"loss": 1e-4, "grad_norm": 1e-3}}
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A bad command line: the message names the flag, the value and the fix."""
 
 
@@ -761,7 +762,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not args.dry_run
     try:
         checks = check_args(args, cuda)
-    except UsageError as e:
+    except UserError as e:
         print(f"gpu_acceptance: {e}", file=sys.stderr)
         return 2
     if not cuda and not args.dry_run:

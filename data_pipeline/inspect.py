@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.indexed_dataset import IndexedDataset, bin_path, check_prefix, idx_path
 
 CHUNK_TOKENS = 1 << 24
@@ -109,7 +109,7 @@ def _main(argv: list[str] | None) -> int:
         if args.tokenizer_model:
             from data_pipeline.tokenizer import Tokenizer
             tokenizer = Tokenizer(args.tokenizer_model)
-    except DatasetError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.files import (check_output_prefix, dataset_interrupted, report_deferred_signal,
                                  stop_on_signals)
 from data_pipeline.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, discard_build
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals():
             ds = merge(args.input, args.output_prefix)
-    except DatasetError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipeline.corpus import ReadStats, check_inputs, is_compressed_or_columnar, iter_documents
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.files import (check_output_prefix, dataset_interrupted, report_deferred_signal,
                                  stop_on_signals)
 from data_pipeline.indexed_dataset import IndexedDatasetBuilder, discard_build, optimal_dtype
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             preprocess(args.input, args.output_prefix, args.tokenizer_model, args.workers, args.json_keys[0],
                        args.append_eod, args.skip_bad_lines, progress=not args.no_progress, quiet=args.quiet)
-    except DatasetError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

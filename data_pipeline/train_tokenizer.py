@@ -20,7 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from data_pipeline.corpus import ReadStats, check_inputs, iter_documents
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.atomic import remove_quietly, remove_stale_temps, tmp_name, write_text
 from data_pipeline.files import (check_output_prefix, exit_code, make_parent_dir, os_error, replace_all,
                                  stop_on_signals)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type, args.json_keys[0],
                             args.input_sentence_size, args.workers, args.seed, args.character_coverage, args.quiet)
-    except DatasetError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from launcher import steptime
+from data_pipeline.errors import UserError
 from evidence.runs import EvidenceError, parse_lengths, write_json
 
 log = logging.getLogger("growlength")
@@ -515,14 +516,11 @@ def main(argv=None) -> int:
         if args.ranks < 1 or (gpus is not None and args.ranks > gpus):
             raise EvidenceError(f"--ranks {args.ranks}: must be at least 1" + (f" and at most the {gpus} visible GPUs"
                                 if gpus is not None else "") + " (one process per rank, as in the run)")
-        from launcher.ds_config import DSConfigError, load_ds_config
-        try:
-            load_ds_config(args.ds_config)
-        except DSConfigError as e:
-            raise EvidenceError(str(e)) from None
+        from launcher.ds_config import load_ds_config
+        load_ds_config(args.ds_config)
         report = bench(args.preset, parse_lengths(args.lengths), args.tokens_per_batch, args.memory_cap_gb,
                        args.vocab_size, args.dtype, args.steps, args.repeats, args.ds_config, args.ranks)
-    except EvidenceError as e:
+    except UserError as e:
         log.error("%s", e)
         return 2
     print(table(report))

@@ -30,7 +30,7 @@ acc = _module()
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
+def dry_run(tmp_path_factory, spawns):
     tmp = tmp_path_factory.mktemp("acceptance")
     report = tmp / "acceptance.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -69,7 +69,6 @@ def test_dry_run_parity_measures_sdpa_bf16_against_fp32(dry_run):
     assert f["seq_len"] == 64 and f["dtype"] == "bf16"
     # bf16 rounding of a random tiny model: above zero (it is a real bf16 forward), far below the logits' scale
     assert 0 < f["sdpa_max_abs_err_vs_fp32"] < 0.1 * f["max_abs_logit_fp32"]
-    assert "flash_vs_sdpa_max_abs_diff" not in f
 
 
 def test_dry_run_throughput_reuses_the_model_benchmark_with_a_launcher_cell(dry_run):

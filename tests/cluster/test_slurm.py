@@ -96,7 +96,7 @@ def test_preprocess_array_then_merge_equals_single_process(slurm_env, corpus_jso
     array_id, merge_id = proc.stdout.split()
     assert job_info(slurm_env, merge_id)["Dependency"] == f"afterok:{array_id}_*(unfulfilled)" or \
         job_info(slurm_env, merge_id)["JobState"] in ("RUNNING", "COMPLETED", "COMPLETING")
-    info = wait_job(slurm_env, merge_id, timeout=120)
+    info = wait_job(slurm_env, merge_id)
     assert info["JobState"] == "COMPLETED", "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
     for ext in (".bin", ".idx"):
         assert Path(f"{prefix}{ext}").read_bytes() == Path(f"{tokenized}{ext}").read_bytes(), ext

@@ -196,7 +196,7 @@ def test_preprocess_output_prefix_errors(tmp_path, sp_model, corpus_jsonl, capsy
     assert (snapshot(tmp_path), sorted(os.listdir(tmp_path))) == before
 
 
-def test_preprocess_full_disk_keeps_existing_output(tmp_path, sp_model, corpus_jsonl, small_out):
+def test_preprocess_full_disk_keeps_existing_output(spawns, tmp_path, sp_model, corpus_jsonl, small_out):
     before = snapshot(tmp_path)
     r = run_module("data_pipeline.preprocess", ["--input", corpus_jsonl, "--output-prefix", small_out,
                                                 "--tokenizer-model", sp_model, "--no-progress"], fsize_limit=16384)
@@ -254,7 +254,7 @@ def _start_preprocess(src, out, sp_model):
     return p, tmp
 
 
-def test_preprocess_sigterm_removes_its_temp_files(tmp_path, sp_model, small_out):
+def test_preprocess_sigterm_removes_its_temp_files(spawns, tmp_path, sp_model, small_out):
     src = big_corpus(tmp_path / "big.jsonl")
     before = snapshot(tmp_path)
     p, tmp = _start_preprocess(src, small_out, sp_model)
@@ -266,7 +266,7 @@ def test_preprocess_sigterm_removes_its_temp_files(tmp_path, sp_model, small_out
     assert snapshot(tmp_path) == before
 
 
-def test_preprocess_removes_temp_files_of_killed_runs_only(tmp_path, sp_model, small_out, caplog):
+def test_preprocess_removes_temp_files_of_killed_runs_only(spawns, tmp_path, sp_model, small_out, caplog):
     src = big_corpus(tmp_path / "big.jsonl", n=400)
     p, dead_tmp = _start_preprocess(src, small_out, sp_model)
     p.kill()
@@ -322,7 +322,7 @@ def test_train_tokenizer_unreadable_input_is_named(tmp_path, corpus_jsonl, capsy
     assert not [f for f in os.listdir(tmp_path) if f.startswith("tok")]
 
 
-def test_train_tokenizer_full_disk_keeps_existing_model(tmp_path, corpus_jsonl):
+def test_train_tokenizer_full_disk_keeps_existing_model(spawns, tmp_path, corpus_jsonl):
     prefix = str(tmp_path / "tok")
     tt.train_tokenizer([corpus_jsonl], prefix, vocab_size=500, num_threads=1, quiet=True)
     before = snapshot(tmp_path)
@@ -354,7 +354,7 @@ def test_merge_refuses_the_same_dataset_twice(tmp_path, capsys, monkeypatch):
     assert snapshot(tmp_path) == before
 
 
-def test_merge_full_disk_keeps_existing_output(tmp_path):
+def test_merge_full_disk_keeps_existing_output(spawns, tmp_path):
     a = write_dataset(str(tmp_path / "a"), [np.arange(20000) % 500])
     b = write_dataset(str(tmp_path / "b"), [np.arange(20000) % 300])
     write_dataset(str(tmp_path / "m"), [[1, 2]])
@@ -396,7 +396,7 @@ def test_inspect_damaged_dataset_exit_1(tmp_path, sp_model, capsys):
     assert_one_line_error(*cli(insp.main, [code], capsys), r"INVALID: .*code\.idx: unknown dtype code 9", status=1)
 
 
-def test_inspect_closed_pipe_is_quiet(tokenized):
+def test_inspect_closed_pipe_is_quiet(spawns, tokenized):
     r_fd, w_fd = os.pipe()
     os.close(r_fd)
     r = subprocess.run([sys.executable, "-m", "data_pipeline.inspect", tokenized], stdout=w_fd,
@@ -467,7 +467,7 @@ def test_index_cache_dir_errors_and_stale_builds(cached, tmp_path):
     with pytest.raises(DatasetError, match=r"sample index cache_dir .*afile: .*afile: cannot write \(.*\); .*\(set "
                                            r"data\.cache_dir to another directory\)"):
         GrowLengthSamples(prefix, plan, seed=6, cache_dir=str(tmp_path / "afile")).build()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = subprocess.Popen(["true"])  # a pid that has exited
     dead.wait()
     stale = f"{path}.tmp-{dead.pid}-bad"
     mine = f"{path}.tmp-{os.getpid()}"

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def acceptance(tmp_path_factory):
+def acceptance(tmp_path_factory, spawns):
     report = tmp_path_factory.mktemp("acceptance") / "acceptance.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("GROWLENGTH_FAULT", None)

@@ -3,7 +3,8 @@ any training or any file of the run is written."""
 import json
 import shutil
 
-from runner import assert_refused, pretrain_ds_config
+from launching import ZERO2
+from runner import assert_refused
 
 
 def test_unknown_preset(run):
@@ -27,7 +28,7 @@ def test_plan_beyond_the_data_with_epochs_error(run):
 
 
 def test_ds_config_contradicting_the_plan(run, tmp_path):
-    cfg = json.loads(pretrain_ds_config().read_text())
+    cfg = json.loads(ZERO2.read_text())
     cfg["train_micro_batch_size_per_gpu"] = 3
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(cfg))
