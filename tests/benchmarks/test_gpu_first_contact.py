@@ -22,7 +22,7 @@ def run(tmp_path, **env):
     return subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=900)
 
 
-def test_without_cuda_it_prints_the_stack_and_stops(tmp_path):
+def test_without_cuda_it_prints_the_stack_and_stops(spawns, tmp_path):
     proc = run(tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:]
     log = (tmp_path / "out" / "log.txt").read_text()
@@ -30,7 +30,7 @@ def test_without_cuda_it_prints_the_stack_and_stops(tmp_path):
     assert "acceptance run" not in log and json.loads((tmp_path / "out" / "env.json").read_text())["torch"]
 
 
-def test_every_step_runs_and_the_results_land_in_out(tmp_path):
+def test_every_step_runs_and_the_results_land_in_out(spawns, tmp_path):
     proc = run(tmp_path, REQUIRE_CUDA="0", ACCEPTANCE_ARGS=f"--dry-run --checks parity --builtin-dir {tmp_path}/b")
     out = tmp_path / "out"
     log = (out / "log.txt").read_text()
