@@ -136,3 +136,20 @@ def test_init_from_hf_inputs_are_checked_before_anything_is_built(pythia_dir, pr
     (small / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
     with pytest.raises(ConfigError, match=r"model\.init_from_hf .*small-vocab: "):
         prepare(small)
+
+
+def test_init_from_hf_refuses_data_of_another_tokenizer(pythia_dir, tokenized, sp_model, tmp_path):
+    """Sentencepiece data (1000 ids) fits the checkpoint's 1024 rows, but its ids mean other text than the
+    checkpoint's own byte-level BPE: refused, naming both."""
+    from data_pipeline.errors import DatasetError
+    from launcher.config import from_dict
+    from launcher.data import prepare_data
+    from launcher.modeling import run_model_config
+
+    cfg = from_dict({"run_dir": str(tmp_path / "run"), "model": {"init_from_hf": str(pythia_dir)},
+                     "data": {"prefix": tokenized, "tokenizer": sp_model}})
+    data = prepare_data(cfg, rank=0, world=1)
+    with pytest.raises(DatasetError, match=r"model\.init_from_hf .*pythia-tiny was trained with its own tokenizer "
+                                           r"\(tokenizer\.json\), not the run's .*tok\.model \(sentencepiece, "
+                                           r"1,000 ids, EOD 2, .*preprocess the data with the checkpoint's tokenizer"):
+        run_model_config(cfg.model, data.tokenizer)
