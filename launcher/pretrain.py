@@ -19,6 +19,7 @@ if __name__ == "__main__":  # run as a script (the deepspeed launcher's way): im
 import argparse
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,11 @@ from model.attention import attention_pairs
 log = logging.getLogger("growlength")
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # a non-finite loss or gradient norm: stopped before the step was logged or saved
+
+
+class TrainingDiverged(RuntimeError):
+    """A step whose loss or gradient norm is not finite; the run stops before logging or saving it."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -177,7 +183,8 @@ class Trainer:
             pairs += attention_pairs(mb.shape[0], stage.seq_len, cu_seqlens)
             mb = mb.to(self.device, non_blocking=True)
             ds.set_accumulation_boundary(self.engine, i == len(micro_batches) - 1)
-            loss = self.engine(mb[:, :-1], labels=mb[:, 1:], cu_seqlens=cu_seqlens)
+            loss = self.faults.poison(self.progress.step + 1,
+                                      self.engine(mb[:, :-1], labels=mb[:, 1:], cu_seqlens=cu_seqlens))
             self.engine.backward(loss)
             losses.append(loss.detach())
         self.engine.step()  # the update: the last micro-batch was marked as the boundary
@@ -191,6 +198,7 @@ class Trainer:
                                             device=self.device).reshape(1),
                             torch.tensor(flags, dtype=torch.float64, device=self.device)])
         loss_sum, norm_sum, signalled, stop, pairs = dist.all_reduce_sum_tensor(packed)
+        self.check_finite(loss_sum / self.world, None if norm is None else norm_sum / self.world)
         dt = self.clock() - t0
         p = self.progress
         p.step += 1
@@ -209,6 +217,20 @@ class Trainer:
         self.last_loss = record["loss"]
         self.faults.after_step(p.step)
         return record, StepFlags(preempted=signalled > 0, out_of_time=stop > 0)
+
+    def check_finite(self, loss: float, grad_norm: float | None) -> None:
+        """Stop at a non-finite loss or gradient norm (the same on every rank: both were all-reduced), before the
+        step is logged or saved: no checkpoint ever holds NaN weights. An fp16 overflow that DeepSpeed's loss
+        scaler skipped is not a divergence."""
+        bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and ds.step_applied(self.engine)
+        if math.isfinite(loss) and not bad_norm:
+            return
+        step = self.progress.step + 1
+        raise TrainingDiverged(
+            f"step {step}: loss {loss}, gradient norm {grad_norm}: training stopped before saving it; the newest "
+            f"checkpoint in {ckpt.checkpoint_root(self.run_dir)} (step {self.progress.step} or earlier) holds the "
+            f"last finite weights: resume from it with a lower learning rate or more warmup, or check the data "
+            f"of step {step}")
 
     def after_step(self, stage, flags: StepFlags) -> str:
         """What is due after this step (validation, a checkpoint), then doing it; returns "continue",
@@ -292,6 +314,7 @@ class Trainer:
         self.faults.in_save(self.progress.step)
         if self.rank == 0:
             state.files = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
+            state.sha256 = ckpt.file_digests(root / tag)  # and so is a corrupted one of the right size
             ckpt.write_state(root / tag, state)
             ckpt.prune(root, self.cfg.checkpointing.keep_last, keep=self.downstream.busy())
         dist.barrier()
@@ -385,6 +408,9 @@ def main(argv=None, clock: Callable[[], float] = time.perf_counter) -> int:
     except UserError as e:
         log.error("%s", e if isinstance(e, StartupError) else f"{type(e).__name__}: {e}")
         return EXIT_BAD_INPUT
+    except TrainingDiverged as e:
+        log.error("training diverged at %s", e)
+        return EXIT_DIVERGED
     finally:
         ds.close()
         preemption.restore()
