@@ -117,10 +117,17 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
 
 
 def check_tokenizer_fits(tok: Tokenizer | None, state: ckpt.CheckpointState, found: Path) -> None:
-    """Refuse shipping a tokenizer whose ids the model has no embedding for (transformers would fail at the first
-    forward), and say when it is not the tokenizer the run trained with."""
+    """Before any work: refuse shipping a tokenizer whose ids the model has no embedding for (transformers would fail
+    at the first forward) or that has no Hugging Face form (a sentencepiece unigram model)."""
     if tok is None:
         return
+    if tok.kind == "sentencepiece":
+        from model.hf import check_exportable_tokenizer
+        try:
+            check_exportable_tokenizer(tok.path)
+        except ValueError as e:
+            raise EvidenceError(f"{e}; nothing exported (train tokenizers meant for export with --model-type "
+                                f"bpe)") from None
     vocab = int(state.model["vocab_size"])
     if tok.vocab_size > vocab:
         raise EvidenceError(f"--tokenizer {tok.path}: {tok.vocab_size:,} ids but the model of {found} has "

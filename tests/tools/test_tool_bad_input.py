@@ -178,6 +178,18 @@ def test_export_refuses_a_tokenizer_larger_than_the_model(work, tmp_path, caplog
     assert snapshot(work / "run") == before and not (tmp_path / "hf").exists()
 
 
+def test_export_refuses_a_unigram_tokenizer_before_consolidating(work, tmp_path, caplog, corpus_jsonl, monkeypatch):
+    from data_pipeline.train_tokenizer import train_tokenizer
+    uni = train_tokenizer([corpus_jsonl], str(tmp_path / "uni"), vocab_size=1000, model_type="unigram",
+                          num_threads=1, quiet=True)
+    monkeypatch.setattr(export_hf, "load_trained_model", lambda *a: pytest.fail("consolidated before the check"))
+    before = snapshot(work / "run")
+    assert export_hf.main(["--checkpoint", str(work / "run"), "--out", str(tmp_path / "hf"), "--tokenizer", uni]) == 2
+    assert f"{uni}: a sentencepiece unigram model has no Hugging Face tokenizer.json" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert snapshot(work / "run") == before and not (tmp_path / "hf").exists()
+
+
 def test_evaluate_refuses_data_of_another_tokenizer_or_past_the_vocabulary(work, tmp_path, caplog, corpus_jsonl):
     from data_pipeline.indexed_dataset import write_dataset
     from data_pipeline.preprocess import preprocess
