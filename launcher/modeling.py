@@ -14,6 +14,7 @@ import os
 import torch
 
 from data_pipeline.errors import DatasetError
+from data_pipeline.provenance import check_checkpoint_tokenizer
 from data_pipeline.tokenizer import Tokenizer
 from launcher import distributed as dist
 from launcher import steptime
@@ -64,6 +65,7 @@ def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
         raise DatasetError(f"model.init_from_hf {m.init_from_hf} has vocabulary {config.vocab_size} but the "
                            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size}: give the checkpoint's own "
                            f"tokenizer as data.tokenizer (and preprocess with it)")
+    check_checkpoint_tokenizer(m.init_from_hf, tokenizer, "model.init_from_hf")
     return config
 
 

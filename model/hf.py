@@ -176,6 +176,25 @@ def config_from_hf(hf: dict, vocab_size: int | None = None) -> ModelConfig:
 
 
 # ---------------------------------------------------------------- tokenizer
+def _exportable_proto(sp_model_path: str | os.PathLike):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(sp_model_path).read_bytes())
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
+        raise ValueError(f"{sp_model_path}: a sentencepiece {kind} model has no Hugging Face tokenizer.json that "
+                         f"encodes to the same ids; only sentencepiece BPE models (train_tokenizer's default "
+                         f"--model-type bpe) are exported")
+    return proto
+
+
+def check_exportable_tokenizer(sp_model_path: str | os.PathLike) -> None:
+    """Raise ValueError (one line) for a sentencepiece model that `save_tokenizer` cannot convert: check it before
+    any expensive work."""
+    _exportable_proto(sp_model_path)
+
+
 def sentencepiece_to_tokenizers(sp_model_path: str | os.PathLike):
     """A `tokenizers.Tokenizer` that encodes text to the same ids as a sentencepiece BPE model (byte_fallback,
     no BOS/EOS added). Merges are ranked by piece score, which is how sentencepiece BPE chooses them; the
@@ -184,10 +203,7 @@ def sentencepiece_to_tokenizers(sp_model_path: str | os.PathLike):
     from tokenizers import Regex, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(sp_model_path).read_bytes())
-    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        raise ValueError(f"{sp_model_path}: only sentencepiece BPE models can be exported (model_type bpe)")
+    proto = _exportable_proto(sp_model_path)
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
     merges = []

@@ -68,7 +68,7 @@ def test_continue_pretraining_a_pythia_layout_checkpoint_and_export(pythia_dir, 
 
     out = export(str(trained), str(tmp_path / "hf"))
     ours, state, _ = load_trained_model(trained)
-    assert state["model"]["hidden_size"] == 64 and state["model"]["vocab_size"] == 1024  # the checkpoint's shape
+    assert state.model["hidden_size"] == 64 and state.model["vocab_size"] == 1024  # the checkpoint's shape
     # started from the checkpoint's weights and trained from there: 6 AdamW steps at lr <= 1e-3 move no weight
     # by 0.02 (a fresh init at std 0.02 would differ from it by more in every matrix), and they did move
     before = load_file(str(pythia_dir / "model.safetensors"))
@@ -100,8 +100,7 @@ def test_export_refuses_a_run_whose_tokenizer_is_gone(trained, tmp_path, caplog)
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     found = ckpt.resolve_resume(str(run), str(run))
-    state = json.loads((found / ckpt.STATE_FILE).read_text())
-    copy = run / state["tokenizer_in_run"]
+    copy = run / ckpt.read_state(found).tokenizer_in_run
     (copy / "tokenizer.json" if copy.is_dir() else copy).write_text("{not json")
     assert export_hf.main(["--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 2
     assert "the tokenizer this run trained with does not open" in caplog.text
@@ -137,3 +136,20 @@ def test_init_from_hf_inputs_are_checked_before_anything_is_built(pythia_dir, pr
     (small / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
     with pytest.raises(ConfigError, match=r"model\.init_from_hf .*small-vocab: "):
         prepare(small)
+
+
+def test_init_from_hf_refuses_data_of_another_tokenizer(pythia_dir, tokenized, sp_model, tmp_path):
+    """Sentencepiece data (1000 ids) fits the checkpoint's 1024 rows, but its ids mean other text than the
+    checkpoint's own byte-level BPE: refused, naming both."""
+    from data_pipeline.errors import DatasetError
+    from launcher.config import from_dict
+    from launcher.data import prepare_data
+    from launcher.modeling import run_model_config
+
+    cfg = from_dict({"run_dir": str(tmp_path / "run"), "model": {"init_from_hf": str(pythia_dir)},
+                     "data": {"prefix": tokenized, "tokenizer": sp_model}})
+    data = prepare_data(cfg, rank=0, world=1)
+    with pytest.raises(DatasetError, match=r"model\.init_from_hf .*pythia-tiny was trained with its own tokenizer "
+                                           r"\(tokenizer\.json\), not the run's .*tok\.model \(sentencepiece, "
+                                           r"1,000 ids, EOD 2, .*preprocess the data with the checkpoint's tokenizer"):
+        run_model_config(cfg.model, data.tokenizer)

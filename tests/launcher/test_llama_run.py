@@ -40,9 +40,9 @@ def test_tiny_llama_trains_through_two_stages(llama_run):
     assert [(r["seq_len"], r["micro_batch_size"]) for r in steps] == [(32, 16)] * 4 + [(64, 8)] * 4
     assert steps[-1]["loss"] < steps[0]["loss"]
     state = ckpt.read_state(ckpt.resolve_resume("auto", llama_run))
-    assert (state["model"]["family"], state["model"]["num_kv_heads"], state["model"]["tie_word_embeddings"]) == \
+    assert (state.model["family"], state.model["num_kv_heads"], state.model["tie_word_embeddings"]) == \
         ("llama", 2, True)
-    assert state["step"] == 8
+    assert state.step == 8
 
 
 def test_export_gives_a_llama_that_transformers_loads_with_our_logits(llama_run, tmp_path, sp_model):

@@ -111,7 +111,7 @@ def test_export_to_hugging_face(reference, tmp_path, sp_model):
 
     out = export(str(reference[0]), str(tmp_path / "hf"))
     ours, state, found = load_trained_model(reference[0])
-    assert found.name == ckpt.tag_for(18) and state["step"] == 18
+    assert found.name == ckpt.tag_for(18) and state.step == 18
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == "GPTNeoXForCausalLM"
     text = "The with statement is used to wrap the execution of a block"
@@ -137,7 +137,7 @@ def test_wall_clock_plan_and_time_budget_on_one_rank(launch, tmp_path, tokenized
                      script=stepclock.SCRIPT, env=stepclock.env({32: 0.3, 128: 1.0})))
     assert "step-time probe: L=32:" in proc.stdout
     state = ckpt.read_state(ckpt.resolve_resume("auto", run_dir))
-    planned = [s["steps"] for s in state["plan"]]
+    planned = [s["steps"] for s in state.plan]
     # equal time shares: steps in inverse proportion to the probed step times (rounding aside)
     import re
     t32, t128 = map(float, re.search(r"step-time probe: L=32: ([\d.]+)s, L=128: ([\d.]+)s", proc.stdout).groups())
@@ -146,7 +146,7 @@ def test_wall_clock_plan_and_time_budget_on_one_rank(launch, tmp_path, tokenized
     # the clock after each step: 0.3, 0.6, ..., 1.8 (step 6, under the budget), 2.1 (step 7, past it): stop there
     assert "growlength.max_time_s=2 s reached at step 7" in proc.stdout
     records = steps(run_dir)
-    assert state["step"] == max(records) == 7 and planned[0] > 7
+    assert state.step == max(records) == 7 and planned[0] > 7
     assert records[6]["elapsed_s"] == pytest.approx(1.8) and records[7]["elapsed_s"] == pytest.approx(2.1)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 

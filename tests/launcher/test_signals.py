@@ -50,7 +50,7 @@ def assert_stopped_with_a_checkpoint(run_dir, procs):
     path = ckpt.resolve_resume("auto", run_dir)
     assert path is not None, (run_dir / "train.log").read_text()[-3000:]
     last = max(r["step"] for r in read_metrics(run_dir) if "kind" not in r)
-    assert ckpt.read_state(path)["step"] == last >= 3  # saved at the step boundary after the signal
+    assert ckpt.read_state(path).step == last >= 3  # saved at the step boundary after the signal
     return (run_dir / "train.log").read_text()
 
 

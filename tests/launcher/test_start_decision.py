@@ -11,12 +11,12 @@ from test_checkpoint import _save_like_the_launcher
 
 
 def decide(rank, world, run_dir, resume):
-    from launcher import pretrain
+    from launcher import startup
     from launcher.config import load_config
     cfg = load_config(None, [f"run_dir={run_dir}", f"checkpointing.resume={resume}"])
     try:
-        lock, decision = pretrain.start_decision(cfg, Path(run_dir), rank, world)
-    except pretrain.StartupError as e:
+        lock, decision = startup.start_decision(cfg, Path(run_dir), rank, world)
+    except startup.StartupError as e:
         return "refused: " + str(e)
     if lock is not None:
         lock.release()

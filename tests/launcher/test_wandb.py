@@ -9,7 +9,7 @@ import pytest
 
 wandb = pytest.importorskip("wandb")  # in .[dev]
 
-from launcher import pretrain  # noqa: E402
+from launcher.signals import EXIT_PREEMPTED  # noqa: E402
 from launcher.config import ConfigError, load_config  # noqa: E402
 from launcher.metrics import read_metrics  # noqa: E402
 from launcher.trackers import flatten  # noqa: E402
@@ -69,7 +69,7 @@ def test_offline_run_holds_every_metrics_record_and_resumes_into_the_same_run(ru
             "logging.wandb={project: growlength-test, name: tiny, mode: offline}"]
     monkeypatch.setenv("GROWLENGTH_FAULT", "sigusr1@3")  # preempted after step 3: checkpoint, exit for a requeue
     code, out = run(*args)
-    assert code == pretrain.EXIT_PREEMPTED, out
+    assert code == EXIT_PREEMPTED, out
     monkeypatch.delenv("GROWLENGTH_FAULT")
     code, out = run(*args)  # the requeued job resumes from step 3
     assert code == 0, out

@@ -107,8 +107,8 @@ def test_export_model_card_records_plan_schedule_and_final_losses(trained, tmp_p
     card = (out / "README.md").read_text()
     state = ckpt.read_state(ckpt.resolve_resume("auto", str(trained)))
     assert card.startswith("---\nlibrary_name: transformers\n")
-    assert f"step {state['step']:,}, {state['tokens_seen']:,} tokens" in card
-    for s in state["plan"]:  # one row per stage: seq_len, micro-batch, accumulation, steps, tokens
+    assert f"step {state.step:,}, {state.tokens_seen:,} tokens" in card
+    for s in state.plan:  # one row per stage: seq_len, micro-batch, accumulation, steps, tokens
         assert (f"| {s['index']} | {s['seq_len']} | {s['micro_batch_size']} | {s['grad_accum']} | {s['steps']} | "
                 f"{s['tokens']:,} |") in card
     scheduler = json.loads((trained / "ds_config.resolved.json").read_text())["scheduler"]

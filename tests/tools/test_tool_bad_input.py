@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from evidence import compare, evaluate, export_hf, plot
+from launcher import checkpoint as ckpt
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics, truncate_after
-from evidence.runs import EvidenceError, find_data_prefix, find_tokenizer, load_run
+from evidence.runs import load_run
 from launching import pretrain_args
 
 STATE = "growlength_state.json"
@@ -43,9 +44,9 @@ def work(tmp_path_factory, tokenized, sp_model, launch):
         shutil.copy(tokenized + ext, work / "data" / f"corpus{ext}")
     shutil.copy(sp_model, work / "tok" / "tok.model")
     train(launch, work)
-    state = json.loads((work / "run" / "checkpoints" / "step_00000004" / STATE).read_text())
-    assert state["tokenizer"] == "tok/tok.model" and state["data_prefix"] == "data/corpus"  # as given: relative
-    assert state["tokenizer_in_run"] == "tokenizer/tokenizer.model"
+    state = ckpt.read_state(work / "run" / "checkpoints" / "step_00000004")
+    assert state.tokenizer == "tok/tok.model" and state.data_prefix == "data/corpus"  # as given: relative
+    assert state.tokenizer_in_run == "tokenizer/tokenizer.model"
     return work
 
 
@@ -134,28 +135,6 @@ def test_export_and_evaluate_from_elsewhere_after_moving_the_run(work, tmp_path,
         shutil.move(str(gone), work / "tok")
 
 
-def test_old_checkpoints_without_the_new_keys(work, tmp_path, monkeypatch):
-    """A checkpoint from before the run kept its own copies: the recorded paths, from where the run started."""
-    old = copy_run(work, work / "old-run")
-    shutil.rmtree(old / "tokenizer")
-    for state_file in old.glob(f"checkpoints/step_*/{STATE}"):  # what checkpoints held before
-        state = json.loads(state_file.read_text())
-        for key in ("tokenizer_in_run", "tokenizer_resolved", "data_prefix_resolved"):
-            del state[key]
-        state_file.write_text(json.dumps(state, indent=1, sort_keys=True))
-    monkeypatch.chdir(work)
-    ckpt_dir = old / "checkpoints" / "step_00000004"
-    assert find_tokenizer(state, ckpt_dir) == "tok/tok.model"
-    assert find_data_prefix(state, ckpt_dir) == "data/corpus"
-    assert evaluate.evaluate("old-run", lengths=[32])["data_prefix"] == "data/corpus"
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(EvidenceError, match=r"the training data is not found \(looked for PREFIX.bin/.idx at "
-                                            r"data/corpus\); point at it with --data-prefix PREFIX"):
-        find_data_prefix(state, ckpt_dir)
-    with pytest.raises(EvidenceError, match=r"looked at tok/tok.model\); point at it with --tokenizer PATH"):
-        find_tokenizer(state, ckpt_dir)
-
-
 # ---- evaluate: the output place is checked before the work ------------------------------------------------------
 def test_evaluate_out_in_an_unwritable_place_is_refused_before_the_work(work, tmp_path, caplog, capsys):
     (tmp_path / "afile").write_text("x")
@@ -180,13 +159,52 @@ def test_evaluate_and_export_name_a_damaged_checkpoint(work, tmp_path, caplog):
     state = run / "checkpoints" / "step_00000004" / STATE
     state.write_bytes(state.read_bytes()[:100])  # torn
     assert evaluate.main(["--checkpoint", str(state.parent), "--lengths", "32"]) == 2
-    assert f"{state}: unreadable" in caplog.text and "use an earlier checkpoint" in caplog.text
+    assert f"{state} is unreadable" in caplog.text and "use another checkpoint" in caplog.text
     model = next((run / "checkpoints" / "step_00000002").glob("*model_states.pt"))
     model.write_bytes(model.read_bytes()[:1000])
     before = snapshot(run)
     assert export_hf.main(["--checkpoint", str(model.parent), "--out", str(tmp_path / "hf")]) == 2
     assert f"{model.parent}: the DeepSpeed model or optimizer files cannot be read" in caplog.text
     assert snapshot(run) == before and not (tmp_path / "hf").exists()
+
+
+# ---- data, tokenizer and model that do not belong together ----------------------------------------------------
+def test_export_refuses_a_tokenizer_larger_than_the_model(work, tmp_path, caplog, corpus_jsonl):
+    from data_pipeline.train_tokenizer import train_tokenizer
+    big = train_tokenizer([corpus_jsonl], str(tmp_path / "big"), vocab_size=1200, num_threads=1, quiet=True)
+    before = snapshot(work / "run")
+    assert export_hf.main(["--checkpoint", str(work / "run"), "--out", str(tmp_path / "hf"), "--tokenizer", big]) == 2
+    assert f"--tokenizer {big}: 1,200 ids but the model of " in caplog.text and "has 1,000 (its embedding" in caplog.text
+    assert snapshot(work / "run") == before and not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_a_unigram_tokenizer_before_consolidating(work, tmp_path, caplog, corpus_jsonl, monkeypatch):
+    from data_pipeline.train_tokenizer import train_tokenizer
+    uni = train_tokenizer([corpus_jsonl], str(tmp_path / "uni"), vocab_size=1000, model_type="unigram",
+                          num_threads=1, quiet=True)
+    monkeypatch.setattr(export_hf, "load_trained_model", lambda *a: pytest.fail("consolidated before the check"))
+    before = snapshot(work / "run")
+    assert export_hf.main(["--checkpoint", str(work / "run"), "--out", str(tmp_path / "hf"), "--tokenizer", uni]) == 2
+    assert f"{uni}: a sentencepiece unigram model has no Hugging Face tokenizer.json" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert snapshot(work / "run") == before and not (tmp_path / "hf").exists()
+
+
+def test_evaluate_refuses_data_of_another_tokenizer_or_past_the_vocabulary(work, tmp_path, caplog, corpus_jsonl):
+    from data_pipeline.indexed_dataset import write_dataset
+    from data_pipeline.preprocess import preprocess
+    from data_pipeline.train_tokenizer import train_bytelevel_bpe
+    bpe = train_bytelevel_bpe([corpus_jsonl], str(tmp_path / "bpe"), vocab_size=1000, quiet=True)
+    other = str(tmp_path / "other")
+    preprocess([corpus_jsonl], other, bpe, quiet=True)  # every id < 1000: only its record tells
+    wide = write_dataset(str(tmp_path / "wide"), [[5, 6, 1500, 2]] * 64)  # no record: its ids tell
+    before = snapshot(tmp_path)
+    assert evaluate.main(["--checkpoint", str(work / "run"), "--data-prefix", other, "--lengths", "32"]) == 2
+    assert "its tokenizer " in caplog.text and f"did not make {other}: " in caplog.text
+    caplog.clear()
+    assert evaluate.main(["--checkpoint", str(work / "run"), "--data-prefix", wide, "--lengths", "32"]) == 2
+    assert "has a vocabulary of 1,000: " in caplog.text and "token id 1500 at token 2" in caplog.text
+    assert "Traceback" not in caplog.text and snapshot(tmp_path) == before
 
 
 # ---- metrics.jsonl: a torn last line never blocks a resume or a plot; a bad middle line is named ----------------
