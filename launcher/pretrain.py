@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="run config YAML (presets in launcher/configs/); defaults = tiny CPU demo")
     p.add_argument("--resume", help="'auto' (default), 'none', or a checkpoint / run directory")
     p.add_argument("--resume-force", action="store_true", help="resume even if plan or data differ")
+    p.add_argument("--start-over", action="store_true", help="move the run that run_dir holds aside to "
+                   "RUN_DIR.old-TIMESTAMP and start this one there")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device, for MFU")
     p.add_argument("--run-dir", help="shorthand for run_dir=...")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # added by the deepspeed launcher
@@ -78,6 +80,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"checkpointing.resume={args.resume}")
     if args.resume_force:
         overrides.append("checkpointing.resume_force=true")
+    if args.start_over:
+        overrides.append("checkpointing.start_over=true")
     if args.peak_tflops:
         overrides.append(f"logging.peak_tflops={args.peak_tflops}")
     if args.run_dir:
