@@ -312,14 +312,16 @@ class Trainer:
         self.progress.elapsed_s, self.start_time = self.elapsed(), self.clock()
         state = ckpt.run_state(self.cfg, self.plan, self.data, self.model.config, self.progress,
                                self.loader.state_dict(), self.world)
-        ds.save_checkpoint(self.engine, str(root), tag)
-        ckpt.save_rng(root / tag, self.rank)
+        with ckpt.save_errors(root / tag):
+            ds.save_checkpoint(self.engine, str(root), tag)
+            ckpt.save_rng(root / tag, self.rank)
         dist.barrier()
         self.faults.in_save(self.progress.step)
         if self.rank == 0:
             state.files = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
             state.sha256 = ckpt.file_digests(root / tag)  # and so is a corrupted one of the right size
-            ckpt.write_state(root / tag, state)
+            with ckpt.save_errors(root / tag):
+                ckpt.write_state(root / tag, state)
             ckpt.prune(root, self.cfg.checkpointing.keep_last, keep=self.downstream.busy())
         dist.barrier()
         log.info("checkpoint %s saved (%.1fs)", root / tag, self.clock() - t0)
