@@ -15,7 +15,7 @@ TORCH_STAMP := $(VENV)/.growlength-torch
 # DeepSpeed JIT-builds a small CPU communication op on first use; keep its cache with the venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: demo test test-gpu install flash-attn bench clean FORCE
+.PHONY: demo test test-fast test-gpu install flash-attn bench clean FORCE
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ test: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then bash slurm/setup_local_cluster.sh; \
 	else echo "make test: not root, so no local SLURM cluster is started; tests/cluster skip unless one is up"; fi
 	$(PY) -m pytest -q -ra tests
+
+# The edit loop: every test that starts no process (pytest -m "not slow"; tests/conftest.py marks the others).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow" tests
 
 # On a GPU machine (install your CUDA torch: TORCH_SPEC/TORCH_INDEX above; flash-attn: docs/gpu.md): tests/gpu/, which
 # run benchmarks/gpu_acceptance.py at full size (bounded to 8 min) and short CUDA kernel checks. `make test` skips them;

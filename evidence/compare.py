@@ -27,6 +27,7 @@ from pathlib import Path
 from data_pipeline.atomic import check_dir_writable
 from evidence import speedup
 from evidence.compare_report import markdown, speed_figure, summarise
+from data_pipeline.errors import UserError
 from evidence.launch import ROOT, launch_command
 from evidence.runs import EvidenceError, add_device_arguments, compute_device, load_run, parse_lengths, \
     write_json, write_text
@@ -209,11 +210,8 @@ def ds_config_for(s: Setup) -> str:
     """The ds_config every run uses: the given one, or for a wall-clock budget the same with WarmupLR."""
     if s.budget_seconds is None:
         return s.ds_config
-    from launcher.ds_config import DSConfigError, load_ds_config
-    try:
-        cfg = load_ds_config(str(ROOT / s.ds_config if not Path(s.ds_config).is_absolute() else s.ds_config))
-    except DSConfigError as e:
-        raise EvidenceError(str(e)) from None
+    from launcher.ds_config import load_ds_config
+    cfg = load_ds_config(str(ROOT / s.ds_config if not Path(s.ds_config).is_absolute() else s.ds_config))
     params = {k: v for k, v in cfg.get("scheduler", {}).get("params", {}).items()
               if k in ("warmup_min_lr", "warmup_max_lr", "warmup_type")}
     cfg["scheduler"] = {"type": "WarmupLR", "params": params}
@@ -372,7 +370,7 @@ def main(argv=None) -> int:
         if (s.data_prefix is None) != (s.tokenizer is None):
             raise EvidenceError("--data-prefix and --tokenizer go together")
         summary = compare(s, "python -m evidence.compare " + " ".join(argv if argv is not None else sys.argv[1:]))
-    except EvidenceError as e:
+    except UserError as e:
         log.error("%s", e)
         return 2
     except RuntimeError as e:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import UserError
 from evidence.runs import EvidenceError, check_writable, write_text
 from launcher import checkpoint as ckpt
 
@@ -89,12 +89,12 @@ def evaluate(hf_dir: Path, tasks: list[str], include: list[str], limit: float | 
     return results
 
 
-def report_paths(out: str | None, found: Path | None, state: dict | None) -> tuple[Path, Path]:
+def report_paths(out: str | None, found: Path | None, state: ckpt.CheckpointState | None) -> tuple[Path, Path]:
     if out:
         base = Path(out)
         base = base.with_suffix("") if base.suffix in (".json", ".md") else base
     elif found is not None:
-        base = found.parent.parent / "downstream" / f"step_{state['step']:08d}"
+        base = found.parent.parent / "downstream" / f"step_{state.step:08d}"
     else:
         raise EvidenceError("--out is required for a Hugging Face directory (a run's reports go to "
                             "RUN_DIR/downstream/)")
@@ -111,12 +111,12 @@ def run(checkpoint: str, tasks: str, limit: float | None = None, out: str | None
         check_writable(json_path)
         results = evaluate(hf_dir, names, include, limit, batch_size, device, bootstrap_iters, log_samples)
     from lm_eval.utils import make_table
-    source = {"checkpoint": str(found) if found else str(hf_dir), "step": state and state["step"],
-              "tokens_seen": state and state["tokens_seen"], "tasks": names, "limit": limit}
+    source = {"checkpoint": str(found) if found else str(hf_dir), "step": state.step if state else None,
+              "tokens_seen": state.tokens_seen if state else None, "tasks": names, "limit": limit}
     report = {"source": source, "results": results["results"], "versions": results.get("versions", {}),
               "n-shot": results.get("n-shot", {}), "configs": results.get("configs", {})}
     write_text(json_path, json.dumps(report, indent=1, default=str) + "\n")
-    head = f"# Downstream: {source['checkpoint']}" + (f" (step {state['step']}, {state['tokens_seen']:,} tokens)"
+    head = f"# Downstream: {source['checkpoint']}" + (f" (step {state.step}, {state.tokens_seen:,} tokens)"
                                                       if state else "")
     write_text(md_path, f"{head}\n\n{make_table(results)}")
     if log_samples:  # each document with the model's answer to every request (loglikelihood, greedy or not)
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     try:
         json_path, md_path, _ = run(args.checkpoint, args.tasks, args.limit, args.out, args.batch_size, args.device,
                                     args.bootstrap_iters, args.log_samples)
-    except (ckpt.CheckpointError, EvidenceError, FileExistsError, DatasetError) as e:
+    except (UserError, FileExistsError) as e:
         log.error("%s", e)
         return 2
     log.info("wrote %s and %s", json_path, md_path)

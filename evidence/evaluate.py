@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.loader import window_batches
 from data_pipeline.samples import WindowStream, data_fingerprint
 from evidence.runs import (EvidenceError, add_device_arguments, check_writable, compute_device, dtype_name,
-                           find_data_prefix, parse_lengths, write_json)
+                           find_data_prefix, find_tokenizer, parse_lengths, write_json)
+from launcher.checkpoint import CheckpointState
 from model import CausalLM
 from model.model import mean_loss
 
@@ -43,12 +44,11 @@ class Loaded:
 
     model: CausalLM
     source: str                      # the checkpoint directory or HF directory
-    state: dict | None = None        # growlength_state.json of a launcher checkpoint (None for an HF dir)
+    state: CheckpointState | None = None  # a launcher checkpoint's state (None for an HF dir)
 
     @property
     def trained_seq_len(self) -> int | None:
-        plan = (self.state or {}).get("plan")
-        return max(s["seq_len"] for s in plan) if plan else None
+        return max(s["seq_len"] for s in self.state.plan) if self.state else None
 
 
 def load_for_eval(path: str, rope_scaling: str = "none", rope_factor: float = 1.0) -> Loaded:
@@ -80,6 +80,36 @@ def load_for_eval(path: str, rope_scaling: str = "none", rope_factor: float = 1.
     return Loaded(model=model.float().eval(), source=source, state=state)
 
 
+def check_data_fits(prefix: str, loaded: Loaded) -> None:
+    """Refuse data the checkpoint cannot read: made by another tokenizer than the one it trained with (by the data's
+    tokenizer record, where both are known), or holding ids past the model's vocabulary."""
+    from data_pipeline.inspect import check_token_ids
+    from data_pipeline.provenance import check_tokenizer, read_identity
+    from data_pipeline.tokenizer import Tokenizer
+
+    vocab = loaded.model.config.vocab_size
+    identity = read_identity(prefix)
+    if identity is not None:
+        if loaded.state is not None:
+            try:
+                tokenizer_path = find_tokenizer(loaded.state, loaded.source)
+            except EvidenceError:
+                tokenizer_path = None  # only the vocabulary can be checked
+        else:
+            tokenizer_path = loaded.source if (Path(loaded.source) / "tokenizer.json").is_file() else None
+        if tokenizer_path is not None:
+            check_tokenizer(prefix, Tokenizer(tokenizer_path), f"--checkpoint {loaded.source}: its tokenizer")
+        if identity.vocab_size > vocab:
+            raise EvidenceError(f"--data-prefix {prefix}: made by a tokenizer of {identity.vocab_size:,} ids but "
+                                f"{loaded.source} has a vocabulary of {vocab:,}; evaluate on data preprocessed "
+                                f"with the checkpoint's tokenizer")
+        return
+    try:
+        check_token_ids(IndexedDataset(prefix), vocab)
+    except DatasetError as e:
+        raise EvidenceError(f"--checkpoint {loaded.source} has a vocabulary of {vocab:,}: {e}") from None
+
+
 def validation_windows(prefix: str, split: str, valid_fraction: float | None) -> WindowStream:
     """The windows ``--split`` scores (see the module docstring): the run's held-out documents, or every one."""
     if split == "run" and not valid_fraction:
@@ -89,20 +119,20 @@ def validation_windows(prefix: str, split: str, valid_fraction: float | None) ->
     return WindowStream.held_out(dataset, valid_fraction) if split == "run" else WindowStream.every_document(dataset)
 
 
-def resolve_split(split: str, prefix: str, state: dict | None,
+def resolve_split(split: str, prefix: str, state: CheckpointState | None,
                   valid_fraction: float | None) -> tuple[str, float | None]:
     """``(split, valid_fraction)`` after applying ``auto`` and the checkpoint's config (module docstring)."""
-    trained_on = (state or {}).get("data_fingerprint")
+    trained_on = state.data_fingerprint if state else None
     same_data = trained_on is not None and data_fingerprint(prefix) == trained_on
     if valid_fraction is None and state is not None:
-        valid_fraction = state["config"]["data"]["valid_fraction"]
+        valid_fraction = state.config["data"]["valid_fraction"]
     if split == "auto":
         split = "run" if same_data else "all"
     if split == "all" and same_data:
         log.warning("--split all on the training data %s: these documents were trained on; the perplexity is "
                     "not a held-out measurement", prefix)
     if split == "run" and state is not None and not same_data:
-        raise EvidenceError(f"--split run: {prefix} is not the data {state.get('data_prefix')} this checkpoint "
+        raise EvidenceError(f"--split run: {prefix} is not the data {state.data_prefix} this checkpoint "
                             f"was trained on (fingerprints differ); use --split all for a separate corpus")
     return split, valid_fraction
 
@@ -137,9 +167,10 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
     if state is None and data_prefix is None:
         raise EvidenceError(f"--checkpoint {checkpoint} is a Hugging Face directory: give --data-prefix PREFIX "
                             f"(a .bin/.idx made with its tokenizer)")
-    prefix = find_data_prefix(state or {}, loaded.source, data_prefix)  # --data-prefix, else the run's recorded data
+    prefix = find_data_prefix(state, loaded.source, data_prefix)  # --data-prefix, else the run's recorded data
     if tokens is None:
-        tokens = state["config"]["logging"]["eval_tokens"] if state else DEFAULT_TOKENS
+        tokens = state.config["logging"]["eval_tokens"] if state else DEFAULT_TOKENS
+    check_data_fits(prefix, loaded)
     split, valid_fraction = resolve_split(split, prefix, state, valid_fraction)
     data = validation_windows(prefix, split, valid_fraction)
     results = []
@@ -157,8 +188,8 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
     if all("skipped" in r for r in results):
         raise EvidenceError(f"{prefix}: no length in {lengths} fits the validation split "
                             f"({data.tokens:,} tokens); evaluate shorter lengths or a larger corpus")
-    return {"checkpoint": loaded.source, "step": (state or {}).get("step"),
-            "tokens_seen": (state or {}).get("tokens_seen"), "trained_seq_len": loaded.trained_seq_len,
+    return {"checkpoint": loaded.source, "step": state.step if state else None,
+            "tokens_seen": state.tokens_seen if state else None, "trained_seq_len": loaded.trained_seq_len,
             "data_prefix": prefix, "split": split, "valid_fraction": valid_fraction if split == "run" else None,
             "validation_tokens": data.tokens, "tokens_per_length": tokens,
             "dtype": dtype_name(compute_dtype), "device": str(where),
@@ -207,14 +238,14 @@ def main(argv=None) -> int:
         report = evaluate(args.checkpoint, args.data_prefix, parse_lengths(args.lengths), args.rope_scaling,
                           args.rope_factor, args.tokens, args.split, args.valid_fraction, args.dtype,
                           args.tokens_per_batch, args.device)
-    except (EvidenceError, DatasetError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError, ValueError) as e:  # model.hf: a directory without config or weights
         log.error("%s", e)
         return 2
     print(table(report))
     if args.out:
         try:
             log.info("wrote %s", write_json(args.out, report))
-        except EvidenceError as e:
+        except UserError as e:
             log.error("%s", e)
             return 2
     return 0

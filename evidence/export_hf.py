@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.atomic import atomic_dir, check_dir_writable
-from data_pipeline.errors import DatasetError
+from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.tokenizer import Tokenizer
 from launcher import checkpoint as ckpt
 from evidence.model_card import training_record
@@ -31,19 +31,14 @@ from model import CausalLM, ModelConfig
 log = logging.getLogger("growlength")
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, dict]:
+def find_checkpoint(path: str | Path) -> tuple[Path, ckpt.CheckpointState]:
     """``(checkpoint dir, its growlength state)`` for a run directory, its checkpoints/ or one checkpoint (the newest
     complete one when several); cheap: reads only the state JSON."""
     found = ckpt.resolve_resume(str(path), str(path))
     if found is None:
         raise ckpt.CheckpointError(f"--checkpoint {path}: no complete checkpoint found; give a RUN_DIR, "
                                    f"RUN_DIR/checkpoints or RUN_DIR/checkpoints/step_NNNNNNNN")
-    try:
-        state = ckpt.read_state(found)
-    except (OSError, ValueError) as e:  # ValueError: a torn or non-UTF-8 JSON
-        raise ckpt.CheckpointError(f"{found / ckpt.STATE_FILE}: unreadable ({e}); use an earlier checkpoint of "
-                                   f"{found.parent}") from None
-    return found, state
+    return found, ckpt.read_state(found)
 
 
 # how the run executed, not what its weights mean: a checkpoint loads anywhere (one saved with attention: flash on a
@@ -51,13 +46,13 @@ def find_checkpoint(path: str | Path) -> tuple[Path, dict]:
 RUNTIME_ON_LOAD = {"attention": "auto", "deterministic_attention": False, "activation_checkpointing": False}
 
 
-def load_trained_model(path: str | Path) -> tuple[CausalLM, dict, Path]:
+def load_trained_model(path: str | Path) -> tuple[CausalLM, ckpt.CheckpointState, Path]:
     """``(model in fp32 on the CPU, the checkpoint's growlength state, checkpoint dir)`` for a run directory, its
     checkpoints directory or one checkpoint; the newest complete checkpoint when several."""
     from launcher import engine as ds  # DeepSpeed lives there
 
     found, state = find_checkpoint(path)
-    config = ModelConfig(**{**state["model"], **RUNTIME_ON_LOAD})
+    config = ModelConfig(**{**state.model, **RUNTIME_ON_LOAD})
     model = CausalLM(config)
     try:
         sd = ds.consolidated_fp32_state_dict(str(found.parent), found.name)
@@ -107,6 +102,7 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
         tok = Tokenizer(tokenizer_path) if tokenizer_path else None
     except DatasetError as e:
         raise DatasetError(f"{found}: the tokenizer this run trained with does not open ({e})") from None
+    check_tokenizer_fits(tok, state, found)
     check_dir_writable(out_path.parent, "--out", out, EvidenceError)
     model, state, found = load_trained_model(found)
     model = model.to(device=where, dtype=weights_dtype)
@@ -116,8 +112,27 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
             write_tokenizer(tok, tmp)
         card = tmp / "README.md"  # model/hf.py's card (the model), then the run's training record
         card.write_text(card.read_text() + training_record(state, run_dir_of(found), found), encoding="utf-8")
-    log.info("exported %s (step %d, %s tokens) to %s", found, state["step"], f"{state['tokens_seen']:,}", out_path)
+    log.info("exported %s (step %d, %s tokens) to %s", found, state.step, f"{state.tokens_seen:,}", out_path)
     return out_path
+
+
+def check_tokenizer_fits(tok: Tokenizer | None, state: ckpt.CheckpointState, found: Path) -> None:
+    """Before any work: refuse shipping a tokenizer whose ids the model has no embedding for (transformers would fail
+    at the first forward) or that has no Hugging Face form (a sentencepiece unigram model)."""
+    if tok is None:
+        return
+    if tok.kind == "sentencepiece":
+        from model.hf import check_exportable_tokenizer
+        try:
+            check_exportable_tokenizer(tok.path)
+        except ValueError as e:
+            raise EvidenceError(f"{e}; nothing exported (train tokenizers meant for export with --model-type "
+                                f"bpe)") from None
+    vocab = int(state.model["vocab_size"])
+    if tok.vocab_size > vocab:
+        raise EvidenceError(f"--tokenizer {tok.path}: {tok.vocab_size:,} ids but the model of {found} has "
+                            f"{vocab:,} (its embedding rows); ship the tokenizer the run trained with (leave "
+                            f"--tokenizer out)")
 
 
 def write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
@@ -149,7 +164,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         export(args.checkpoint, args.out, args.overwrite, args.tokenizer, args.device, args.dtype)
-    except (ckpt.CheckpointError, EvidenceError, FileExistsError, DatasetError) as e:
+    except (UserError, FileExistsError) as e:
         log.error("%s", e)
         return 2
     except OSError as e:

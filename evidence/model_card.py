@@ -13,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+from launcher.checkpoint import CheckpointState
 from launcher.metrics import MetricsError, read_metrics
 
 VAL_KEY = re.compile(r"val_loss_(?:(?P<source>.+)_)?(?P<length>\d+)$")
@@ -48,10 +49,10 @@ def _plan_table(plan: list[dict], tokens_per_step: int, by_source: dict[int, dic
     return rows
 
 
-def _schedule(state: dict, ds_config: dict | None) -> list[str]:
-    optim = (state.get("config") or {}).get("optimisation", {})
-    lines = [f"- tokens per optimizer step: {state['tokens_per_step']:,} (constant across stages), "
-             f"{state.get('world_size', '?')} rank(s)"]
+def _schedule(state: CheckpointState, ds_config: dict | None) -> list[str]:
+    optim = state.config.get("optimisation", {})
+    lines = [f"- tokens per optimizer step: {state.tokens_per_step:,} (constant across stages), "
+             f"{state.world_size} rank(s)"]
     if ds_config is None:
         return lines + ["- optimizer and LR schedule: unknown (RUN_DIR/ds_config.resolved.json is missing)"]
     for part in ("optimizer", "scheduler"):
@@ -63,7 +64,7 @@ def _schedule(state: dict, ds_config: dict | None) -> list[str]:
     return lines
 
 
-def training_record(state: dict, run_dir: Path, checkpoint: Path) -> str:
+def training_record(state: CheckpointState, run_dir: Path, checkpoint: Path) -> str:
     """The markdown sections (## Training ...) for the export of ``checkpoint``, appended to the model card."""
     try:
         records = read_metrics(run_dir)
@@ -72,14 +73,14 @@ def training_record(state: dict, run_dir: Path, checkpoint: Path) -> str:
         records, metrics_note = [], f"metrics.jsonl is unreadable ({e})"
     ds_path = run_dir / "ds_config.resolved.json"
     ds_config = json.loads(ds_path.read_text()) if ds_path.is_file() else None
-    plan = state.get("plan", [])
+    plan = state.plan
     lengths = " -> ".join(str(s["seq_len"]) for s in plan)
     lines = ["", "## Training", "",
-             f"Run `{run_dir.name}`, checkpoint `{checkpoint.name}`: step {state['step']:,}, "
-             f"{state['tokens_seen']:,} tokens, sequence length grown {lengths}.", "",
-             "### Stage plan", "", *_plan_table(plan, state["tokens_per_step"], tokens_by_source(records)), "",
-             f"Plan fingerprint `{state.get('plan_fingerprint', '?')}`; data fingerprint "
-             f"`{state.get('data_fingerprint', '?')}`, data `{state.get('data_prefix', '?')}`.", "",
+             f"Run `{run_dir.name}`, checkpoint `{checkpoint.name}`: step {state.step:,}, "
+             f"{state.tokens_seen:,} tokens, sequence length grown {lengths}.", "",
+             "### Stage plan", "", *_plan_table(plan, state.tokens_per_step, tokens_by_source(records)), "",
+             f"Plan fingerprint `{state.plan_fingerprint}`; data fingerprint `{state.data_fingerprint}`, data "
+             f"`{state.data_prefix}`.", "",
              "### Schedule", "", *_schedule(state, ds_config), "", "### Final validation loss", ""]
     losses = final_val_losses(records)
     if losses:

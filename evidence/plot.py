@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from data_pipeline.atomic import atomic_path, check_dir_writable  # noqa: E402
+from data_pipeline.errors import UserError  # noqa: E402
 from evidence.runs import EvidenceError, Run, load_run  # noqa: E402
 
 log = logging.getLogger("growlength")
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     try:
         written = plot_runs(args.run_dirs, args.out or str(Path(args.run_dirs[0]) / "plots"),
                             args.labels.split(",") if args.labels else None, args.val_length, args.eval_json)
-    except EvidenceError as e:
+    except UserError as e:
         log.error("%s", e)
         return 2
     for path in written:

@@ -8,13 +8,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_pipeline import atomic
 from data_pipeline.atomic import check_dir_writable
+from data_pipeline.errors import UserError
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics
 
+if TYPE_CHECKING:
+    from launcher.checkpoint import CheckpointState
 
-class EvidenceError(ValueError):
+
+class EvidenceError(UserError):
     """Bad input to an evidence tool (a run directory, a length list, a checkpoint); the message says the fix."""
 
 
@@ -170,7 +175,7 @@ def run_dir_of(checkpoint: str | Path) -> Path:
     return Path(checkpoint).resolve().parent.parent
 
 
-def find_tokenizer(state: dict, checkpoint: str | Path, flag: str | None = None) -> str:
+def find_tokenizer(state: CheckpointState, checkpoint: str | Path, flag: str | None = None) -> str:
     """The tokenizer of a checkpoint: ``--tokenizer`` > the run's own copy (RUN_DIR/<tokenizer_in_run>) > the
     absolute path recorded at training (``tokenizer_resolved``) > the path as given then (``tokenizer``).
     Raises :class:`EvidenceError` naming every place looked at and the flag to point at it."""
@@ -178,9 +183,9 @@ def find_tokenizer(state: dict, checkpoint: str | Path, flag: str | None = None)
         if not Path(flag).exists():
             raise EvidenceError(f"--tokenizer {flag}: no such file or directory")
         return str(flag)
-    in_run = state.get("tokenizer_in_run")
-    candidates = ([str(run_dir_of(checkpoint) / in_run)] if in_run else []) + \
-        [p for p in (state.get("tokenizer_resolved"), state.get("tokenizer")) if p]
+    in_run = state.tokenizer_in_run
+    candidates = ([str(run_dir_of(checkpoint) / in_run)] if in_run else []) + [state.tokenizer_resolved,
+                                                                                state.tokenizer]
     found = next((c for c in candidates if Path(c).exists()), None)
     if found is None:
         raise EvidenceError(f"{checkpoint}: the tokenizer it was trained with is not found (looked at "
@@ -193,7 +198,7 @@ def _has_data(prefix: str) -> bool:
     return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
 
 
-def find_data_prefix(state: dict, checkpoint: str | Path, flag: str | None = None) -> str:
+def find_data_prefix(state: CheckpointState | None, checkpoint: str | Path, flag: str | None = None) -> str:
     """The training data of a checkpoint: ``--data-prefix`` > the absolute prefix recorded at training
     (``data_prefix_resolved``) > the prefix as given then (``data_prefix``); PREFIX.bin and PREFIX.idx must exist."""
     if flag:
@@ -202,7 +207,7 @@ def find_data_prefix(state: dict, checkpoint: str | Path, flag: str | None = Non
             raise EvidenceError(f"--data-prefix {flag}: {flag + missing} not found; give the PREFIX of a "
                                 f"PREFIX.bin/PREFIX.idx pair (python -m data_pipeline.preprocess makes one)")
         return flag
-    candidates = [p for p in (state.get("data_prefix_resolved"), state.get("data_prefix")) if p]
+    candidates = [state.data_prefix_resolved, state.data_prefix] if state else []
     found = next((c for c in candidates if _has_data(c)), None)
     if found is None:
         raise EvidenceError(f"{checkpoint}: the training data is not found (looked for PREFIX.bin/.idx at "

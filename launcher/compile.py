@@ -14,6 +14,7 @@ import time
 import torch
 import torch._dynamo
 
+from data_pipeline.errors import UserError
 from model import CausalLM
 
 log = logging.getLogger("growlength")
@@ -22,7 +23,7 @@ _warned: set[str] = set()
 MIN_RECOMPILE_LIMIT = 64  # graphs per block code object: one per (stage length, grad mode), validation lengths too
 
 
-class CompileError(RuntimeError):
+class CompileError(UserError):
     """``model.compile: true`` but torch.compile cannot build this model here; the message says how to proceed."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -18,10 +19,11 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.errors import UserError
 from model.config import PRESETS, ModelConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A run config that cannot be used; the message names the field, the value and the fix."""
 
 
@@ -66,11 +68,12 @@ def _hint(value: Any, tp: Any) -> str:
             float(value)
         except ValueError:
             return ""
-        return " (a string: remove the quotes; YAML reads 1e6 as text, write 1000000 or 1.0e+6)"
+        return " (a string: remove the quotes)"
     if isinstance(value, bool) and tp is str:
         return " (YAML reads yes/no/on/off/true/false as booleans: quote the value)"
-    if isinstance(value, float) and tp is int:
-        return " (write a whole number)"
+    if isinstance(value, float) and (tp is int or int in typing.get_args(tp)):
+        return (f" (an exponent makes a float: write {int(value)})" if value.is_integer() and abs(value) < 1e18
+                else " (write a whole number)")
     return ""
 
 
@@ -199,13 +202,18 @@ class _ModelRules(Section):
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
 
 
+def _presets_by_family() -> str:
+    """``tiny, pythia-70m, ... (gpt-neox); tiny-llama, ... (llama)``"""
+    families = dict.fromkeys(p["family"] for p in PRESETS.values())
+    return "; ".join(", ".join(n for n, p in PRESETS.items() if p["family"] == f) + f" ({f})" for f in families)
+
+
 def _model_section() -> type:
     """The `model:` section: the launcher's keys (preset, compile, init_from_hf), then every ModelConfig field but
     vocab_size with its own help and bounds, optional here: null (the default) keeps the preset's value."""
     own = [
-        ("preset", "str", doc("model preset: tiny, narrow-4x128, pythia-70m, pythia-160m, pythia-410m, pythia-1b "
-                              "(gpt-neox); tiny-llama, smollm2-135m, smollm2-360m, tinyllama-1.1b (llama); the "
-                              "model fields below override its values", "tiny", choices=tuple(PRESETS))),
+        ("preset", "str", doc(f"model preset: {_presets_by_family()}; the model fields below override its values "
+                              f"(null: the preset's)", "tiny", choices=tuple(PRESETS))),
         ("compile", "object", doc("torch.compile the blocks, one static-shape graph per stage length built at the "
                                   "switch: true (a compiler failure stops the run), false, or auto (eager with a "
                                   "warning where it fails)", False)),
@@ -311,6 +319,8 @@ class CheckpointConfig(Section):
                       "auto", expect="auto, none or the path of a checkpoint or run directory")
     resume_force: bool = doc("resume even if the plan or data fingerprint differs (you own the consequences)",
                              False)
+    start_over: bool = doc("move the run that run_dir holds aside to RUN_DIR.old-YYYYmmdd-HHMMSS and start this one "
+                           "there (a run directory belongs to one run)", False)
 
     def problems(self, failed: set[str]) -> list[str]:
         if "resume" not in failed and self.resume not in ("auto", "none") and not Path(self.resume).exists():
@@ -397,6 +407,38 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently), and reading
+    ``1e-6`` as a number (YAML 1.2; PyYAML's 1.1 rules need ``1.0e-6``)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.source}: key {key!r} is given twice (lines {seen[key]} and {line}); "
+                                  f"keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str, source: str):
+    """Parse run-config YAML text; ``source`` (a path, or the override) names it in errors."""
+    loader = _StrictLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(items: list[str]) -> dict:
     """``["a.b=1", "c=x"]`` -> nested dict; values are parsed as YAML (numbers, lists, null, booleans)."""
     tree: dict = {}
@@ -405,7 +447,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"command-line override {item!r} is not key=value (e.g. growlength.tokens_per_step=8192)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw, f"command-line override {item!r}")
         except yaml.YAMLError as e:
             raise ConfigError(f"command-line override {item!r}: the value is not valid YAML "
                               f"({str(e).splitlines()[0]}); quote it or fix the brackets") from None
@@ -434,7 +476,11 @@ def from_dict(tree: dict, source: str = "the run config") -> RunConfig:
             raise ConfigError(f"section {name} must be a mapping, got {sub!r}")
         unknown += [f"{name}.{k}" for k in sub if k not in _field_names(cls)]
     if unknown:
-        raise ConfigError(f"unknown config keys {unknown}; see the valid ones with: python -m launcher.config")
+        where = dict.fromkeys(k.split(".")[0] if "." in k else "" for k in unknown)
+        valid = [f"{name or 'top-level'}: {', '.join(_field_names(sections[name] if name else RunConfig))}"
+                 for name in where]
+        raise ConfigError(f"unknown config keys {unknown}; see the valid ones with: python -m launcher.config "
+                          f"(valid {'; '.join(valid)})")
     kwargs = {k: v for k, v in tree.items() if k not in sections}
     problems = []
     for name, cls in sections.items():
@@ -472,7 +518,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
         if not p.is_file():
             raise ConfigError(f"--config {path}: no such file; presets are in {presets}")
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+            tree = load_yaml(p.read_text(encoding="utf-8"), f"--config {path}")
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {path} is not valid YAML: {e}") from e
         except (OSError, UnicodeDecodeError) as e:

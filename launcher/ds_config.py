@@ -10,10 +10,11 @@ import copy
 import json
 from pathlib import Path
 
+from data_pipeline.errors import UserError
 from launcher.plan import StagePlan
 
 
-class DSConfigError(ValueError):
+class DSConfigError(UserError):
     """A ds_config that cannot be used with this run; the message names the file, the key and the fix."""
 
 

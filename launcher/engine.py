@@ -16,6 +16,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from launcher import distributed  # noqa: E402
+from launcher.checkpoint import CheckpointError  # noqa: E402
 from launcher.distributed import DIST_TIMEOUT, RANK0_TIMEOUT  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -110,15 +111,20 @@ def set_accumulation_boundary(engine, is_boundary: bool) -> None:
     engine.set_gradient_accumulation_boundary(is_boundary)
 
 
-def save_checkpoint(engine, save_dir: str, tag: str, client_state: dict) -> None:
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+def step_applied(engine) -> bool:
+    """Whether the last ``engine.step()`` updated the weights (False when fp16 loss scaling skipped an overflow)."""
+    return engine.was_step_applied()
 
 
-def load_checkpoint(engine, load_dir: str, tag: str) -> dict:
-    path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+def save_checkpoint(engine, save_dir: str, tag: str) -> None:
+    """DeepSpeed's part of a save (model, optimizer, scheduler); the launcher's state is launcher.checkpoint's."""
+    engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+
+
+def load_checkpoint(engine, load_dir: str, tag: str) -> None:
+    path, _ = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint at {load_dir}/{tag}")
-    return client_state
+        raise CheckpointError(f"{load_dir}/{tag}: DeepSpeed found no checkpoint there; resume from another one")
 
 
 def close() -> None:

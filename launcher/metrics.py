@@ -10,9 +10,11 @@ import json
 import logging
 import math
 import re
+import statistics
 from pathlib import Path
 
 from data_pipeline.atomic import write_text
+from data_pipeline.errors import UserError
 
 log = logging.getLogger("growlength")
 
@@ -63,7 +65,7 @@ def peak_tflops(configured: float | None, device_name: str | None) -> float | No
     return peak
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError):
     """A metrics.jsonl that cannot be read; the message names FILE:LINE and the fix."""
 
 
@@ -180,6 +182,40 @@ def fmt_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def step_throughput(model, tokens: int, seq_len: int, attention_pairs: int, seconds: float, world: int,
+                    peak: float | None) -> dict:
+    """A step's rates per device (``model`` is a CausalLM): tokens/s, and model FLOPs with the attention it computed
+    (causal, within documents: ``attention_pairs`` query-key pairs) for tflops and mfu, and with PaLM's convention
+    (full T x T) for comparison with papers."""
+    attn_flops, attn_flops_palm = model.attention_flops(attention_pairs), model.attention_flops(tokens * seq_len)
+    tflops = (model.matmul_flops_per_token() * tokens + attn_flops) / seconds / world / 1e12
+    tflops_palm = model.flops_per_token(seq_len) * tokens / seconds / world / 1e12
+    return {"tokens_per_s": tokens / seconds, "tflops": tflops, "mfu": tflops / peak if peak else None,
+            "tflops_palm": tflops_palm, "mfu_palm": tflops_palm / peak if peak else None,
+            "attn_flops": attn_flops, "attn_flops_palm": attn_flops_palm}
+
+
+def eta_seconds(model, plan, stage, step: int, step_times: list[float]) -> float:
+    """Seconds left: this stage's remaining steps at its median step time, later stages scaled by FLOPs per token."""
+    per_token = model.flops_per_token(stage.seq_len)
+    later = sum(s.steps * model.flops_per_token(s.seq_len) / per_token for s in plan.stages if s.index > stage.index)
+    return statistics.median(step_times) * (stage.last_step - step + later)
+
+
+def summary_lines(plan, progress, elapsed_s: float, last_loss: float, last_eval: dict) -> list[str]:
+    """The end-of-run report: totals and the last losses, then one line per stage (steps, tokens, time, tok/s)."""
+    p = progress
+    lines = [f"done: {p.step} steps, {p.tokens_seen:,} tokens in {fmt_duration(elapsed_s)}; final train loss "
+             f"{last_loss:.4f}" + "".join(f", {k} {v:.4f}" for k, v in last_eval.items() if k.startswith("val_loss"))]
+    for s in plan.stages:
+        done = min(max(p.step - s.first_step, 0), s.steps)
+        tokens = done * plan.tokens_per_step
+        secs = p.stage_seconds.get(str(s.index), 0.0)
+        lines.append(f"  stage {s.index} L={s.seq_len:<5d} {done:6d}/{s.steps} steps {tokens:13,} tokens "
+                     f"{fmt_duration(secs):>9s} {f'{tokens / secs:,.0f}' if secs else '-':>10s} tok/s")
+    return lines
 
 
 def step_line(r: dict, eta_s: float) -> str:

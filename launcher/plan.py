@@ -14,8 +14,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from data_pipeline.errors import UserError
 
-class PlanError(ValueError):
+
+class PlanError(UserError):
     """A stage plan that cannot be trained as stated; the message says which field and how to fix it."""
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import secrets
 import string
 from pathlib import Path
+
+from data_pipeline.atomic import write_text
 
 log = logging.getLogger("growlength")
 
@@ -98,7 +99,5 @@ def _run_id(path: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    write_text(path, run_id + "\n")
     return run_id

@@ -1,7 +1,22 @@
-"""Shared fixtures: a tiny corpus and a sentencepiece model trained on it (once per session)."""
+"""Shared fixtures (a tiny corpus and a sentencepiece model trained on it, once per session) and two session rules:
+
+- GPUs are hidden (``CUDA_VISIBLE_DEVICES=""``, set here before anything imports torch) unless every path given to
+  pytest is under tests/gpu: the CPU suite, and every process it starts, stays on the CPU and gloo on a GPU machine.
+- ``slow`` marks the tests that start processes: every test whose fixtures include ``spawns`` (or marked by hand). A
+  test that starts a process without it fails, naming the process, so ``make test-fast`` (``-m "not slow"``) never
+  starts one. docs/testing.md has the fixtures and the rules.
+"""
 import json
+import os
+import sys
 
 import pytest
+
+from session_rules import GPU_TESTS, SpawnWatch, only_gpu_tests
+
+GPUS_HIDDEN = not only_gpu_tests(sys.argv[1:])
+if GPUS_HIDDEN:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 # hand-written edge cases that a tokenizer round trip must survive
 EDGE_DOCS = [
@@ -57,3 +72,59 @@ def _clean_torch_state():
     torch.set_default_dtype(dtype)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ---- slow: the tests that start processes -------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def spawns():
+    """Request this in a test or fixture that starts processes: the test is then marked ``slow``."""
+
+
+@pytest.fixture(scope="session")
+def launch(spawns):
+    """tests/launching.py's ``launch``: the launcher in a subprocess."""
+    from launching import launch
+    return launch
+
+
+@pytest.fixture(scope="session")
+def run_distributed(spawns):
+    """tests/distributed.py's ``run_distributed``: a function on N spawned ranks joined by a gloo group."""
+    from distributed import run_distributed
+    return run_distributed
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "spawns" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        if GPUS_HIDDEN and GPU_TESTS in item.path.parents:
+            item.add_marker(pytest.mark.skip(reason="GPUs are hidden from the CPU suite: run tests/gpu on its own "
+                                                    "(make test-gpu)"))
+
+
+WATCH = SpawnWatch()
+WATCH.install()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    WATCH.item, WATCH.started = item, []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item):
+    WATCH.item = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when in ("setup", "call") and WATCH.started:
+        started, WATCH.started = WATCH.started, []
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid} started a process but is not marked slow: {started[0]}\n"
+                               f"request the `spawns` fixture in the test (or in the fixture that starts it), or mark "
+                               f"it @pytest.mark.slow, so that `make test-fast` leaves it out")

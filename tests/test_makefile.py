@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("make"), reason="needs GNU make
 
 
 @pytest.fixture
-def venv(tmp_path):
+def venv(tmp_path, spawns):
     """A fake VENV: bin/python logs `-m pip ...` to pip.log and exits 0, and execs the real python otherwise."""
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)

@@ -24,7 +24,7 @@ def _node_state(env) -> str:
 
 
 @pytest.fixture(scope="session")
-def slurm_env():
+def slurm_env(spawns):
     """The environment for sbatch/squeue/scontrol calls (SLURM_CONF set), with the node up."""
     env = dict(os.environ, SLURM_CONF=os.environ.get("SLURM_CONF", DEFAULT_CONF))
     if _node_state(env) in ("idle", "mixed", "allocated"):

@@ -40,7 +40,11 @@ def job_info(env, job_id) -> dict:
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
-def wait_job(env, job_id, timeout=240) -> dict:
+# bounds on a hang, not on speed: a loaded machine makes the jobs slower, never wrong
+WAIT_S = 1800
+
+
+def wait_job(env, job_id, timeout=WAIT_S) -> dict:
     """Poll until the job is finished (not pending, running, completing or requeued); its scontrol record."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -82,7 +86,7 @@ def last_step(run_dir) -> int:
         return 0
 
 
-def wait_for(predicate, what, timeout=180, every=0.05):
+def wait_for(predicate, what, timeout=WAIT_S, every=0.05):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():

@@ -69,7 +69,7 @@ def preempt_and_resume(env, run_yaml, tmp_path, **export):
     ranks = ranks_of(job)
     seen = {rank: dict(environ(pid), _ancestors=ancestors(pid), _pid=pid) for rank, pid in ranks.items()}
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-    info = wait_job(env, job, timeout=300)
+    info = wait_job(env, job)
     log = log_of(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-6000:]
     assert sorted(seen) == ["0", "1"], (ranks, log[-3000:])

@@ -96,7 +96,7 @@ def test_preprocess_array_then_merge_equals_single_process(slurm_env, corpus_jso
     array_id, merge_id = proc.stdout.split()
     assert job_info(slurm_env, merge_id)["Dependency"] == f"afterok:{array_id}_*(unfulfilled)" or \
         job_info(slurm_env, merge_id)["JobState"] in ("RUNNING", "COMPLETED", "COMPLETING")
-    info = wait_job(slurm_env, merge_id, timeout=120)
+    info = wait_job(slurm_env, merge_id)
     assert info["JobState"] == "COMPLETED", "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
     for ext in (".bin", ".idx"):
         assert Path(f"{prefix}{ext}").read_bytes() == Path(f"{tokenized}{ext}").read_bytes(), ext
@@ -167,3 +167,5 @@ def test_deepspeed_mode_starts_the_ranks_on_the_jobs_gpus(slurm_env, run_yaml, t
     node = re.search(r"restart 0 on (\S+) \(1 node", log).group(1)
     assert f"--include {node}:3,5 --no_ssh_check" in log
     assert "Setting CUDA_VISIBLE_DEVICES=3,5" in log  # deepspeed.launcher.launch, for the ranks it starts
+    threads = int(re.search(r"master \S+, (\d+) inductor compile thread\(s\) per rank", log).group(1))
+    assert threads == max(1, int(re.search(r"nproc (\d+)", log).group(1)) // 2)  # the node's CPUs shared by 2 ranks

@@ -10,8 +10,9 @@ from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import HEADER_SIZE, IndexedDataset, write_dataset
 
 DOCS = [[5, 6, 7, 2], [8, 2], [], [9, 10, 11, 12, 2], [3] * 9]
+# no deadline and no too_slow check: both time the machine, not the code
 settings.register_profile("data_pipeline", max_examples=300, deadline=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 def _valid_files(tmp_dir):

@@ -148,7 +148,7 @@ def preprocess_cli(src, prefix, tokenizer, workers):
                    check=True, cwd=ROOT, env=env)
 
 
-def test_preprocess_with_tokenizer_json_is_exact_and_independent_of_workers(tmp_path, corpus_jsonl, bpe_dir,
+def test_preprocess_with_tokenizer_json_is_exact_and_independent_of_workers(spawns, tmp_path, corpus_jsonl, bpe_dir,
                                                                           corpus_docs, monkeypatch):
     """Separate processes, so the library's thread pool really has 1 and 3 threads."""
     one, three = str(tmp_path / "one"), str(tmp_path / "three")

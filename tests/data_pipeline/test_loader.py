@@ -125,7 +125,7 @@ def test_prefetch_reads_ahead_and_close_joins(samples):
     loader = StageLoader(samples, 0, 1, 1, 0, 1, prefetch=3)  # 48 steps of one sample
     it = iter(loader)
     next(it)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120  # ends a hang only: the loop leaves as soon as the thread is 3 steps ahead
     while it._queue.qsize() < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert it._queue.qsize() == 3  # bounded: three steps ahead, no more

@@ -196,7 +196,7 @@ def test_preprocess_output_prefix_errors(tmp_path, sp_model, corpus_jsonl, capsy
     assert (snapshot(tmp_path), sorted(os.listdir(tmp_path))) == before
 
 
-def test_preprocess_full_disk_keeps_existing_output(tmp_path, sp_model, corpus_jsonl, small_out):
+def test_preprocess_full_disk_keeps_existing_output(spawns, tmp_path, sp_model, corpus_jsonl, small_out):
     before = snapshot(tmp_path)
     r = run_module("data_pipeline.preprocess", ["--input", corpus_jsonl, "--output-prefix", small_out,
                                                 "--tokenizer-model", sp_model, "--no-progress"], fsize_limit=16384)
@@ -254,7 +254,7 @@ def _start_preprocess(src, out, sp_model):
     return p, tmp
 
 
-def test_preprocess_sigterm_removes_its_temp_files(tmp_path, sp_model, small_out):
+def test_preprocess_sigterm_removes_its_temp_files(spawns, tmp_path, sp_model, small_out):
     src = big_corpus(tmp_path / "big.jsonl")
     before = snapshot(tmp_path)
     p, tmp = _start_preprocess(src, small_out, sp_model)
@@ -266,7 +266,7 @@ def test_preprocess_sigterm_removes_its_temp_files(tmp_path, sp_model, small_out
     assert snapshot(tmp_path) == before
 
 
-def test_preprocess_removes_temp_files_of_killed_runs_only(tmp_path, sp_model, small_out, caplog):
+def test_preprocess_removes_temp_files_of_killed_runs_only(spawns, tmp_path, sp_model, small_out, caplog):
     src = big_corpus(tmp_path / "big.jsonl", n=400)
     p, dead_tmp = _start_preprocess(src, small_out, sp_model)
     p.kill()
@@ -294,8 +294,9 @@ def test_preprocess_removes_temp_files_of_killed_runs_only(tmp_path, sp_model, s
     (["--input-sentence-size", "-5"], r"--input-sentence-size -5: must be >= 0 \(0 = every line\)"),
     (["--character-coverage", "0.5"], r"--character-coverage 0\.5: sentencepiece accepts \[0\.98, 1\.0\]"),
     (["--json-keys", ""], r"--json-keys '': empty"),
-    (["--json-keys", "nope"], r"--input .*corpus\.jsonl: no training text: 45 lines, 45 unreadable \(e\.g\. "
-                              r".*corpus\.jsonl:1: key 'nope' missing .*\); check the files and --json-keys nope"),
+    (["--json-keys", "nope"], r"corpus\.jsonl:1: key 'nope' missing .*choose the key with --json-keys"),
+    (["--json-keys", "nope", "--skip-bad-lines"], r"--input .*corpus\.jsonl: no training text: 45 lines, 45 "
+                              r"unreadable \(e\.g\. .*corpus\.jsonl:1: key 'nope' missing .*\); check the files"),
     (["--model-prefix", ""], r"--model-prefix '': empty"),
     (["--model-prefix", "afile/tok"], r"--model-prefix afile/tok: .*afile is a file, not a directory"),
     (["--model-prefix", "tok.model"], r"--model-prefix tok\.model: ends with \.model"),
@@ -322,7 +323,7 @@ def test_train_tokenizer_unreadable_input_is_named(tmp_path, corpus_jsonl, capsy
     assert not [f for f in os.listdir(tmp_path) if f.startswith("tok")]
 
 
-def test_train_tokenizer_full_disk_keeps_existing_model(tmp_path, corpus_jsonl):
+def test_train_tokenizer_full_disk_keeps_existing_model(spawns, tmp_path, corpus_jsonl):
     prefix = str(tmp_path / "tok")
     tt.train_tokenizer([corpus_jsonl], prefix, vocab_size=500, num_threads=1, quiet=True)
     before = snapshot(tmp_path)
@@ -354,7 +355,7 @@ def test_merge_refuses_the_same_dataset_twice(tmp_path, capsys, monkeypatch):
     assert snapshot(tmp_path) == before
 
 
-def test_merge_full_disk_keeps_existing_output(tmp_path):
+def test_merge_full_disk_keeps_existing_output(spawns, tmp_path):
     a = write_dataset(str(tmp_path / "a"), [np.arange(20000) % 500])
     b = write_dataset(str(tmp_path / "b"), [np.arange(20000) % 300])
     write_dataset(str(tmp_path / "m"), [[1, 2]])
@@ -396,7 +397,7 @@ def test_inspect_damaged_dataset_exit_1(tmp_path, sp_model, capsys):
     assert_one_line_error(*cli(insp.main, [code], capsys), r"INVALID: .*code\.idx: unknown dtype code 9", status=1)
 
 
-def test_inspect_closed_pipe_is_quiet(tokenized):
+def test_inspect_closed_pipe_is_quiet(spawns, tokenized):
     r_fd, w_fd = os.pipe()
     os.close(r_fd)
     r = subprocess.run([sys.executable, "-m", "data_pipeline.inspect", tokenized], stdout=w_fd,
@@ -467,7 +468,7 @@ def test_index_cache_dir_errors_and_stale_builds(cached, tmp_path):
     with pytest.raises(DatasetError, match=r"sample index cache_dir .*afile: .*afile: cannot write \(.*\); .*\(set "
                                            r"data\.cache_dir to another directory\)"):
         GrowLengthSamples(prefix, plan, seed=6, cache_dir=str(tmp_path / "afile")).build()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = subprocess.Popen(["true"])  # a pid that has exited
     dead.wait()
     stale = f"{path}.tmp-{dead.pid}-bad"
     mine = f"{path}.tmp-{os.getpid()}"
@@ -498,3 +499,22 @@ def test_builtin_dataset_rebuilds_damaged_files(tmp_path, sp_model, corpus_jsonl
                                            r"directory \(data\.builtin_dir\)"):
         (tmp_path / "afile").write_text("x")
         prepare_builtin_dataset(str(tmp_path / "afile"), vocab_size=1000)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe-bytelevel"])
+def test_train_tokenizer_refuses_a_mostly_unreadable_input(tmp_path, capsys, kind):
+    """39 of 40 lines unreadable: never a tokenizer of the one good line. Without --skip-bad-lines the first bad line
+    is named; with it, the counts (at most half may be unreadable); nothing is written either way."""
+    from data_pipeline import train_tokenizer as tt
+    good = "The quick brown fox jumps over the lazy dog. " * 40
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(["{broken json"] * 20 + [json.dumps({"text": good})] + ["{broken"] * 19) + "\n")
+    out = tmp_path / "tok"
+    args = ["--input", str(corpus), "--model-prefix", str(out), "--vocab-size", "300", "--type", kind, "--quiet"]
+    assert tt.main(args) == 2
+    err = capsys.readouterr().err
+    assert "c.jsonl:1: " in err and "--skip-bad-lines" in err and len(err.strip().splitlines()) == 1
+    assert tt.main(args + ["--skip-bad-lines"]) == 2
+    err = capsys.readouterr().err
+    assert "39 of 40 lines are unreadable" in err and "nothing written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]

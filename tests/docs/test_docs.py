@@ -72,6 +72,36 @@ def test_relative_links_resolve():
     assert not problems, "broken links in the docs:\n" + "\n".join(problems)
 
 
+def linked_pages(page: Path) -> set[Path]:
+    """The markdown pages (and directories' README.md) that ``page`` links to."""
+    found = set()
+    for target in LINK.findall(prose(page.read_text())):
+        path_part = target.partition("#")[0]
+        if not path_part or re.match(r"[a-z]+:", target):
+            continue
+        dest = (page.parent / path_part).resolve()
+        dest = dest / "README.md" if dest.is_dir() else dest
+        if dest.suffix == ".md" and dest.is_file():
+            found.add(dest)
+    return found
+
+
+def unreachable(start: Path, wanted: list[Path]) -> list[Path]:
+    """The pages of ``wanted`` that no chain of links from ``start`` reaches."""
+    seen, todo = {start.resolve()}, [start.resolve()]
+    while todo:
+        for dest in linked_pages(todo.pop()) - seen:
+            seen.add(dest)
+            todo.append(dest)
+    return [p for p in wanted if p.resolve() not in seen]
+
+
+def test_every_docs_page_is_reachable_from_the_readme():
+    missing = unreachable(ROOT / "README.md", sorted((ROOT / "docs").rglob("*.md")))
+    assert not missing, ("pages no link from README.md leads to: " + ", ".join(str(p.relative_to(ROOT)) for p in missing)
+                         + "; add a row to README.md's Documentation table (or link the page from a docs page)")
+
+
 def test_readme_is_a_front_page():
     size = len((ROOT / "README.md").read_bytes())
     assert size <= README_LIMIT, (f"README.md is {size} bytes, over {README_LIMIT}: move reference material to a "
@@ -140,3 +170,13 @@ def test_anchors_follow_github(tmp_path):
     page.write_text("# Attention (`model.attention: auto | flash | sdpa`)\n## Faults\n## Faults\n"
                     "```\n# not a heading\n```\n")
     assert anchors(page) == {"attention-modelattention-auto--flash--sdpa", "faults", "faults-1"}
+
+
+def test_unreachable_page_is_reported(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("[a](docs/a.md)\n")
+    (tmp_path / "docs" / "a.md").write_text("# A\n[b](b.md#b)\n")
+    (tmp_path / "docs" / "b.md").write_text("# B\n")
+    (tmp_path / "docs" / "c.md").write_text("# C\n[a](a.md)\n")  # links out, but nothing links to it
+    pages_ = sorted((tmp_path / "docs").glob("*.md"))
+    assert unreachable(tmp_path / "README.md", pages_) == [tmp_path / "docs" / "c.md"]

@@ -37,8 +37,10 @@ ZERO2 = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     ("growlength.tokens_per_step=-5", "growlength.tokens_per_step must be >= 1, got -5"),
     ("growlength.tokens_per_step=1.5", "growlength.tokens_per_step must be an integer, got 1.5"),
     ("growlength.tokens_per_step=true", "growlength.tokens_per_step must be an integer, got True"),
-    ("growlength.total_tokens=1e6", r"total_tokens must be an integer or null, got '1e6' \(a string: remove the "
-                                    r"quotes; YAML reads 1e6 as text, write 1000000"),
+    ("growlength.total_tokens=1e6", r"total_tokens must be an integer or null, got 1000000.0 \(an exponent makes "
+                                    r"a float: write 1000000\)"),
+    ("growlength.total_tokens='1000'", r"total_tokens must be an integer or null, got '1000' \(a string: remove the "
+                                       r"quotes\)"),
     ("growlength.max_time_s=0", r"growlength.max_time_s must be > 0 or null, got 0"),
     ("growlength.max_tokens_per_micro_batch=-1", r"max_tokens_per_micro_batch must be >= 1 or null, got -1"),
     ("checkpointing.resume=yes", "checkpointing.resume must be auto, none or the path of a checkpoint or run "
@@ -98,8 +100,7 @@ def test_sections_built_in_code_are_checked_too():
     with pytest.raises(ConfigError, match=r"data.epochs must be 'repeat' or 'error', got 'again'"):
         DataConfig(epochs="again")
     assert check_value("x", None, int | None) == [] and check_value("x", [1, 2], list[int], {"ge": 1}) == []
-    assert check_value("x", [1, "2"], list[int]) == ["x[1] must be an integer, got '2' (a string: remove the quotes; "
-                                                     "YAML reads 1e6 as text, write 1000000 or 1.0e+6)"]
+    assert check_value("x", [1, "2"], list[int]) == ["x[1] must be an integer, got '2' (a string: remove the quotes)"]
 
 
 def test_config_file_cases(tmp_path):

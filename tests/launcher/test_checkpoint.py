@@ -1,4 +1,6 @@
-"""Checkpoint bookkeeping: completeness, resume resolution, compatibility, retention, metrics truncation."""
+"""Checkpoint bookkeeping: the state record, completeness, resume resolution, compatibility, retention, metrics
+truncation."""
+import dataclasses
 import json
 
 import pytest
@@ -8,12 +10,22 @@ from launcher import checkpoint as ckpt
 from launcher.metrics import read_metrics, truncate_after
 
 
+def state(**changes) -> ckpt.CheckpointState:
+    """A complete state record, as the launcher writes one, with ``changes``."""
+    fields = dict(step=0, stage=0, loader={"stage": 0, "consumed_samples": 0}, tokens_seen=0, elapsed_s=0.0,
+                  stage_seconds={}, plan=[{"seq_len": 64, "steps": 3}], plan_fingerprint="a", tokens_per_step=1024,
+                  world_size=2, seed=1, data_fingerprint="d1", data_prefix="/data/a", data_prefix_resolved="/data/a",
+                  tokenizer="tok.model", tokenizer_resolved="/tok.model", tokenizer_in_run=None, model={},
+                  config={})
+    return ckpt.CheckpointState(**{**fields, **changes})
+
+
 def make(root, step, complete=True):
     d = root / ckpt.tag_for(step)
     d.mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        ckpt.write_state(d, {"step": step})
+        ckpt.write_state(d, state(step=step))
     return d
 
 
@@ -57,13 +69,12 @@ def test_prune_keeps_newest(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004"]
 
 
-STATE = {"world_size": 2, "plan_fingerprint": "a", "plan": [{"seq_len": 64, "steps": 3}], "tokens_per_step": 1024,
-         "data_fingerprint": "d1", "data_prefix": "/data/a", "seed": 1}
+STATE = state()
 
 
 def test_compatibility_names_every_difference(tmp_path):
-    assert ckpt.check_compatible(STATE, dict(STATE), tmp_path, force=False) == []
-    other = dict(STATE, world_size=4, plan_fingerprint="b", plan=[{"seq_len": 64, "steps": 5}],
+    assert ckpt.check_compatible(STATE, state(), tmp_path, force=False) == []
+    other = state(world_size=4, plan_fingerprint="b", plan=[{"seq_len": 64, "steps": 5}],
                  data_fingerprint="d2", data_prefix="/data/b", seed=2)
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.check_compatible(STATE, other, tmp_path, force=False)
@@ -102,8 +113,8 @@ def test_compatibility_covers_the_model_and_the_split(tmp_path):
              "rope_base": 10000.0, "attention": "auto", "activation_checkpointing": False}
     config = {"data": {"valid_fraction": 0.01, "epochs": "repeat"},
               "model": {"preset": "tiny", "init_from_hf": None}}
-    saved = dict(STATE, model=model, config=config)
-    runtime = dict(saved, model=dict(model, attention="sdpa", activation_checkpointing=True))
+    saved = state(model=model, config=config)
+    runtime = dataclasses.replace(saved, model=dict(model, attention="sdpa", activation_checkpointing=True))
     assert ckpt.check_compatible(saved, runtime, tmp_path, force=False) == []
     for change, expected in [
             ({"model": dict(model, rope_base=500000.0)}, "model: rope_base 10000.0 -> 500000.0"),
@@ -113,9 +124,11 @@ def test_compatibility_covers_the_model_and_the_split(tmp_path):
             ({"config": dict(config, model={"preset": "tiny", "init_from_hf": "hf/pythia"})},
              "model: init_from_hf None -> 'hf/pythia'"),
             ({"config": dict(config, data={"valid_fraction": 0.05, "epochs": "repeat"})},
-             "data.valid_fraction: 0.01 -> 0.05")]:
+             "data.valid_fraction: 0.01 -> 0.05"),
+            ({"config": dict(config, data={"valid_fraction": 0.01, "epochs": "error"})},
+             "data.epochs: 'repeat' -> 'error' (changes the data order; to continue this run set data.epochs=\"repeat\")")]:
         with pytest.raises(ckpt.CheckpointError, match="cannot resume from") as e:
-            ckpt.check_compatible(saved, dict(saved, **change), tmp_path, force=False)
+            ckpt.check_compatible(saved, dataclasses.replace(saved, **change), tmp_path, force=False)
         assert expected in str(e.value)
 
 
@@ -126,8 +139,21 @@ def _save_like_the_launcher(root, step, world=1):
     for r in range(world):
         (path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"o" * 50)
         ckpt.save_rng(path, r)
-    ckpt.write_state(path, dict(STATE, step=step, world_size=world, files=ckpt.file_sizes(path)))
+    ckpt.write_state(path, state(step=step, world_size=world, files=ckpt.file_sizes(path),
+                                 sha256=ckpt.file_digests(path)))
     return path
+
+
+def test_a_corrupted_checkpoint_of_the_right_size_is_skipped_for_the_previous_one(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    first, second = (_save_like_the_launcher(root, s, world=2) for s in (4, 8))
+    shard = second / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"o" * 49 + b"X")  # one byte flipped, the size unchanged
+    path, warnings = ckpt.choose("auto", tmp_path, world_size=2)
+    assert path == first and len(warnings) == 1
+    assert f"skipping checkpoint step_00000008: {shard} has another SHA-256 than when it was saved" in warnings[0]
+    with pytest.raises(ckpt.CheckpointError, match="has another SHA-256 .* resume from an earlier checkpoint"):
+        ckpt.choose(str(second), tmp_path, world_size=2)
 
 
 def test_damaged_checkpoints_are_named_and_skipped_for_the_previous_complete_one(tmp_path):
@@ -147,3 +173,24 @@ def test_damaged_checkpoints_are_named_and_skipped_for_the_previous_complete_one
     (first / "rng_rank1.pt").write_bytes(b"torn")
     path, warnings = ckpt.choose("auto", tmp_path, world_size=2)
     assert path is None and len(warnings) == 4 and "rng_rank1.pt has 4 bytes" in warnings[3]
+
+
+def test_state_round_trip_and_one_line_refusals(tmp_path):
+    """The record comes back as written; another version, a missing or an unknown field is refused naming the file."""
+    written = state(step=7, tokens_seen=7168, stage_seconds={"0": 1.5}, files={"a.pt": 3})
+    ckpt.write_state(tmp_path, written)
+    assert ckpt.read_state(tmp_path) == written
+    f = tmp_path / ckpt.STATE_FILE
+    raw = json.loads(f.read_text())
+    for broken, message in [
+            ({**raw, "version": 1}, r"growlength_state.json: checkpoint state version 1, this launcher reads version 2"),
+            ({k: v for k, v in raw.items() if k != "version"}, "checkpoint state version None"),
+            ({k: v for k, v in raw.items() if k not in ("seed", "plan")},
+             r"growlength_state.json: not a version 2 checkpoint state \(missing plan, seed; unknown nothing\)"),
+            ({**raw, "stage_cursor": 3}, r"\(missing nothing; unknown stage_cursor\)"),
+            ([1, 2], "is not a growlength checkpoint state")]:
+        f.write_text(json.dumps(broken))
+        with pytest.raises(ckpt.CheckpointError, match=message) as e:
+            ckpt.read_state(tmp_path)
+        assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+        assert ckpt.problem(tmp_path) == str(e.value).split("; use another checkpoint")[0]  # skipped by auto-resume

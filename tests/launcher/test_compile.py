@@ -16,7 +16,7 @@ from launcher import compile as compiling
 from launcher.metrics import read_metrics
 from model import CausalLM, ModelConfig
 
-from runner import pretrain_ds_config
+from launching import ZERO2
 
 TWO_STAGES = "growlength.stages=[{seq_len: 16, tokens: 2048}, {seq_len: 32, tokens: 2048}]"
 
@@ -31,7 +31,7 @@ def fresh_dynamo():
 
 @pytest.fixture(scope="module")
 def fp32_config(tmp_path_factory):
-    cfg = json.loads(pretrain_ds_config().read_text())
+    cfg = json.loads(ZERO2.read_text())
     cfg["bf16"] = {"enabled": False}
     path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
     path.write_text(json.dumps(cfg))
@@ -43,6 +43,7 @@ def records(run_dir):
     return [r for r in got if "kind" not in r], [r for r in got if r.get("kind") == "stage"]
 
 
+@pytest.mark.slow  # inductor builds each graph with the C++ compiler
 @pytest.mark.parametrize("masking", ["false", "true"])
 def test_compiled_stages_train_as_eager_and_report_compile_time(run, fp32_config, tmp_path, masking):
     """With activation checkpointing and ZeRO-2, and with document masking (the block's graph then takes the
@@ -66,6 +67,7 @@ def test_compiled_stages_train_as_eager_and_report_compile_time(run, fp32_config
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-4), (c["step"], c["loss"], e["loss"])
 
 
+@pytest.mark.slow
 def test_recompile_within_a_stage_is_counted(caplog):
     m = CausalLM(ModelConfig.from_preset("tiny", vocab_size=128, attention="sdpa", num_layers=1))
     compiler = compiling.StageCompiler(m, True, torch.device("cpu"), torch.float32)
@@ -85,6 +87,7 @@ def test_recompile_within_a_stage_is_counted(caplog):
         compiler.close()
 
 
+@pytest.mark.slow
 def test_bf16_builds_on_cpu():
     m = CausalLM(ModelConfig.from_preset("tiny", vocab_size=128, attention="sdpa", num_layers=1)).to(torch.bfloat16)
     compiler = compiling.StageCompiler(m, True, torch.device("cpu"), torch.bfloat16)
@@ -104,9 +107,9 @@ def test_compile_true_without_a_cxx_compiler_is_refused_at_start(run):
 
 
 @pytest.fixture
-def broken_compiler(monkeypatch, tmp_path):
+def broken_compiler(monkeypatch, tmp_path, spawns):
     """A "compiler" that answers --version and builds nothing: the C++ build fails for real. Fresh caches, so that
-    nothing built earlier is loaded instead."""
+    nothing built earlier is loaded instead (inductor then checks the build in a Python subprocess)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
     with inductor_config.patch({"cpp.cxx": (None, "true"), "fx_graph_cache": False}):
         yield

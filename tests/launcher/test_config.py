@@ -181,7 +181,8 @@ def test_every_model_field_is_checked_and_a_wrong_type_names_it():
     from model import ModelConfig
     for f in dataclasses.fields(ModelConfig):
         if f.name == "vocab_size":
-            with pytest.raises(ConfigError, match=r"unknown config keys \['model.vocab_size'\]"):
+            with pytest.raises(ConfigError, match=r"unknown config keys \['model.vocab_size'\].*\(valid model: "
+                                                  r"preset, compile, init_from_hf, hidden_size, num_layers, "):
                 load_config(None, ["model.vocab_size=5"])  # the tokenizer's, never the config's
             continue
         with pytest.raises(ConfigError, match=rf"^model\.{f.name} must be .*, got \[1\]$"):
@@ -192,3 +193,23 @@ def test_every_model_field_is_checked_and_a_wrong_type_names_it():
         if any(k in meta for k in ("choices", "ge", "gt", "le")):
             with pytest.raises(ConfigError, match=rf"^model\.{f.name} must be .*, got {bad!r}$"):
                 load_config(None, [f"model.{f.name}={json.dumps(bad)}"])
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("growlength:\n  tokens_per_step: 8192\nrun_dir: runs/x\n"
+                 "growlength:\n  tokens_per_step: 16384\n")
+    with pytest.raises(ConfigError, match=rf"--config {f}: key 'growlength' is given twice \(lines 1 and 4\); "
+                                          "keep one of them"):
+        load_config(str(f))
+    f.write_text("model:\n  num_layers: 2\n  num_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'num_layers' is given twice \(lines 2 and 3\)"):
+        load_config(str(f))
+
+
+def test_exponent_floats_read_as_numbers(tmp_path):
+    """PyYAML's YAML 1.1 rules read ``1e-6`` as a string; the run config reads it as YAML 1.2 does."""
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  layer_norm_eps: 1e-6\n")
+    assert load_config(str(f)).model.layer_norm_eps == 1e-6
+    assert parse_overrides(["optim.lr=3e-4", "x=a1e5"]) == {"optim": {"lr": 3e-4}, "x": "a1e5"}

@@ -3,7 +3,6 @@ attention FLOPs equal what an independent computation gives from the windows' EO
 and evidence.evaluate agree (and differ from unmasked attention), the export says how it was trained; on 2 real
 ranks (deepspeed runner, bf16 ZeRO-2) a run killed and resumed gives exactly the losses of one that never stopped."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ from evidence import evaluate
 from launcher.metrics import read_metrics
 from model import CausalLM, ModelConfig
 
-from runner import assert_refused, ok, steps, train
+from launching import ZERO2
+from runner import assert_refused, ok, steps
 
 MASKING = ["model.document_masking=true", "model.reset_position_ids=true"]
 STAGES = "growlength.stages=[{seq_len: 32, tokens: 2048}, {seq_len: 64, tokens: 2048}]"
@@ -30,7 +30,7 @@ def eod_cu_seqlens(windows: np.ndarray, eod: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def fp32_ds_config(tmp_path_factory):
-    config = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json").read_text())
+    config = json.loads(ZERO2.read_text())
     config["bf16"]["enabled"] = False  # fp32: the engine's losses equal an fp32 reference computed here
     path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
     path.write_text(json.dumps(config))
@@ -96,7 +96,7 @@ def test_reset_position_ids_without_masking_is_refused(run):
                    "reset_position_ids=True needs document_masking=True", run.run_dir)
 
 
-def test_masked_two_rank_run_killed_and_resumed_gives_the_same_losses(tmp_path, tokenized, sp_model):
+def test_masked_two_rank_run_killed_and_resumed_gives_the_same_losses(train, tmp_path, tokenized, sp_model):
     plan = ["growlength.tokens_per_step=1024", STAGES.replace("2048", "4096"), "checkpointing.interval_steps=3",
             *MASKING]  # 8 steps: 32 x 4 steps, 64 x 4 steps; checkpoints at 3 and 6
     reference = tmp_path / "reference"

@@ -28,8 +28,9 @@ def test_shipped_config_settings(name):
     assert cfg["optimizer"]["params"].get("torch_adam", False) is (name != "zero2_offload")
 
 
+# DeepSpeed's CPU Adam: its op builder asks py-cpuinfo in a Python subprocess, and builds the op on first use
 @pytest.mark.parametrize("name, optimizer", [("zero1", "BF16_Optimizer|AdamW"), ("zero2", "AdamW"),
-                                             ("zero2_offload", "DeepSpeedCPUAdam")])
+                                             pytest.param("zero2_offload", "DeepSpeedCPUAdam", marks=pytest.mark.slow)])
 def test_shipped_config_trains_a_step_on_cpu(run, monkeypatch, name, optimizer):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
@@ -59,7 +60,7 @@ def test_allocator_setting_keeps_the_users(monkeypatch):
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
-def test_allocator_set_before_cuda_in_a_fresh_launcher_process(tmp_path):
+def test_allocator_set_before_cuda_in_a_fresh_launcher_process(spawns, tmp_path):
     """The variable is in the environment as soon as the process group exists: before any CUDA call of the run."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
@@ -70,7 +71,7 @@ def test_allocator_set_before_cuda_in_a_fresh_launcher_process(tmp_path):
     assert proc.stdout.split()[-2:] == ["expandable_segments:True", "False"]
 
 
-def test_cpu_adam_fallback_when_it_cannot_build(tmp_path):
+def test_cpu_adam_fallback_when_it_cannot_build(spawns, tmp_path):
     """A machine where DeepSpeed's CPU Adam cannot compile (here: no usable C++ compiler) trains with torch's AdamW
     and says why; a fresh extensions directory forces a real build attempt."""
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), CC=str(tmp_path / "no-such-compiler"),
@@ -134,11 +135,11 @@ def _collectives_per_micro_batch(rank, world, name, accum):
 
 
 @pytest.mark.parametrize("name, reduces_every_micro_batch", [("zero1", False), ("zero2", True)])
-def test_zero1_communicates_once_per_step_and_zero2_every_micro_batch(name, reduces_every_micro_batch):
+def test_zero1_communicates_once_per_step_and_zero2_every_micro_batch(name, reduces_every_micro_batch,
+                                                                      run_distributed):
     """What docs/ds-configs.md's size table rests on: under accumulation, ZeRO-2 reduces every micro-batch's
     gradients (and on a GPU synchronises after each one, overlap_comm), ZeRO-1 (bf16 with fp32 accumulation:
     DeepSpeed's BF16_Optimizer) only after the step's last micro-batch. 2 ranks on gloo, 2 steps x 4 micro-batches."""
-    from distributed import run_distributed
     counts = run_distributed(_collectives_per_micro_batch, 2, name, 4)[0]
     inner = [c for step in (counts[0:3], counts[5:8]) for c in step]  # the micro-batches before each boundary
     assert (min(inner) > 0) if reduces_every_micro_batch else (inner == [0] * 6), counts

@@ -4,15 +4,11 @@ a tiny GPTNeoXForCausalLM + byte-level BPE directory made here with transformers
 gives our ids, and the logits match ours in fp32."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from launcher.net import free_port
+from launching import pretrain_args
 
-ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The with statement is used to wrap the execution of a block\n\twith methods ünïcödé 🙂"
 
 
@@ -46,18 +42,12 @@ def prefix(pythia_dir, corpus_jsonl, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(pythia_dir, prefix, tmp_path_factory):
+def trained(pythia_dir, prefix, tmp_path_factory, launch):
     """6 steps from the checkpoint's weights: 3 at L=32, 3 at L=64."""
-    work = tmp_path_factory.mktemp("continued")
-    run_dir = work / "run"
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-    env.pop("GROWLENGTH_FAULT", None)
-    cmd = [sys.executable, "launcher/pretrain.py", f"run_dir={run_dir}", f"data.prefix={prefix}",
-           f"data.tokenizer={pythia_dir}", f"model.init_from_hf={pythia_dir}", "data.valid_fraction=0.1",
-           f"data.cache_dir={work}/index-cache", "logging.log_interval=1", "logging.tensorboard=false",
-           "logging.eval_tokens=512", "growlength.tokens_per_step=256",
-           "growlength.stages=[{seq_len: 32, tokens: 768}, {seq_len: 64, tokens: 768}]"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run_dir = tmp_path_factory.mktemp("continued") / "run"
+    proc = launch(pretrain_args(run_dir, prefix, pythia_dir, f"model.init_from_hf={pythia_dir}",
+                                "logging.eval_tokens=512", "growlength.tokens_per_step=256",
+                                "growlength.stages=[{seq_len: 32, tokens: 768}, {seq_len: 64, tokens: 768}]"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
@@ -78,7 +68,7 @@ def test_continue_pretraining_a_pythia_layout_checkpoint_and_export(pythia_dir, 
 
     out = export(str(trained), str(tmp_path / "hf"))
     ours, state, _ = load_trained_model(trained)
-    assert state["model"]["hidden_size"] == 64 and state["model"]["vocab_size"] == 1024  # the checkpoint's shape
+    assert state.model["hidden_size"] == 64 and state.model["vocab_size"] == 1024  # the checkpoint's shape
     # started from the checkpoint's weights and trained from there: 6 AdamW steps at lr <= 1e-3 move no weight
     # by 0.02 (a fresh init at std 0.02 would differ from it by more in every matrix), and they did move
     before = load_file(str(pythia_dir / "model.safetensors"))
@@ -110,8 +100,7 @@ def test_export_refuses_a_run_whose_tokenizer_is_gone(trained, tmp_path, caplog)
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     found = ckpt.resolve_resume(str(run), str(run))
-    state = json.loads((found / ckpt.STATE_FILE).read_text())
-    copy = run / state["tokenizer_in_run"]
+    copy = run / ckpt.read_state(found).tokenizer_in_run
     (copy / "tokenizer.json" if copy.is_dir() else copy).write_text("{not json")
     assert export_hf.main(["--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 2
     assert "the tokenizer this run trained with does not open" in caplog.text
@@ -147,3 +136,66 @@ def test_init_from_hf_inputs_are_checked_before_anything_is_built(pythia_dir, pr
     (small / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
     with pytest.raises(ConfigError, match=r"model\.init_from_hf .*small-vocab: "):
         prepare(small)
+
+
+def test_init_from_hf_refuses_data_of_another_tokenizer(pythia_dir, tokenized, sp_model, tmp_path):
+    """Sentencepiece data (1000 ids) fits the checkpoint's 1024 rows, but its ids mean other text than the
+    checkpoint's own byte-level BPE: refused, naming both."""
+    from data_pipeline.errors import DatasetError
+    from launcher.config import from_dict
+    from launcher.data import prepare_data
+    from launcher.modeling import run_model_config
+
+    cfg = from_dict({"run_dir": str(tmp_path / "run"), "model": {"init_from_hf": str(pythia_dir)},
+                     "data": {"prefix": tokenized, "tokenizer": sp_model}})
+    data = prepare_data(cfg, rank=0, world=1)
+    with pytest.raises(DatasetError, match=r"model\.init_from_hf .*pythia-tiny was trained with its own tokenizer "
+                                           r"\(tokenizer\.json\), not the run's .*tok\.model \(sentencepiece, "
+                                           r"1,000 ids, EOD 2, .*preprocess the data with the checkpoint's tokenizer"):
+        run_model_config(cfg.model, data.tokenizer)
+
+
+def test_a_run_from_init_from_hf_resumes_once_the_hf_directory_is_gone(pythia_dir, prefix, tmp_path, launch):
+    """The checkpoint holds the whole model: a resume reads neither the HF config nor its weights."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(pythia_dir, hf)
+    run_dir = tmp_path / "run"
+    args = pretrain_args(run_dir, prefix, pythia_dir, f"model.init_from_hf={hf}", "logging.eval_tokens=256",
+                         "growlength.tokens_per_step=256", "checkpointing.interval_steps=2",
+                         "growlength.stages=[{seq_len: 32, tokens: 1024}]")
+    proc = launch(args, fault="kill@3")
+    assert proc.returncode != 0 and (run_dir / "checkpoints" / "step_00000002").is_dir(), proc.stdout[-2000:]
+    shutil.rmtree(hf)
+    proc = launch(args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "step_00000002" in out
+    assert (run_dir / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_init_from_hf_names_a_config_without_hidden_size_and_a_truncated_safetensors(pythia_dir, tmp_path):
+    import shutil
+
+    from launcher.config import ConfigError, from_dict
+    from launcher.modeling import build_model, run_model_config
+    from data_pipeline.tokenizer import Tokenizer
+
+    broken = tmp_path / "broken"
+    shutil.copytree(pythia_dir, broken)
+    cfg = from_dict({"run_dir": str(tmp_path / "run"), "model": {"init_from_hf": str(broken)},
+                     "data": {"prefix": "p", "tokenizer": str(pythia_dir)}})
+    tok = Tokenizer(pythia_dir)
+    good = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({k: v for k, v in good.items() if k != "hidden_size"}))
+    with pytest.raises(ConfigError, match=r"model\.init_from_hf .*broken: .*broken/config\.json: no 'hidden_size', "
+                                          r"which a gpt_neox config must give; restore the complete config\.json"):
+        run_model_config(cfg.model, tok)
+    (broken / "config.json").write_text(json.dumps(good))
+    model_config = run_model_config(cfg.model, tok)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"model\.init_from_hf: .*broken/model\.safetensors: cannot be read "
+                                          r"\(.*\); the file is truncated or damaged: download or copy it again"):
+        build_model(cfg, model_config)

@@ -2,44 +2,34 @@
 GrowLength run of tiny-llama, export to LlamaForCausalLM, evaluate / bench_lengths on it, init_from_hf from a
 Llama directory, and the refusals of a family that disagrees."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from launcher.net import free_port
-from launcher import pretrain
 from launcher.metrics import read_metrics
+
+from launching import pretrain_args, run_in_process
 
 transformers = pytest.importorskip("transformers")
 
-DS_CONFIG = str(Path(pretrain.__file__).resolve().parents[1] / "ds_configs" / "zero2.json")
 PLAN = ["growlength.tokens_per_step=512",
         "growlength.stages=[{seq_len: 32, tokens: 2048}, {seq_len: 64, tokens: 2048}]"]
 
 
-def launch(run_dir, tokenized, sp_model, *extra):
-    """pretrain.main in this process as rank 0 of 1: (exit code, stdout+stderr of the logger)."""
-    port = free_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"}.items():
-            mp.setenv(key, value)
-        mp.delenv("GROWLENGTH_FAULT", raising=False)
-        return pretrain.main(args(run_dir, tokenized, sp_model, *extra))
-
-
 def args(run_dir, tokenized, sp_model, *extra):
-    return ["--ds_config", DS_CONFIG, f"run_dir={run_dir}", f"data.prefix={tokenized}", f"data.tokenizer={sp_model}",
-            "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache", "checkpointing.interval_steps=0",
-            "logging.log_interval=1", "logging.tensorboard=false", "logging.eval_tokens=1024", *PLAN, *extra]
+    return pretrain_args(run_dir, tokenized, sp_model, "checkpointing.interval_steps=0", "logging.eval_tokens=1024",
+                         *PLAN, *extra)
+
+
+def in_process(run_dir, tokenized, sp_model, *extra):
+    """pretrain.main in this process as rank 0 of 1: its exit code."""
+    return run_in_process(args(run_dir, tokenized, sp_model, *extra))
 
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, tokenized, sp_model):
     run_dir = tmp_path_factory.mktemp("llama") / "run"
-    assert launch(run_dir, tokenized, sp_model, "model.preset=tiny-llama") == 0
+    assert in_process(run_dir, tokenized, sp_model, "model.preset=tiny-llama") == 0
     return run_dir
 
 
@@ -50,9 +40,9 @@ def test_tiny_llama_trains_through_two_stages(llama_run):
     assert [(r["seq_len"], r["micro_batch_size"]) for r in steps] == [(32, 16)] * 4 + [(64, 8)] * 4
     assert steps[-1]["loss"] < steps[0]["loss"]
     state = ckpt.read_state(ckpt.resolve_resume("auto", llama_run))
-    assert (state["model"]["family"], state["model"]["num_kv_heads"], state["model"]["tie_word_embeddings"]) == \
+    assert (state.model["family"], state.model["num_kv_heads"], state.model["tie_word_embeddings"]) == \
         ("llama", 2, True)
-    assert state["step"] == 8
+    assert state.step == 8
 
 
 def test_export_gives_a_llama_that_transformers_loads_with_our_logits(llama_run, tmp_path, sp_model):
@@ -126,7 +116,7 @@ def test_init_from_hf_takes_a_llama_directory(tmp_path, tokenized, sp_model):
 
 
 def test_model_family_that_disagrees_is_refused_before_training(tmp_path, tokenized, sp_model, capsys):
-    code = launch(tmp_path / "run", tokenized, sp_model, "model.preset=tiny-llama", "model.family=gpt-neox")
+    code = in_process(tmp_path / "run", tokenized, sp_model, "model.preset=tiny-llama", "model.family=gpt-neox")
     assert code == 2
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     out = capsys.readouterr()
@@ -148,23 +138,14 @@ def test_init_from_hf_settings_that_cannot_apply_are_refused(tmp_path, tokenized
         prepared(tmp_path, tokenized, sp_model, init_from_hf=str(tmp_path / "hf"), **model)
 
 
-def test_resuming_a_tied_llama_at_the_stage_boundary_gives_the_same_losses(llama_run, tmp_path, tokenized,
+def test_resuming_a_tied_llama_at_the_stage_boundary_gives_the_same_losses(llama_run, launch, tmp_path, tokenized,
                                                                            sp_model):
     """In a subprocess: DeepSpeed keeps process-group state that a second engine in this process cannot reuse."""
-    import subprocess
-    import sys
-
     from launcher import checkpoint as ckpt
 
     boundary = ckpt.resolve_resume("auto", llama_run).parent / ckpt.tag_for(4)
     run_dir = tmp_path / "resumed"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("GROWLENGTH_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(MASTER_PORT=str(port))
-    root = Path(pretrain.__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "launcher/pretrain.py", *args(run_dir, tokenized, sp_model),
-                           "model.preset=tiny-llama", f"checkpointing.resume={boundary}"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch(args(run_dir, tokenized, sp_model, "model.preset=tiny-llama", f"checkpointing.resume={boundary}"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reference = {r["step"]: r["loss"] for r in read_metrics(llama_run) if "kind" not in r}
     resumed = {r["step"]: r["loss"] for r in read_metrics(run_dir) if "kind" not in r}

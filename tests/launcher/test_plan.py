@@ -1,4 +1,6 @@
 """Stage-plan arithmetic at its boundaries: exact tokens per step, the equation in every refusal."""
+from dataclasses import fields, replace
+
 import pytest
 
 from launcher.plan import (PlanError, build_plan, micro_batch_for, plan_from_config, steps_from_shares,
@@ -60,6 +62,16 @@ def test_fingerprint_changes_with_plan():
     b = build_plan([64, 128], [2, 3], tokens_per_step=1024, world_size=1)
     assert a.fingerprint() == build_plan([64, 128], [3, 2], 1024, 1).fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_fingerprint_covers_tokens_per_step_world_size_and_every_stage_field():
+    """Which samples a rank reads at a step depends on all of them; a plan differing in any one is another plan
+    (one that differs only in the number of ranks is made by hand: a built plan's micro-batches follow it)."""
+    plan = build_plan([64, 128], [3, 2], tokens_per_step=2048, world_size=2)
+    changed = [replace(plan, tokens_per_step=4096), replace(plan, world_size=1)]
+    changed += [replace(plan, stages=(replace(plan.stages[0], **{f.name: getattr(plan.stages[0], f.name) + 1}),
+                                      plan.stages[1])) for f in fields(plan.stages[0])]
+    assert len({p.fingerprint() for p in changed} | {plan.fingerprint()}) == len(changed) + 1
 
 
 def test_steps_from_tokens_must_be_whole_steps():

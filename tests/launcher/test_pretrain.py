@@ -7,11 +7,13 @@ import pytest
 from launcher import checkpoint as ckpt
 from launcher.metrics import read_metrics
 
-from runner import ok, steps, train
+import stepclock
+from launching import pretrain_args
+from runner import ok, steps
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tokenized, sp_model):
+def reference(train, tmp_path_factory, tokenized, sp_model):
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
     proc = ok(train(run_dir, tokenized, sp_model))
     return run_dir, proc.stdout
@@ -58,7 +60,7 @@ def assert_same_losses(run_dir, reference_dir, after: int):
         assert got[s]["lr"] == want[s]["lr"]
 
 
-def test_sigkill_mid_stage_resumes_exactly(reference, tmp_path, tokenized, sp_model):
+def test_sigkill_mid_stage_resumes_exactly(train, reference, tmp_path, tokenized, sp_model):
     run_dir = tmp_path / "run"
     proc = train(run_dir, tokenized, sp_model, fault="kill@10")
     assert proc.returncode != 0
@@ -69,7 +71,7 @@ def test_sigkill_mid_stage_resumes_exactly(reference, tmp_path, tokenized, sp_mo
     assert_same_losses(run_dir, reference[0], after=8)
 
 
-def test_sigkill_during_save_at_boundary_resumes_exactly(reference, tmp_path, tokenized, sp_model):
+def test_sigkill_during_save_at_boundary_resumes_exactly(train, reference, tmp_path, tokenized, sp_model):
     run_dir = tmp_path / "run"
     proc = train(run_dir, tokenized, sp_model, fault="kill-in-save@8")
     assert proc.returncode != 0
@@ -82,7 +84,7 @@ def test_sigkill_during_save_at_boundary_resumes_exactly(reference, tmp_path, to
     assert (half / ckpt.STATE_FILE).is_file()  # rewritten whole on the second pass
 
 
-def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(reference, tmp_path, tokenized, sp_model):
+def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(train, reference, tmp_path, tokenized, sp_model):
     run_dir = tmp_path / "run"
     proc = train(run_dir, tokenized, sp_model, fault="sigusr1@10")
     assert proc.returncode == 75, proc.stdout[-3000:]
@@ -92,7 +94,7 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(reference, tmp
     assert_same_losses(run_dir, reference[0], after=11)
 
 
-def test_resume_with_another_plan_is_refused(reference, tmp_path, tokenized, sp_model):
+def test_resume_with_another_plan_is_refused(train, reference, tmp_path, tokenized, sp_model):
     proc = train(reference[0], tokenized, sp_model, "growlength.tokens_per_step=2048", ranks=1)
     assert proc.returncode == 2
     assert "cannot resume from" in proc.stdout and "world size: checkpoint 2 ranks, this run 1" in proc.stdout
@@ -109,7 +111,7 @@ def test_export_to_hugging_face(reference, tmp_path, sp_model):
 
     out = export(str(reference[0]), str(tmp_path / "hf"))
     ours, state, found = load_trained_model(reference[0])
-    assert found.name == ckpt.tag_for(18) and state["step"] == 18
+    assert found.name == ckpt.tag_for(18) and state.step == 18
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == "GPTNeoXForCausalLM"
     text = "The with statement is used to wrap the execution of a block"
@@ -123,29 +125,33 @@ def test_export_to_hugging_face(reference, tmp_path, sp_model):
         export(str(reference[0]), str(out))
 
 
-def test_wall_clock_plan_and_time_budget_on_one_rank(tmp_path, tokenized, sp_model):
-    """time_share stages are resolved by a step-time probe and recorded; max_time_s stops with a checkpoint."""
+def test_wall_clock_plan_and_time_budget_on_one_rank(launch, tmp_path, tokenized, sp_model):
+    """time_share stages are resolved by a step-time probe and recorded; max_time_s stops with a checkpoint at the
+    first step whose clock check is past it (the run on a step clock: 0.3 s per step at L=32, whatever the machine
+    does; the probe on the real one, its times read back from the log)."""
     run_dir = tmp_path / "run"
     stages = "growlength.stages=[{seq_len: 32, time_share: 0.5}, {seq_len: 128, time_share: 0.5}]"
-    proc = ok(train(run_dir, tokenized, sp_model, stages, "growlength.total_tokens=409600",
-                    "logging.tensorboard=true", "growlength.max_time_s=2", ranks=1))
+    proc = ok(launch(pretrain_args(run_dir, tokenized, sp_model, "checkpointing.interval_steps=4",
+                                   "growlength.tokens_per_step=1024", stages, "growlength.total_tokens=409600",
+                                   "logging.tensorboard=true", "growlength.max_time_s=2"),
+                     script=stepclock.SCRIPT, env=stepclock.env({32: 0.3, 128: 1.0})))
     assert "step-time probe: L=32:" in proc.stdout
     state = ckpt.read_state(ckpt.resolve_resume("auto", run_dir))
-    planned = [s["steps"] for s in state["plan"]]
+    planned = [s["steps"] for s in state.plan]
     # equal time shares: steps in inverse proportion to the probed step times (rounding aside)
     import re
     t32, t128 = map(float, re.search(r"step-time probe: L=32: ([\d.]+)s, L=128: ([\d.]+)s", proc.stdout).groups())
     assert sum(planned) == 400
     assert abs(planned[0] - 400 * t128 / (t32 + t128)) <= 1
-    assert "growlength.max_time_s=2 s reached" in proc.stdout
+    # the clock after each step: 0.3, 0.6, ..., 1.8 (step 6, under the budget), 2.1 (step 7, past it): stop there
+    assert "growlength.max_time_s=2 s reached at step 7" in proc.stdout
     records = steps(run_dir)
-    assert state["step"] == max(records) < 400
-    # no step starts past the budget: the one before the last ended (its eval and save included) under 2 s
-    assert records[max(records) - 1]["elapsed_s"] < 2.0
+    assert state.step == max(records) == 7 and planned[0] > 7
+    assert records[6]["elapsed_s"] == pytest.approx(1.8) and records[7]["elapsed_s"] == pytest.approx(2.1)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_offload_config_and_accumulation_chosen_from_a_memory_probe(tmp_path, tokenized, sp_model):
+def test_offload_config_and_accumulation_chosen_from_a_memory_probe(train, tmp_path, tokenized, sp_model):
     """ZeRO-2 with optimizer offload through a switch where the accumulation changes too (1 -> 4), as a
     bench_lengths probe asks: the long stage fits only 512 tokens per micro-batch."""
     run_dir = tmp_path / "run"

@@ -68,10 +68,10 @@ def test_run_holds_its_tokenizer_and_resolved_paths(run, sp_model, tokenized, mo
     code, out = run(tokenizer=rel_tok)
     assert code == 0, out
     state = ckpt.read_state(ckpt.resolve_resume("auto", run.run_dir))
-    assert state["tokenizer"] == rel_tok and state["tokenizer_resolved"] == str(Path(sp_model).resolve())
-    assert state["data_prefix_resolved"] == str(Path(tokenized).resolve())
-    copy = run.run_dir / state["tokenizer_in_run"]
-    assert state["tokenizer_in_run"] == "tokenizer/tokenizer.model" and copy.read_bytes() == Path(sp_model).read_bytes()
+    assert state.tokenizer == rel_tok and state.tokenizer_resolved == str(Path(sp_model).resolve())
+    assert state.data_prefix_resolved == str(Path(tokenized).resolve())
+    copy = run.run_dir / state.tokenizer_in_run
+    assert state.tokenizer_in_run == "tokenizer/tokenizer.model" and copy.read_bytes() == Path(sp_model).read_bytes()
     resolved = json.loads((run.run_dir / "ds_config.resolved.json").read_text())
     assert resolved["train_micro_batch_size_per_gpu"] == 32
     assert not list(run.run_dir.glob("*.tmp-*"))

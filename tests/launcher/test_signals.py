@@ -4,7 +4,6 @@ Ctrl-C to the whole process group. Either way the rank checkpoints at the next s
 left running."""
 import os
 import signal
-import subprocess
 import time
 
 import psutil
@@ -13,23 +12,19 @@ import pytest
 from launcher import checkpoint as ckpt
 from launcher.metrics import read_metrics
 
-from evidence.launch import ROOT, launch_command
+from launching import pretrain_args
 
 LONG_PLAN = ["growlength.tokens_per_step=1024", "growlength.stages=[{seq_len: 32, tokens: 4096000}]"]
 
 
-def start(run_dir, tokenized, sp_model):
-    cmd, env = launch_command(1, runner=True, env=dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1"))
-    env.pop("GROWLENGTH_FAULT", None)
-    cmd += ["--ds_config", "ds_configs/zero2.json", f"run_dir={run_dir}", f"data.prefix={tokenized}",
-           f"data.tokenizer={sp_model}", "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache",
-           "checkpointing.interval_steps=100000", "logging.log_interval=1", "logging.tensorboard=false",
-           "logging.eval_interval=0", *LONG_PLAN]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+def start(launch, run_dir, tokenized, sp_model):
+    """The deepspeed runner on 1 rank, a plan far longer than the test, running in a session of its own."""
+    return launch(pretrain_args(run_dir, tokenized, sp_model, "checkpointing.interval_steps=100000",
+                                "logging.eval_interval=0", *LONG_PLAN), runner=True, wait=False)
 
 
-def wait_for_steps(run_dir, proc, n=3, timeout=120):
+def wait_for_steps(run_dir, proc, n=3, timeout=600):
+    """Until the run logged ``n`` steps (``timeout`` only bounds a run that never trains)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -48,20 +43,20 @@ def rank_processes(runner_pid):
 
 
 def assert_stopped_with_a_checkpoint(run_dir, procs):
-    gone, alive = psutil.wait_procs(procs, timeout=90)
+    gone, alive = psutil.wait_procs(procs, timeout=600)  # a bound on a hang, not a speed
     for p in alive:
         p.kill()
     assert not alive, "a process of the run was left running"
     path = ckpt.resolve_resume("auto", run_dir)
     assert path is not None, (run_dir / "train.log").read_text()[-3000:]
     last = max(r["step"] for r in read_metrics(run_dir) if "kind" not in r)
-    assert ckpt.read_state(path)["step"] == last >= 3  # saved at the step boundary after the signal
+    assert ckpt.read_state(path).step == last >= 3  # saved at the step boundary after the signal
     return (run_dir / "train.log").read_text()
 
 
-def test_sigterm_to_the_runner_alone_checkpoints_and_stops_every_rank(tmp_path, tokenized, sp_model):
+def test_sigterm_to_the_runner_alone_checkpoints_and_stops_every_rank(launch, tmp_path, tokenized, sp_model):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, tokenized, sp_model)
+    proc = start(launch, run_dir, tokenized, sp_model)
     wait_for_steps(run_dir, proc)
     tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
     assert rank_processes(proc.pid)
@@ -70,9 +65,9 @@ def test_sigterm_to_the_runner_alone_checkpoints_and_stops_every_rank(tmp_path, 
     assert "the deepspeed runner (pid %d) is gone" % proc.pid in log
 
 
-def test_ctrl_c_checkpoints_at_the_next_step(tmp_path, tokenized, sp_model):
+def test_ctrl_c_checkpoints_at_the_next_step(launch, tmp_path, tokenized, sp_model):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, tokenized, sp_model)
+    proc = start(launch, run_dir, tokenized, sp_model)
     wait_for_steps(run_dir, proc)
     tree = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground job

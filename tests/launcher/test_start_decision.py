@@ -7,24 +7,23 @@ import pytest
 from launcher import checkpoint as ckpt
 from launcher import rundir
 
-from distributed import run_distributed
 from test_checkpoint import _save_like_the_launcher
 
 
 def decide(rank, world, run_dir, resume):
-    from launcher import pretrain
+    from launcher import startup
     from launcher.config import load_config
     cfg = load_config(None, [f"run_dir={run_dir}", f"checkpointing.resume={resume}"])
     try:
-        lock, decision = pretrain.start_decision(cfg, Path(run_dir), rank, world)
-    except pretrain.StartupError as e:
+        lock, decision = startup.start_decision(cfg, Path(run_dir), rank, world)
+    except startup.StartupError as e:
         return "refused: " + str(e)
     if lock is not None:
         lock.release()
     return decision["path"], decision["warnings"]
 
 
-def test_every_rank_takes_rank_0s_checkpoint(tmp_path):
+def test_every_rank_takes_rank_0s_checkpoint(tmp_path, run_distributed):
     root = ckpt.checkpoint_root(tmp_path)
     _save_like_the_launcher(root, 4, world=2)
     newest = _save_like_the_launcher(root, 8, world=2)
@@ -35,7 +34,7 @@ def test_every_rank_takes_rank_0s_checkpoint(tmp_path):
     assert path == str(root / ckpt.tag_for(4)) and "skipping checkpoint step_00000008" in warnings[0]
 
 
-def test_a_refusal_on_rank_0_reaches_every_rank(tmp_path):
+def test_a_refusal_on_rank_0_reaches_every_rank(tmp_path, run_distributed):
     lock = rundir.RunLock(tmp_path)  # another job holds the run directory
     try:
         results = run_distributed(decide, 2, str(tmp_path), "auto")

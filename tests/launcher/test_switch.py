@@ -13,7 +13,8 @@ import pytest
 
 from launcher import checkpoint as ckpt
 
-from runner import ok, steps, train
+from launching import ZERO2
+from runner import ok, steps
 
 STAGES = "growlength.stages=[{seq_len: 32, tokens: 3072}, {seq_len: 64, tokens: 6144%s}]"
 ACCUM4 = [STAGES % ", max_tokens_per_micro_batch: 128", "growlength.grad_accum=null"]
@@ -23,30 +24,29 @@ WARMUP = 4
 
 @pytest.fixture(scope="module")
 def fp32_config(tmp_path_factory):
-    from runner import ROOT
-    cfg = json.loads((ROOT / "ds_configs/zero2.json").read_text())
+    cfg = json.loads(ZERO2.read_text())
     cfg["bf16"] = {"enabled": False}
     path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 
 
-def run(run_dir, tokenized, sp_model, ds_config, plan, **kw):
+def run(train, run_dir, tokenized, sp_model, ds_config, plan, **kw):
     return train(run_dir, tokenized, sp_model, *plan, f"optimisation.warmup_steps={WARMUP}",
                  "checkpointing.interval_steps=5", ds_config=ds_config, **kw)
 
 
 @pytest.fixture(scope="module")
-def accum4(tmp_path_factory, tokenized, sp_model, fp32_config):
+def accum4(train, tmp_path_factory, tokenized, sp_model, fp32_config):
     run_dir = tmp_path_factory.mktemp("switch") / "accum4"
-    proc = ok(run(run_dir, tokenized, sp_model, fp32_config, ACCUM4))
+    proc = ok(run(train, run_dir, tokenized, sp_model, fp32_config, ACCUM4))
     return run_dir, proc.stdout
 
 
 @pytest.fixture(scope="module")
-def accum1(tmp_path_factory, tokenized, sp_model, fp32_config):
+def accum1(train, tmp_path_factory, tokenized, sp_model, fp32_config):
     run_dir = tmp_path_factory.mktemp("switch") / "accum1"
-    ok(run(run_dir, tokenized, sp_model, fp32_config, ACCUM1))
+    ok(run(train, run_dir, tokenized, sp_model, fp32_config, ACCUM1))
     return run_dir
 
 
@@ -67,11 +67,11 @@ def test_accumulation_change_gives_the_same_training(accum4, accum1):
     assert ds_state["global_steps"] == 9
 
 
-def test_resume_inside_the_accumulating_stage_is_exact(accum4, tmp_path, tokenized, sp_model, fp32_config):
+def test_resume_inside_the_accumulating_stage_is_exact(train, accum4, tmp_path, tokenized, sp_model, fp32_config):
     run_dir = tmp_path / "run"
-    proc = run(run_dir, tokenized, sp_model, fp32_config, ACCUM4, fault="kill@7")
+    proc = run(train, run_dir, tokenized, sp_model, fp32_config, ACCUM4, fault="kill@7")
     assert proc.returncode != 0
-    proc = ok(run(run_dir, tokenized, sp_model, fp32_config, ACCUM4))
+    proc = ok(run(train, run_dir, tokenized, sp_model, fp32_config, ACCUM4))
     assert "step_00000005 at step 5" in proc.stdout and "resumed mid-stage" in proc.stdout
     got, want = steps(run_dir), steps(accum4[0])
     assert sorted(got) == sorted(want)

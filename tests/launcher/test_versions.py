@@ -29,7 +29,7 @@ def test_the_message_is_one_line_with_the_fix():
                     "pip install 'deepspeed>=0.19.8,<0.20' (torch: the build for your CUDA)")
 
 
-def test_the_launcher_stops_at_start_up_with_one_line(tmp_path):
+def test_the_launcher_stops_at_start_up_with_one_line(spawns, tmp_path):
     """A DeepSpeed 0.19.2 dist-info ahead on the path: launcher/pretrain.py exits 2 with the line, no traceback."""
     fake = tmp_path / "deepspeed-0.19.2.dist-info"
     fake.mkdir()

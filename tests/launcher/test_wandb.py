@@ -9,7 +9,7 @@ import pytest
 
 wandb = pytest.importorskip("wandb")  # in .[dev]
 
-from launcher import pretrain  # noqa: E402
+from launcher.signals import EXIT_PREEMPTED  # noqa: E402
 from launcher.config import ConfigError, load_config  # noqa: E402
 from launcher.metrics import read_metrics  # noqa: E402
 from launcher.trackers import flatten  # noqa: E402
@@ -69,7 +69,7 @@ def test_offline_run_holds_every_metrics_record_and_resumes_into_the_same_run(ru
             "logging.wandb={project: growlength-test, name: tiny, mode: offline}"]
     monkeypatch.setenv("GROWLENGTH_FAULT", "sigusr1@3")  # preempted after step 3: checkpoint, exit for a requeue
     code, out = run(*args)
-    assert code == pretrain.EXIT_PREEMPTED, out
+    assert code == EXIT_PREEMPTED, out
     monkeypatch.delenv("GROWLENGTH_FAULT")
     code, out = run(*args)  # the requeued job resumes from step 3
     assert code == 0, out
@@ -124,3 +124,17 @@ def test_missing_wandb_names_the_extra(monkeypatch):
                                           r"'growlength\[wandb\]'"):
         load_config(None, ["logging.wandb={project: p, mode: offline}"])
     load_config(None, ["logging.wandb={mode: disabled}"])  # disabled needs neither the package nor a project
+
+
+def test_two_ranks_log_from_rank_0_only(train, tmp_path, tokenized, sp_model):
+    """`deepspeed --num_gpus 2` on CPU ranks: one offline W&B run, with every step once."""
+    from runner import ok
+    run_dir = tmp_path / "run"
+    ok(train(run_dir, tokenized, sp_model, "logging.wandb={project: growlength-test, mode: offline}",
+             "growlength.stages=[{seq_len: 32, tokens: 4096}]", "checkpointing.interval_steps=100"))
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, offline
+    history, _ = read_offline_runs(run_dir)
+    (rows,) = history.values()
+    steps = [step for step, items in rows if "train/loss" in items]
+    assert steps == [r["step"] for r in read_metrics(run_dir) if "kind" not in r] == [1, 2, 3, 4]

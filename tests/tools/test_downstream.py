@@ -2,9 +2,6 @@
 documents are a local JSON file made here. The harness's per-choice loglikelihoods must equal our own model's
 (launcher checkpoint, sentencepiece tokenizer, plain PyTorch), and its accuracy the argmax of those."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,9 +12,8 @@ from evidence import downstream  # noqa: E402
 from evidence.export_hf import load_trained_model  # noqa: E402
 from evidence.runs import EvidenceError  # noqa: E402
 from data_pipeline.tokenizer import Tokenizer  # noqa: E402
-from launcher.net import free_port  # noqa: E402
+from launching import pretrain_args  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOCS = [{"question": "The function returns", "choices": ["a value.", "the string", "nothing at all", "1 2 3"],
          "label": 0},
         {"question": "Python lists are", "choices": ["mutable sequences", "keywords", "zebra", "x"], "label": 0},
@@ -28,16 +24,11 @@ DOCS = [{"question": "The function returns", "choices": ["a value.", "the string
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tokenized, sp_model):
+def trained(tmp_path_factory, tokenized, sp_model, launch):
     run_dir = tmp_path_factory.mktemp("downstream") / "run"
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2")
-    env.pop("GROWLENGTH_FAULT", None)
-    cmd = [sys.executable, "launcher/pretrain.py", f"run_dir={run_dir}", f"data.prefix={tokenized}",
-           f"data.tokenizer={sp_model}", "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache",
-           "logging.tensorboard=false", "logging.eval_tokens=1024", "logging.eval_lengths=[128]",
-           "growlength.tokens_per_step=512", "growlength.stages=[{seq_len: 32, tokens: 3072}, "
-           "{seq_len: 64, tokens: 3072}]"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch(pretrain_args(run_dir, tokenized, sp_model, "logging.eval_tokens=1024", "logging.eval_lengths=[128]",
+                                "growlength.tokens_per_step=512",
+                                "growlength.stages=[{seq_len: 32, tokens: 3072}, {seq_len: 64, tokens: 3072}]"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
@@ -116,8 +107,8 @@ def test_export_model_card_records_plan_schedule_and_final_losses(trained, tmp_p
     card = (out / "README.md").read_text()
     state = ckpt.read_state(ckpt.resolve_resume("auto", str(trained)))
     assert card.startswith("---\nlibrary_name: transformers\n")
-    assert f"step {state['step']:,}, {state['tokens_seen']:,} tokens" in card
-    for s in state["plan"]:  # one row per stage: seq_len, micro-batch, accumulation, steps, tokens
+    assert f"step {state.step:,}, {state.tokens_seen:,} tokens" in card
+    for s in state.plan:  # one row per stage: seq_len, micro-batch, accumulation, steps, tokens
         assert (f"| {s['index']} | {s['seq_len']} | {s['micro_batch_size']} | {s['grad_accum']} | {s['steps']} | "
                 f"{s['tokens']:,} |") in card
     scheduler = json.loads((trained / "ds_config.resolved.json").read_text())["scheduler"]

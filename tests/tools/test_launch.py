@@ -31,11 +31,11 @@ def _ranks_env(tmp_path, visible: str | None, ranks: int) -> dict[str, str]:
     return {f.name: f.read_text() for f in out.iterdir()}
 
 
-def test_the_ranks_see_the_parents_gpus(tmp_path):
+def test_the_ranks_see_the_parents_gpus(spawns, tmp_path):
     assert _ranks_env(tmp_path, "3,5,6", 2) == {"0": "3,5", "1": "3,5"}
 
 
-def test_without_cuda_visible_devices_the_ranks_take_the_first_gpus(tmp_path):
+def test_without_cuda_visible_devices_the_ranks_take_the_first_gpus(spawns, tmp_path):
     assert _ranks_env(tmp_path, None, 2) == {"0": "0,1", "1": "0,1"}
 
 

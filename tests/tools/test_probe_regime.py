@@ -5,13 +5,12 @@ The probe trains through the launcher's DeepSpeed engine with the run's ds_confi
 and moments, ZeRO-2 buckets, fp32 accumulation). Checked to fail when the probe measures without ZeRO (DeepSpeed's
 bf16 optimizer, torch AdamW): it then chose micro-batch 29, and the run at 24 grew 193.9 MiB over the 184.3 cap."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from evidence import bench_lengths
 from launcher.metrics import read_metrics
+
+from launching import pretrain_args
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -20,7 +19,7 @@ L = 64
 TOKENS_PER_STEP = L * 240  # many divisors: the run's micro-batch comes close to the probe's answer
 
 
-def test_a_run_at_the_probed_micro_batch_stays_under_the_cap(tmp_path, tokenized, sp_model):
+def test_a_run_at_the_probed_micro_batch_stays_under_the_cap(tmp_path, tokenized, sp_model, launch):
     probe = tmp_path / "probe.json"
     assert bench_lengths.main(["--preset", "tiny", "--lengths", str(L), "--tokens-per-batch", str(4 * L),
                                "--vocab-size", "1000", "--steps", "1", "--repeats", "1", "--memory-cap-gb",
@@ -29,16 +28,12 @@ def test_a_run_at_the_probed_micro_batch_stays_under_the_cap(tmp_path, tokenized
     cap = CAP_GB * (1 << 30)
     assert row["max_micro_batch"] >= 4 and row["probe_checks"][-1]["peak_bytes"] <= cap
     marks, run_dir = tmp_path / "marks.json", tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS=str(os.cpu_count() or 1), GLOO_SOCKET_IFNAME="lo")
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "probe_run.py"), str(marks), "--ds_config", "ds_configs/zero2.json",
-         f"run_dir={run_dir}", f"data.prefix={tokenized}", f"data.tokenizer={sp_model}", "data.valid_fraction=0",
-         f"data.cache_dir={tmp_path}/cache", "model.preset=tiny", "logging.tensorboard=false",
-         f"growlength.tokens_per_step={TOKENS_PER_STEP}", "growlength.grad_accum=null",
-         f"growlength.stages=[{{seq_len: {L}, tokens: {2 * TOKENS_PER_STEP}}}]",
-         f"growlength.micro_batch_probe={probe}", "checkpointing.interval_steps=0", "checkpointing.at_stage_end=false"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    args = pretrain_args(run_dir, tokenized, sp_model, "data.valid_fraction=0", "model.preset=tiny",
+                         f"growlength.tokens_per_step={TOKENS_PER_STEP}", "growlength.grad_accum=null",
+                         f"growlength.stages=[{{seq_len: {L}, tokens: {2 * TOKENS_PER_STEP}}}]",
+                         f"growlength.micro_batch_probe={probe}", "checkpointing.interval_steps=0",
+                         "checkpointing.at_stage_end=false", cache_dir=tmp_path / "cache")
+    proc = launch([marks, *args], script=HERE / "probe_run.py")  # the launcher in a process that records its RSS
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [r for r in read_metrics(run_dir) if "kind" not in r]
     mb = steps[0]["micro_batch_size"]

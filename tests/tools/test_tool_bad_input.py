@@ -8,40 +8,34 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from evidence import compare, evaluate, export_hf, plot
-from launcher.net import free_port
+from launcher import checkpoint as ckpt
 from launcher.metrics import METRICS_FILE, MetricsError, read_metrics, truncate_after
-from evidence.runs import EvidenceError, find_data_prefix, find_tokenizer, load_run
+from evidence.runs import load_run
+from launching import pretrain_args
 
-ROOT = Path(__file__).resolve().parents[2]
 STATE = "growlength_state.json"
-TRAIN_ARGS = ["run_dir=run", "data.prefix=data/corpus", "data.tokenizer=tok/tok.model", "data.valid_fraction=0.1",
-              "data.cache_dir=index-cache", "checkpointing.interval_steps=2", "logging.log_interval=2",
-              "logging.tensorboard=false", "logging.eval_tokens=256", "growlength.tokens_per_step=512",
-              "growlength.stages=[{seq_len: 32, tokens: 1024}, {seq_len: 64, tokens: 1024}]"]
+# relative paths, as a user gives them from the working directory
+TRAIN_ARGS = pretrain_args("run", "data/corpus", "tok/tok.model", "checkpointing.interval_steps=2",
+                           "logging.log_interval=2", "logging.eval_tokens=256", "growlength.tokens_per_step=512",
+                           "growlength.stages=[{seq_len: 32, tokens: 1024}, {seq_len: 64, tokens: 1024}]",
+                           cache_dir="index-cache")
 
 
-def train(work: Path, *extra: str) -> str:
+def train(launch, work: Path, *extra: str) -> str:
     """The real launcher on one rank, as a user starts it from ``work`` (a subprocess: DeepSpeed keeps process-wide
     state, so a second engine in one process is not what users run)."""
-    port = free_port()
-    env = dict(os.environ, MASTER_PORT=str(port), OMP_NUM_THREADS="2")
-    env.pop("GROWLENGTH_FAULT", None)
-    cmd = [sys.executable, str(ROOT / "launcher" / "pretrain.py"), "--ds_config",
-           str(ROOT / "ds_configs" / "zero2.json"), *TRAIN_ARGS, *extra]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch([*TRAIN_ARGS, *extra], cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, tokenized, sp_model):
+def work(tmp_path_factory, tokenized, sp_model, launch):
     """A working directory holding data/, tok/ and the trained run/ (relative paths in its checkpoints)."""
     work = tmp_path_factory.mktemp("work")
     (work / "data").mkdir()
@@ -49,10 +43,10 @@ def work(tmp_path_factory, tokenized, sp_model):
     for ext in (".bin", ".idx"):
         shutil.copy(tokenized + ext, work / "data" / f"corpus{ext}")
     shutil.copy(sp_model, work / "tok" / "tok.model")
-    train(work)
-    state = json.loads((work / "run" / "checkpoints" / "step_00000004" / STATE).read_text())
-    assert state["tokenizer"] == "tok/tok.model" and state["data_prefix"] == "data/corpus"  # as given: relative
-    assert state["tokenizer_in_run"] == "tokenizer/tokenizer.model"
+    train(launch, work)
+    state = ckpt.read_state(work / "run" / "checkpoints" / "step_00000004")
+    assert state.tokenizer == "tok/tok.model" and state.data_prefix == "data/corpus"  # as given: relative
+    assert state.tokenizer_in_run == "tokenizer/tokenizer.model"
     return work
 
 
@@ -141,28 +135,6 @@ def test_export_and_evaluate_from_elsewhere_after_moving_the_run(work, tmp_path,
         shutil.move(str(gone), work / "tok")
 
 
-def test_old_checkpoints_without_the_new_keys(work, tmp_path, monkeypatch):
-    """A checkpoint from before the run kept its own copies: the recorded paths, from where the run started."""
-    old = copy_run(work, work / "old-run")
-    shutil.rmtree(old / "tokenizer")
-    for state_file in old.glob(f"checkpoints/step_*/{STATE}"):  # what checkpoints held before
-        state = json.loads(state_file.read_text())
-        for key in ("tokenizer_in_run", "tokenizer_resolved", "data_prefix_resolved"):
-            del state[key]
-        state_file.write_text(json.dumps(state, indent=1, sort_keys=True))
-    monkeypatch.chdir(work)
-    ckpt_dir = old / "checkpoints" / "step_00000004"
-    assert find_tokenizer(state, ckpt_dir) == "tok/tok.model"
-    assert find_data_prefix(state, ckpt_dir) == "data/corpus"
-    assert evaluate.evaluate("old-run", lengths=[32])["data_prefix"] == "data/corpus"
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(EvidenceError, match=r"the training data is not found \(looked for PREFIX.bin/.idx at "
-                                            r"data/corpus\); point at it with --data-prefix PREFIX"):
-        find_data_prefix(state, ckpt_dir)
-    with pytest.raises(EvidenceError, match=r"looked at tok/tok.model\); point at it with --tokenizer PATH"):
-        find_tokenizer(state, ckpt_dir)
-
-
 # ---- evaluate: the output place is checked before the work ------------------------------------------------------
 def test_evaluate_out_in_an_unwritable_place_is_refused_before_the_work(work, tmp_path, caplog, capsys):
     (tmp_path / "afile").write_text("x")
@@ -187,7 +159,7 @@ def test_evaluate_and_export_name_a_damaged_checkpoint(work, tmp_path, caplog):
     state = run / "checkpoints" / "step_00000004" / STATE
     state.write_bytes(state.read_bytes()[:100])  # torn
     assert evaluate.main(["--checkpoint", str(state.parent), "--lengths", "32"]) == 2
-    assert f"{state}: unreadable" in caplog.text and "use an earlier checkpoint" in caplog.text
+    assert f"{state} is unreadable" in caplog.text and "use another checkpoint" in caplog.text
     model = next((run / "checkpoints" / "step_00000002").glob("*model_states.pt"))
     model.write_bytes(model.read_bytes()[:1000])
     before = snapshot(run)
@@ -196,8 +168,47 @@ def test_evaluate_and_export_name_a_damaged_checkpoint(work, tmp_path, caplog):
     assert snapshot(run) == before and not (tmp_path / "hf").exists()
 
 
+# ---- data, tokenizer and model that do not belong together ----------------------------------------------------
+def test_export_refuses_a_tokenizer_larger_than_the_model(work, tmp_path, caplog, corpus_jsonl):
+    from data_pipeline.train_tokenizer import train_tokenizer
+    big = train_tokenizer([corpus_jsonl], str(tmp_path / "big"), vocab_size=1200, num_threads=1, quiet=True)
+    before = snapshot(work / "run")
+    assert export_hf.main(["--checkpoint", str(work / "run"), "--out", str(tmp_path / "hf"), "--tokenizer", big]) == 2
+    assert f"--tokenizer {big}: 1,200 ids but the model of " in caplog.text and "has 1,000 (its embedding" in caplog.text
+    assert snapshot(work / "run") == before and not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_a_unigram_tokenizer_before_consolidating(work, tmp_path, caplog, corpus_jsonl, monkeypatch):
+    from data_pipeline.train_tokenizer import train_tokenizer
+    uni = train_tokenizer([corpus_jsonl], str(tmp_path / "uni"), vocab_size=1000, model_type="unigram",
+                          num_threads=1, quiet=True)
+    monkeypatch.setattr(export_hf, "load_trained_model", lambda *a: pytest.fail("consolidated before the check"))
+    before = snapshot(work / "run")
+    assert export_hf.main(["--checkpoint", str(work / "run"), "--out", str(tmp_path / "hf"), "--tokenizer", uni]) == 2
+    assert f"{uni}: a sentencepiece unigram model has no Hugging Face tokenizer.json" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert snapshot(work / "run") == before and not (tmp_path / "hf").exists()
+
+
+def test_evaluate_refuses_data_of_another_tokenizer_or_past_the_vocabulary(work, tmp_path, caplog, corpus_jsonl):
+    from data_pipeline.indexed_dataset import write_dataset
+    from data_pipeline.preprocess import preprocess
+    from data_pipeline.train_tokenizer import train_bytelevel_bpe
+    bpe = train_bytelevel_bpe([corpus_jsonl], str(tmp_path / "bpe"), vocab_size=1000, quiet=True)
+    other = str(tmp_path / "other")
+    preprocess([corpus_jsonl], other, bpe, quiet=True)  # every id < 1000: only its record tells
+    wide = write_dataset(str(tmp_path / "wide"), [[5, 6, 1500, 2]] * 64)  # no record: its ids tell
+    before = snapshot(tmp_path)
+    assert evaluate.main(["--checkpoint", str(work / "run"), "--data-prefix", other, "--lengths", "32"]) == 2
+    assert "its tokenizer " in caplog.text and f"did not make {other}: " in caplog.text
+    caplog.clear()
+    assert evaluate.main(["--checkpoint", str(work / "run"), "--data-prefix", wide, "--lengths", "32"]) == 2
+    assert "has a vocabulary of 1,000: " in caplog.text and "token id 1500 at token 2" in caplog.text
+    assert "Traceback" not in caplog.text and snapshot(tmp_path) == before
+
+
 # ---- metrics.jsonl: a torn last line never blocks a resume or a plot; a bad middle line is named ----------------
-def test_torn_last_line_is_dropped_by_plot_and_by_resume(work, tmp_path, caplog):
+def test_torn_last_line_is_dropped_by_plot_and_by_resume(work, launch, tmp_path, caplog):
     shutil.copytree(work, tmp_path / "w")
     run = tmp_path / "w" / "run"
     metrics = run / METRICS_FILE
@@ -209,7 +220,7 @@ def test_torn_last_line_is_dropped_by_plot_and_by_resume(work, tmp_path, caplog)
     assert plot.main([str(run), "--out", str(tmp_path / "plots")]) == 0
     assert load_run(run).final["step"] == 4
     # the resume (the launcher calls truncate_after) takes the run back without the torn line, byte for byte
-    log = train(tmp_path / "w")
+    log = train(launch, tmp_path / "w")
     assert "resumed from" in log and "dropped a torn last line" in log
     assert metrics.read_bytes() == whole
     metrics.write_bytes(whole + b"\x00" * 64)  # a full disk / crash: NUL-padded tail

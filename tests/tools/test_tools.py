@@ -3,7 +3,6 @@
 One module-scoped training (2 stages, 32 -> 64, 12 steps, checkpoints every 4) is shared by every test.
 """
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -13,12 +12,13 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from launcher.net import free_port
 from launcher.plan import PlanError
 
 from evidence import bench_lengths, compare, evaluate, plot
 from launcher.metrics import read_metrics
 from evidence.runs import EvidenceError, load_run, parse_lengths
+import stepclock
+from launching import pretrain_args
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAN = ["growlength.tokens_per_step=512",
@@ -26,15 +26,11 @@ PLAN = ["growlength.tokens_per_step=512",
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tokenized, sp_model):
+def run_dir(tmp_path_factory, tokenized, sp_model, launch):
     run_dir = tmp_path_factory.mktemp("tools") / "run"
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2")
-    env.pop("GROWLENGTH_FAULT", None)
-    cmd = [sys.executable, "launcher/pretrain.py", f"run_dir={run_dir}", f"data.prefix={tokenized}",
-           f"data.tokenizer={sp_model}", "data.valid_fraction=0.1", f"data.cache_dir={run_dir}/../index-cache",
-           "checkpointing.interval_steps=4", "logging.log_interval=4", "logging.tensorboard=false",
-           "logging.eval_tokens=1024", "logging.eval_lengths=[128]", *PLAN]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch(pretrain_args(run_dir, tokenized, sp_model, "checkpointing.interval_steps=4",
+                                "logging.log_interval=4", "logging.eval_tokens=1024", "logging.eval_lengths=[128]",
+                                *PLAN))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
@@ -129,7 +125,7 @@ def test_plot_bad_inputs(tmp_path, caplog):
 
 
 # ---- bench_lengths ----------------------------------------------------------------------------------------------
-def test_bench_lengths_table_json_and_stage_micro_batches(tmp_path, capsys):
+def test_bench_lengths_table_json_and_stage_micro_batches(spawns, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench_lengths.main(["--preset", "tiny", "--lengths", "32,64", "--tokens-per-batch", "256", "--vocab-size",
                              "1000", "--dtype", "fp32", "--steps", "1", "--memory-cap-gb", "0.4", "--json", str(out)])
@@ -150,7 +146,7 @@ def test_bench_lengths_table_json_and_stage_micro_batches(tmp_path, capsys):
         assert r["max_tokens_per_batch"] == r["max_micro_batch"] * r["seq_len"] > r["tokens_per_batch"]
         assert r["probe_checks"][-1]["peak_bytes"] <= cap  # the answer was measured, not only predicted
     # the fixed part of memory (weights, optimizer) is shared: only the first length needs a second fit point
-    assert [c["micro_batch"] for c in rows[0]["probe_checks"]][0] == 2 * rows[0]["micro_batch"]
+    assert [c["micro_batch"] for c in rows[0]["probe_checks"]][0] == rows[0]["micro_batch"] // 2
     assert len(rows[1]["probe_checks"]) < len(rows[0]["probe_checks"])
     assert "max tokens" in capsys.readouterr().out
     limit = bench_lengths.max_tokens_per_micro_batch(report, 48)  # between probed lengths: the longer one's value
@@ -187,7 +183,7 @@ def test_bench_lengths_table_and_json_flag_a_noisy_length():
     assert lines[4].split()[3] == "1.00" and "noisy; rerun with more --repeats" in lines[-1]
 
 
-def test_bench_lengths_bad_inputs(caplog):
+def test_bench_lengths_bad_inputs(spawns, caplog):
     with pytest.raises(EvidenceError, match="not a multiple of length"):
         bench_lengths.bench("tiny", [48, 64], tokens_per_batch=256)
     with pytest.raises(EvidenceError, match="choose one of"):
@@ -212,7 +208,7 @@ def run_compare(tmp_path, tokenized, sp_model, *budget, more=()):
     return out, json.loads((out / "summary.json").read_text())
 
 
-def test_compare_equal_tokens(tmp_path, tokenized, sp_model):
+def test_compare_equal_tokens(spawns, tmp_path, tokenized, sp_model):
     out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-tokens", "4000")
     for name, r in summary["runs"].items():
         assert r["tokens_seen"] == 3584 and r["stopped_by"] == "plan end"  # 4000 rounded down to 7 steps of 512
@@ -236,30 +232,40 @@ def test_compare_equal_tokens(tmp_path, tokenized, sp_model):
         assert_png(out / name)
 
 
-def test_compare_equal_wall_clock_within_one_step(tmp_path, tokenized, sp_model):
-    budget = 6.0
-    out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-seconds", str(budget),
-                               more=["--calibration-rounds", "2"])
-    for name, r in summary["runs"].items():
-        run = load_run(out / "runs" / name)
-        steps = run.steps
-        assert r["stopped_by"] == "clock", name
-        # the launcher stops at the first clock check past the budget, after a step or after the eval/save that
-        # followed it: no step starts once a check said so, so the budget is honoured within one step
-        assert steps[-2]["elapsed_s"] < budget, name
-        step_s = max(x["tokens_per_step"] / x["tokens_per_s"] for x in steps)
-        assert steps[-1]["elapsed_s"] < budget + 2 * step_s, name  # and it did not run on past it
+def test_compare_equal_wall_clock_stops_every_run_at_the_budget(spawns, tmp_path, tokenized, sp_model, monkeypatch):
+    """--budget-seconds with every launcher run on a step clock (tests/stepclock.py: a step at L=32 costs 0.5 s, at
+    L=64 1 s, whatever the machine does meanwhile): the calibration measures exactly those costs, the plans are sized
+    from them (GrowLength's first stage its share, the rest oversized), and every run stops at the first step whose
+    clock check is past the budget, by the clock, not by its plan."""
+    seconds = {32: 0.5, 64: 1.0}
+    launch_command = compare.launch_command
+
+    def on_the_step_clock(ranks, **kw):
+        cmd, env = launch_command(ranks, script=str(stepclock.SCRIPT), **kw)
+        return cmd, {**env, **stepclock.env(seconds)}
+
+    monkeypatch.setattr(compare, "launch_command", on_the_step_clock)
+    budget = 5.8
+    out, summary = run_compare(tmp_path, tokenized, sp_model, "--budget-seconds", str(budget))
+    assert summary["step_seconds"] == {"32": 0.5, "64": 1.0}
+    # GrowLength: 0.5 x 5.8 s at L=32 = 6 steps, then 2 x 0.5 x 5.8 s at L=64 = 6 steps; fixed-long 2 x 5.8 s = 12
+    assert summary["plans"]["growlength"] == [{"seq_len": 32, "tokens": 6 * 512}, {"seq_len": 64, "tokens": 6 * 512}]
+    assert summary["plans"]["fixed-long"] == [{"seq_len": 64, "tokens": 12 * 512}]
+    runs = summary["runs"]
+    # the clock after each step: growlength 0.5, ..., 3.0 (L=32), 4, 5, 6 (L=64); fixed-long 1, 2, ..., 6
+    assert (runs["growlength"]["steps"], runs["fixed-long"]["steps"]) == (9, 6)
+    assert runs["growlength"]["stages"] == [[32, 0, 0.0], [64, 6, 3.0]]
+    for name, r in runs.items():
+        steps = load_run(out / "runs" / name).steps
+        assert r["stopped_by"] == "clock" and r["elapsed_s"] == 6.0, name
+        assert steps[-2]["elapsed_s"] < budget <= steps[-1]["elapsed_s"], name  # no step started past the budget
     assert json.loads((out / "ds_config.json").read_text())["scheduler"]["type"] == "WarmupLR"
-    # calibration: 2 rounds, each a fresh launcher run over 32 then 64, 1 warm-up + 3 timed steps per stage
-    calib = [load_run(out / "runs" / f"calibration-{r}").steps for r in range(2)]
-    assert all([x["seq_len"] for x in steps] == [32] * 4 + [64] * 4 for steps in calib)
-    expected = {L: sorted(x["tokens_per_step"] / x["tokens_per_s"] for steps in calib for x in steps
-                          if x["seq_len"] == L and x["step"] not in (1, 5)) for L in (32, 64)}
-    assert [len(v) for v in expected.values()] == [6, 6]  # 2 rounds x 3 timed steps
-    assert summary["step_seconds"] == {str(L): pytest.approx((v[2] + v[3]) / 2) for L, v in expected.items()}
+    calibration = load_run(out / "runs" / "calibration-0").steps  # 1 warm-up + 3 timed steps per length
+    assert [(x["seq_len"], x["tokens_per_step"] / x["tokens_per_s"]) for x in calibration] == \
+        [(32, 0.5)] * 4 + [(64, 1.0)] * 4
 
 
-def test_compare_calibrated_budget_over_seeds(tmp_path, tokenized, sp_model):
+def test_compare_calibrated_budget_over_seeds(spawns, tmp_path, tokenized, sp_model):
     """Equal calibrated time over 2 seeds: every run is charged its steps at the calibration's medians, the plans
     cost the budget within half a step per stage, and the per-plan spread and the conclusions come from the runs."""
     budget = 1.5
