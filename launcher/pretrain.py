@@ -361,7 +361,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     user_ds_config = load_ds_config(ds_config_path)
     dtype = (torch.bfloat16 if user_ds_config.get("bf16", {}).get("enabled") else
              torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
-    model_config = modeling.run_model_config(cfg.model, data.tokenizer)
+    model_config = modeling.run_model_config(cfg.model, data.tokenizer, saved.model if saved else None)
     compiling.check_compiler(cfg.model.compile, dist.device())  # refused here, before the plan and the model
     modeling.deterministic_kernels(model_config, dist.device())
     plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
@@ -378,7 +378,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     log.info("GrowLength plan (%s):\n%s", plan.fingerprint(), plan.table())
     if rank == 0:
         data.tokenizer_in_run = rundir.copy_tokenizer(data.tokenizer, run_dir)
-    model = modeling.build_model(cfg, model_config)
+    model = modeling.build_model(cfg, model_config, resuming=saved is not None)
     log.info("model %s: %.2fM parameters, vocab %d (padded %d), attention %s", cfg.model.init_from_hf or
              cfg.model.preset, model.num_params() / 1e6, model_config.vocab_size, model_config.padded_vocab_size,
              model.config.attention)
