@@ -5,8 +5,8 @@ own `main()` unchanged.
 
 GROWLENGTH_ACCEPTANCE_MEMORY=PREFIX writes the peak memory per training length to PREFIX.rank{R}.json (CUDA
 max_memory_allocated, else VmHWM; read and reset when a training forward meets a new length).
-GROWLENGTH_ACCEPTANCE_DETERMINISTIC=1 turns on torch's deterministic algorithms, so a resumed run can be compared
-bit for bit.
+GROWLENGTH_ACCEPTANCE_DETERMINISTIC=1 enforces torch's deterministic algorithms (an op without one is an error), so
+a resumed run can be compared bit for bit.
 """
 from __future__ import annotations
 
@@ -91,7 +91,9 @@ class PeakPerLength:
 
 def main() -> int:
     if os.environ.get("GROWLENGTH_ACCEPTANCE_DETERMINISTIC") == "1":
-        torch.use_deterministic_algorithms(True, warn_only=True)  # ops without one keep running, with a warning
+        # enforced, not warn_only: under warn_only CUDA SDPA's memory-efficient backward keeps its split-key dQ
+        # accumulation (arbitrary order) and a resumed fp32 run differs in the last bits for a reason not ours
+        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     from launcher import pretrain
     from model import CausalLM

@@ -43,7 +43,8 @@ def environment() -> dict:
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
            "driver": driver, "nvidia_smi_gpus": smi_gpus, "deepspeed": _version("deepspeed"),
-           "flash_attn": _version("flash-attn") if _version("flash-attn") != "not installed" else _version("flash_attn"),
+           "flash_attn": next((v for v in map(_version, ("flash-attn", "flash_attn")) if v != "not installed"),
+                              "not installed"),
            "transformers": _version("transformers"), "cuda_available": False, "gpus": [], "why_not": None}
     try:
         env["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.version.cuda else None

@@ -1,13 +1,16 @@
 """The one-command GPU acceptance run: is growlength correct and fast on this machine's GPUs? One table, one JSON.
 
     python benchmarks/gpu_acceptance.py --json OUT.json [--out DIR] [--checks parity,throughput,switch,probe,compare]
-        [--timeout-s 480] [--ranks N] [--compare-seconds 90] [--peak-tflops T] [--builtin-dir DIR] [--dry-run]
+        [--timeout-s 480] [--ranks N] [--compare-seconds 90] [--peak-tflops T] [--builtin-dir DIR]
+        [--data-prefix PREFIX --tokenizer TOK] [--dry-run]
 
-Checks, each with its own time budget: parity (flash-attn vs SDPA), throughput (ours vs transformers per length),
-switch (accumulation change and exact resume through the launcher), probe (micro-batch caps from bench_lengths
-hold), compare (GrowLength vs fixed at equal time). A check that cannot run is skipped with the reason;
---dry-run runs the same code on the CPU at tiny size. Exit 0 when every check that ran passed, 1 when one failed,
-2 for bad arguments. What each check asserts: docs/gpu.md.
+Checks, with budgets that are shares of --timeout-s (Sizes.shares; what one leaves goes to the next): parity (flash-attn
+vs SDPA), throughput (benchmarks/bench_model.py: ours vs transformers per length, and the launcher's step through
+the DeepSpeed engine), switch (accumulation change and exact resume through the launcher, deterministic algorithms
+enforced), probe (micro-batch caps from bench_lengths hold), compare (GrowLength vs fixed at equal tokens, at most one
+epoch of a corpus). Then the speed targets (TARGETS) with met / missed. A check that cannot run is skipped with the
+reason; --dry-run runs the same code on the CPU at tiny size. Exit 0 when every check that ran passed, 1 when one
+failed, 2 for bad arguments. What each check asserts: docs/gpu.md.
 """
 from __future__ import annotations
 
@@ -62,7 +65,6 @@ class Sizes:
     bench_lengths: tuple = (128, 256, 512, 1024, 2048, 4096)
     bench_tokens: int = 16384
     bench_rounds: int = 3
-    bench_steps: int = 2
     switch_preset: str = "pythia-70m"
     switch_lengths: tuple = (256, 512)
     switch_tokens_per_rank: int = 8192  # stage 0: 32 x 256, stage 1: 16 x 512, or 4 x 512 x accum 4
@@ -70,6 +72,9 @@ class Sizes:
     probe_lengths: tuple = (512, 2048)
     probe_tokens: int = 16384
     probe_memory_cap_gb: float | None = None  # CUDA probes to out-of-memory; the CPU needs a cap
+    engine_len: int = 2048  # the launcher-shaped throughput cell: pythia-160m, bf16, the DeepSpeed engine
+    engine_tokens: int = 65536
+    engine_steps: int = 5
     compare_preset: str = "pythia-70m"
     compare_lengths: tuple = (128, 512, 2048)
     compare_shares: tuple = (0.4, 0.3, 0.3)
@@ -78,20 +83,35 @@ class Sizes:
     compare_min_seconds: float = 20.0
     compare_overhead_s: float = 120.0  # calibration, two launcher start-ups, checkpoint evaluation, plots
     compare_points: int = 6
+    compare_corpus_chars: int = 200_000_000  # the offline corpus: installed packages' docstrings, at most this much
+    compare_speed_vs_bench: float = 2.0  # compare_preset's tokens/s over the throughput cell's (70m vs 160m: >= 2x)
+    compare_min_steps: int = 8  # tokens per run: at least this many steps (at most one epoch)
     eval_tokens: int = 8192
-    budgets: dict = field(default_factory=lambda: {"parity": 60, "throughput": 120, "switch": 180, "probe": 200,
-                                                   "compare": 420})
     timeout_s: float = 480.0
+    # each check's share of --timeout-s; what a check leaves unused goes to the checks after it, so the budgets add
+    # up to the timeout whatever subset runs
+    shares: dict = field(default_factory=lambda: {"parity": 0.05, "throughput": 0.15, "switch": 0.2, "probe": 0.2,
+                                                  "compare": 0.4})
+
+# the DeepSpeed JSON for these sizes (pythia-70m/160m): ZeRO-1 communicates once per optimizer step, ZeRO-2 after
+# every micro-batch (docs/ds-configs.md)
+DS_CONFIG = "ds_configs/zero1.json"
+VALID_FRACTION = 0.05  # of the documents, held out for validation in every launcher run here
+# the targets on one H100/H200 (pythia-160m at L=2048, bf16), reported with pass/fail beside the checks
+TARGETS = {"mfu_causal": 0.45, "tokens_per_s_vs_transformers": 1.2, "growlength_time_to_target_ratio": 0.75}
 
 
 GPU = Sizes()
 DRY = Sizes(parity_preset="tiny", parity_vocab=512, parity_len=64, bench_preset="tiny", bench_vocab=512,
-            bench_lengths=(32, 64), bench_tokens=256, bench_rounds=1, bench_steps=1, switch_preset="tiny",
+            bench_lengths=(32, 64), bench_tokens=256, bench_rounds=1, switch_preset="tiny",
             switch_lengths=(32, 64), switch_tokens_per_rank=512, probe_preset="tiny", probe_lengths=(32, 64),
             probe_tokens=256, probe_memory_cap_gb=0.3, compare_preset="tiny", compare_lengths=(32, 64),
             compare_shares=(0.5, 0.5), compare_tokens_per_rank=512, compare_seconds=3.0, compare_min_seconds=1.0,
-            compare_overhead_s=60.0, compare_points=2, eval_tokens=256,
-            budgets={"parity": 60, "throughput": 60, "switch": 240, "probe": 240, "compare": 300}, timeout_s=900.0)
+            compare_overhead_s=60.0, compare_points=2, compare_corpus_chars=1_000_000, compare_speed_vs_bench=0.5,
+            eval_tokens=256,
+            engine_len=64, engine_tokens=512, engine_steps=1, timeout_s=1500.0,
+            # on the CPU every check is mostly process start-ups: the probe starts the most
+            shares={"parity": 0.03, "throughput": 0.1, "switch": 0.22, "probe": 0.4, "compare": 0.25})
 
 
 @dataclass
@@ -126,6 +146,9 @@ class Context:
     builtin_dir: str | None = None
     peak_tflops: float | None = None
     compare_seconds: float | None = None
+    data_prefix: str | None = None
+    tokenizer: str | None = None
+    engine_tokens_per_s: float | None = None  # the throughput check's launcher-shaped cell, for compare's sizing
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -173,12 +196,6 @@ def label_line(lab: dict) -> str:
 
 
 # ---- processes and files --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> int:
     """Run ``cmd`` in the repo root in its own process group, output to ``log_path``; past ``timeout`` the group is
     stopped (SIGTERM, then SIGKILL) and OverBudget raised."""
@@ -235,6 +252,7 @@ def launch(ctx: Context, name: str, overrides: list[str], ds_config: str, budget
            memory: bool = False, deterministic: bool = False) -> tuple[int, Path]:
     """``launcher/pretrain.py`` (under benchmarks/acceptance_rank.py) on ``ctx.ranks`` ranks: the deepspeed runner
     for several, a lone process for one. Returns (exit code, run_dir)."""
+    from evidence.launch import launch_command
     run_dir = ctx.out / "runs" / name
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for key in ("GROWLENGTH_FAULT", "GROWLENGTH_ACCEPTANCE_MEMORY", "GROWLENGTH_ACCEPTANCE_DETERMINISTIC"):
@@ -245,19 +263,10 @@ def launch(ctx: Context, name: str, overrides: list[str], ds_config: str, budget
         env["GROWLENGTH_ACCEPTANCE_MEMORY"] = str(run_dir.parent / f"{name}.memory")
     if deterministic:
         env["GROWLENGTH_ACCEPTANCE_DETERMINISTIC"] = "1"
-    if not ctx.cuda:
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    port = str(_free_port())
-    if ctx.ranks == 1:
-        env["MASTER_PORT"] = port
-        cmd = [sys.executable, RANK_SCRIPT]
-    else:
-        runner = Path(sys.executable).parent / "deepspeed"
-        cmd = ([str(runner)] if runner.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]) + \
-            ["--num_gpus", str(ctx.ranks), "--master_port", port, RANK_SCRIPT]
+    cmd, env = launch_command(ctx.ranks, env=env, script=RANK_SCRIPT)  # the ranks get this process's GPUs
     cmd += ["--ds_config", ds_config, f"run_dir={run_dir}", f"data.cache_dir={ctx.out / 'index-cache'}",
             "logging.tensorboard=false", "logging.log_interval=1", f"logging.eval_tokens={ctx.sizes.eval_tokens}",
-            "data.valid_fraction=0.05",
+            f"data.valid_fraction={VALID_FRACTION}",
             *builtin_overrides(ctx), *overrides]
     return run_logged(cmd, ctx.out / "runs" / f"{name}.log", budget.left(), env), run_dir
 
@@ -276,7 +285,7 @@ def memory_report(run_dir: Path) -> dict[int, int]:
 
 
 def _ds_config(ctx: Context, name: str, **changes) -> str:
-    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg = json.loads((ROOT / DS_CONFIG).read_text())
     cfg.update(changes)
     return str(write_json(ctx.out / name, cfg))
 
@@ -325,106 +334,49 @@ def check_parity(ctx: Context, budget: Budget) -> Result:
     return res
 
 
-# ---- check: forward+backward throughput, ours (flash, SDPA) and transformers -----------------------------------
-def _hf_model(ours, device, dtype):
-    import transformers
-    from model.hf import hf_config_dict, state_dict_to_hf
-    hf = transformers.GPTNeoXForCausalLM._from_config(transformers.GPTNeoXConfig(**hf_config_dict(ours.config)),
-                                                      attn_implementation="sdpa")
-    sd = state_dict_to_hf(ours.state_dict())
-    if "embed_out.weight" not in hf.state_dict():  # transformers 5 names the head lm_head in memory
-        sd["lm_head.weight"] = sd.pop("embed_out.weight")
-    hf.load_state_dict(sd, strict=True)
-    return hf.to(device, dtype).train()
-
-
+# ---- check: forward+backward throughput (benchmarks/bench_model.py, in its own process) -------------------------
 def check_throughput(ctx: Context, budget: Budget) -> Result:
-    import torch
-    from launcher import steptime
-    from launcher.metrics import gpu_peak_tflops
-    from model import CausalLM, ModelConfig
-    from model.attention import flash_unusable_reason
-
+    """benchmarks/bench_model.py: ours (SDPA, and flash-attn where it runs) against transformers per length,
+    interleaved, and the launcher-shaped cell (the DeepSpeed engine from DS_CONFIG, a real optimizer step)."""
     s, res = ctx.sizes, Result("throughput")
-    device, dtype = torch.device("cuda" if ctx.cuda else "cpu"), torch.bfloat16
-    peak = ctx.peak_tflops or (gpu_peak_tflops(torch.cuda.get_device_name()) if ctx.cuda else None)
-    torch.manual_seed(0)
-    base = CausalLM(ModelConfig.from_preset(s.bench_preset, vocab_size=s.bench_vocab, attention="sdpa"))
-    models, skipped = {}, {}
-    reason = flash_unusable_reason(device, dtype)
-    if reason:
-        skipped["ours-flash"] = f"flash-attn: {reason}"
-    else:
-        flash = CausalLM(dataclasses.replace(base.config, attention="flash"))
-        flash.load_state_dict(base.state_dict())
-        models["ours-flash"] = flash.to(device, dtype).train()
-    try:
-        hf = _hf_model(base, device, dtype)
-    except ImportError as e:
-        hf, skipped["hf-sdpa"] = None, f"transformers does not import ({e}); pip install transformers"
-    models["ours-sdpa"] = base.to(device, dtype).train()
-    if hf is not None:
-        models["hf-sdpa"] = hf
-
-    def step(name, model, x):  # x: (B, L + 1); both models see L input tokens
-        model.zero_grad(set_to_none=True)
-        if name.startswith("hf"):
-            model(input_ids=x[:, :-1], labels=x[:, :-1]).loss.backward()  # transformers shifts the labels itself
-        else:
-            model(x[:, :-1], labels=x[:, 1:]).backward()
-
-    sync = torch.cuda.synchronize if ctx.cuda else (lambda: None)
-    cells, fns, oom, warm_s = [], {}, {}, 0.0
-    for L in s.bench_lengths:
-        x = torch.randint(0, s.bench_vocab, (s.bench_tokens // L, L + 1), device=device)
-        for name, model in models.items():
-            budget.check(f"warming up {name} at L={L}")
-            t0 = time.perf_counter()
-            try:  # the warm-up step, and a cell that does not fit is a result, not the end of the check
-                steptime.run_guarded(lambda: (step(name, model, x), sync()), L)
-            except steptime.OutOfMemory as e:
-                oom[(name, L)] = e.detail
-                model.zero_grad(set_to_none=True)
-                if ctx.cuda:
-                    torch.cuda.empty_cache()
-                continue
-            warm_s += time.perf_counter() - t0
-            fns[len(cells)] = (lambda name=name, model=model, x=x: step(name, model, x))
-            cells.append((name, L))
-    # as many interleaved rounds as the budget holds (each round costs about one warm-up pass)
-    rounds = max(1, min(s.bench_rounds, int(budget.left() * 0.8 / max(warm_s * s.bench_steps, 1e-9))))
-    times = steptime.measure(fns, rounds=rounds, steps_per_round=s.bench_steps, warmup=0,
-                             synchronize=torch.cuda.synchronize if ctx.cuda else None)
-    table = {}
-    for i, (name, L) in enumerate(cells):
-        t = times.lengths[i]
-        tok_s = s.bench_tokens // L * L / t.median
-        tflops = base.flops_per_token(L) * tok_s / 1e12
-        table.setdefault(str(L), {})[name] = {"tokens_per_s": tok_s, "tflops": tflops,
-                                              "mfu": tflops / peak if peak else None, "step_s": t.median,
-                                              "step_s_spread": t.spread}
-    for (name, L), detail in oom.items():
-        table.setdefault(str(L), {})[name] = {"oom": detail}
-    names = ["ours-flash", "ours-sdpa", "hf-sdpa"]
+    out = ctx.out / "bench_model.json"
+    cmd = [sys.executable, "benchmarks/bench_model.py", "--device", "cuda" if ctx.cuda else "cpu",
+           "--preset", s.bench_preset, "--vocab", str(s.bench_vocab), "--lengths", *map(str, s.bench_lengths),
+           "--tokens-per-batch", str(s.bench_tokens), "--repeats", str(s.bench_rounds), "--no-compile",
+           "--engine", DS_CONFIG, "--engine-length", str(s.engine_len), "--engine-tokens", str(s.engine_tokens),
+           "--engine-steps", str(s.engine_steps), "--json", str(out)]
+    if ctx.peak_tflops:
+        cmd += ["--peak-tflops", str(ctx.peak_tflops)]
+    log = ctx.out / "runs" / "bench_model.log"
+    code = run_logged(cmd, log, budget.left())
+    if code != 0 or not out.is_file():
+        return res.fail(f"benchmarks/bench_model.py exited {code}: {tail(log)}")
+    bench = json.loads(out.read_text())
+    engine = bench["engine"]
+    ctx.engine_tokens_per_s = engine["tokens_per_s"]
+    names = bench["models"]
     res.figures.update(preset=s.bench_preset, vocab_size=s.bench_vocab, dtype="bf16", tokens_per_batch=s.bench_tokens,
-                       rounds=rounds, steps_per_round=s.bench_steps, peak_tflops=peak, skipped=skipped,
-                       lengths={str(L): table.get(str(L), {}) for L in s.bench_lengths}, noisy=times.warning())
-    res.rows.append((f"{s.bench_preset} fwd+bwd bf16, {s.bench_tokens:,} tok/batch, {rounds}x{s.bench_steps} steps",
-                     " | ".join(names) + "  (tok/s, MFU)"))
-    for L in s.bench_lengths:
-        cols = []
-        for n in names:
-            c = table.get(str(L), {}).get(n)
-            cols.append("skipped" if n in skipped else "OOM" if c and "oom" in c else
-                        f"{c['tokens_per_s'] / 1e3:,.1f}k ({_pct(c['mfu'])})")
-        res.rows.append((f"  L={L}", " | ".join(cols)))
-    for n, why in skipped.items():
-        res.rows.append((f"  {n}", f"skipped: {why}"))
+                       rounds=s.bench_rounds, peak_tflops=bench["peak_tflops"], models=names, engine=engine,
+                       mfu_conventions="mfu_causal: the attention a causal kernel computes (T(T+1)/2 pairs per row, "
+                                       "as the trainer's mfu); mfu_palm: PaLM's full T x T attention term",
+                       lengths={str(r["seq_len"]): r["models"] for r in bench["lengths"]}, report=str(out))
+    res.rows.append((f"{s.bench_preset} fwd+bwd bf16, {s.bench_tokens:,} tok/batch, {s.bench_rounds} rounds",
+                     " | ".join(names) + "  (tok/s, MFU causal / PaLM)"))
+    for r in bench["lengths"]:
+        cols = [("OOM" if "oom" in c else f"{c['tokens_per_s'] / 1e3:,.1f}k ({_pct(c['mfu_causal'])} / "
+                 f"{_pct(c['mfu_palm'])})") for c in (r["models"].get(n, {"oom": "?"}) for n in names)]
+        res.rows.append((f"  L={r['seq_len']}", " | ".join(cols)))
+    res.rows.append((f"launcher step: {DS_CONFIG} (ZeRO-{engine['zero_stage']}, {engine['precision']}, "
+                     f"{engine['optimizer']}), L={engine['seq_len']}, {engine['tokens_per_step']:,} tokens x accum 1",
+                     f"{engine['tokens_per_s'] / 1e3:,.1f}k tok/s, {engine['step_s'] * 1e3:.0f} ms/step, MFU causal "
+                     f"{_pct(engine.get('mfu_causal'))} / PaLM {_pct(engine.get('mfu_palm'))}"))
+    if "flash" not in names:
+        res.rows.append(("  flash", "not measured: flash-attn does not run here (torch SDPA is the kernel)"))
     return res
 
 
 def _pct(x) -> str:
-    return "mfu n/a" if x is None else f"{x:.0%}"
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 # ---- check: the accumulation change at a switch, on NCCL, and exact resume after a kill -----------------------
@@ -438,7 +390,7 @@ def check_switch(ctx: Context, budget: Budget) -> Result:
     accum4 = stages % (a, 2 * tps, b, 4 * tps, f", max_tokens_per_micro_batch: {cap}")
     common = [f"model.preset={s.switch_preset}", f"growlength.tokens_per_step={tps}", "growlength.grad_accum=null",
               "optimisation.warmup_steps=2", "checkpointing.interval_steps=3", "checkpointing.keep_last=10"]
-    fp32 = _ds_config(ctx, "zero2_fp32.json", bf16={"enabled": False})
+    fp32 = _ds_config(ctx, "zero1_fp32.json", bf16={"enabled": False})
     kill_at, ckpt_at = 5, 3  # steps: 1-2 stage 0, 3-6 stage 1; a checkpoint at 3, the kill after step 5
 
     def run(name, plan, fault=None):
@@ -507,7 +459,7 @@ def check_probe(ctx: Context, budget: Budget) -> Result:
     vocab = 8192  # the built-in tokenizer's (data.builtin_vocab_size): the same model as the launcher run's
     cmd = [sys.executable, "-m", "evidence.bench_lengths", "--preset", s.probe_preset, "--vocab-size", str(vocab),
            "--lengths", ",".join(map(str, s.probe_lengths)), "--tokens-per-batch", str(s.probe_tokens),
-           "--steps", "1", "--repeats", "1", "--json", str(probe)]
+           "--steps", "1", "--repeats", "1", "--ds_config", str(ROOT / DS_CONFIG), "--json", str(probe)]
     if s.probe_memory_cap_gb:
         cmd += ["--memory-cap-gb", str(s.probe_memory_cap_gb)]
     log = ctx.out / "runs" / "probe-bench_lengths.log"
@@ -544,7 +496,7 @@ def check_probe(ctx: Context, budget: Budget) -> Result:
     overrides = [f"model.preset={s.probe_preset}", f"growlength.tokens_per_step={tps}", "growlength.grad_accum=null",
                  f"growlength.stages={stages}", f"growlength.micro_batch_probe={probe}", "optimisation.warmup_steps=1",
                  "checkpointing.interval_steps=0", "checkpointing.at_stage_end=false"]
-    code, run_dir = launch(ctx, "probe-run", overrides, str(ROOT / "ds_configs" / "zero2.json"), budget, memory=True)
+    code, run_dir = launch(ctx, "probe-run", overrides, str(ROOT / DS_CONFIG), budget, memory=True)
     log = ctx.out / "runs" / "probe-run.log"
     records = step_records(run_dir)
     if code != 0:
@@ -575,22 +527,62 @@ def _capacity(run_dir: Path) -> int | None:
     return None
 
 
-# ---- check: equal wall-clock comparison -------------------------------------------------------------------------
+# ---- check: GrowLength vs fixed length on at most one epoch of text ---------------------------------------------
+def compare_corpus(ctx: Context) -> dict:
+    """The corpus compare trains on: --data-prefix/--tokenizer when given; else the docstrings of every installed
+    Python package (data_pipeline.builtin_corpus.iter_installed_documents, up to compare_corpus_chars) tokenized with
+    the built-in tokenizer, built once under the built-in directory and reused. {prefix, tokenizer, tokens, source}."""
+    from data_pipeline.builtin_corpus import prepare_builtin_dataset, write_installed_corpus
+    from data_pipeline.indexed_dataset import IndexedDataset
+    from data_pipeline.preprocess import preprocess
+    from launcher.config import DataConfig
+
+    if ctx.data_prefix:
+        prefix, tokenizer, source = ctx.data_prefix, ctx.tokenizer, f"--data-prefix {ctx.data_prefix}"
+    else:
+        d = DataConfig()
+        root = Path(ctx.builtin_dir or ROOT / d.builtin_dir)
+        tokenizer, _ = prepare_builtin_dataset(str(root), vocab_size=d.builtin_vocab_size)
+        chars = ctx.sizes.compare_corpus_chars
+        prefix = str(root / f"installed-{d.builtin_vocab_size}-{chars}")
+        source = f"docstrings of the installed Python packages (up to {chars:,} characters)"
+        try:
+            IndexedDataset(prefix)
+        except Exception:  # noqa: BLE001 - absent or damaged: (re)build it
+            corpus = write_installed_corpus(str(root / f"installed-{chars}.jsonl"), chars)
+            preprocess([corpus], prefix, tokenizer, workers=os.cpu_count() or 1, progress=False, quiet=True)
+    data = IndexedDataset(prefix)
+    return {"prefix": prefix, "tokenizer": tokenizer, "source": source, "documents": len(data),
+            "tokens": int(sum(int(n) for n in data.sequence_lengths))}
+
+
 def check_compare(ctx: Context, budget: Budget) -> Result:
+    """evidence.compare at equal tokens (each run at most one epoch of the corpus), GrowLength vs fixed-long: the
+    validation loss each reached, and the time GrowLength took to reach fixed-long's final loss."""
     s, res = ctx.sizes, Result("compare")
+    corpus = compare_corpus(ctx)
+    budget.check("after building the corpus")
     want = ctx.compare_seconds or s.compare_seconds
     per_run = min(want, (budget.left() - s.compare_overhead_s) / 2)
     if per_run < s.compare_min_seconds:
         res.status, res.reason = "skipped", (f"{budget.left():.0f} s left: too little for two runs of at least "
                                              f"{s.compare_min_seconds:g} s")
         return res
-    out = ctx.out / "compare"
     tps = s.compare_tokens_per_rank * ctx.ranks
-    cmd = [sys.executable, "-m", "evidence.compare", "--budget-seconds", f"{per_run:g}", "--out", str(out),
+    epoch = int(corpus["tokens"] * (1 - VALID_FRACTION))
+    # tokens per run: at most one epoch, and what fixed-long is expected to train in per_run seconds (the throughput
+    # check's launcher cell, scaled to this model) so that the pair fits in the budget
+    rate = ctx.engine_tokens_per_s * s.compare_speed_vs_bench if ctx.engine_tokens_per_s else None
+    tokens = min(epoch, max(int(rate * per_run), s.compare_min_steps * tps) if rate else epoch) // tps * tps
+    if tokens < 4 * tps:
+        return res.fail(f"{corpus['source']} holds {epoch:,} training tokens: too few for 4 steps of {tps:,} tokens")
+    out = ctx.out / "compare"
+    cmd = [sys.executable, "-m", "evidence.compare", "--budget-tokens", str(tokens), "--out", str(out),
            "--preset", s.compare_preset, "--ranks", str(ctx.ranks), "--lengths", ",".join(map(str, s.compare_lengths)),
-           "--shares", ",".join(map(str, s.compare_shares)), "--tokens-per-step", str(tps),
+           "--shares", ",".join(map(str, s.compare_shares)), "--tokens-per-step", str(tps), "--ds-config", DS_CONFIG,
            "--plans", "fixed-long,growlength", "--calibration-rounds", "1", "--points", str(s.compare_points),
-           "--eval-tokens", str(s.eval_tokens), *builtin_overrides(ctx)]
+           "--eval-tokens", str(s.eval_tokens), "--valid-fraction", str(VALID_FRACTION), "--no-extrapolation",
+           "--data-prefix", corpus["prefix"], "--tokenizer", corpus["tokenizer"], "data.epochs=error"]
     log = ctx.out / "runs" / "compare.log"
     code = run_logged(cmd, log, budget.left())
     summary = out / "summary.json"
@@ -599,23 +591,54 @@ def check_compare(ctx: Context, budget: Budget) -> Result:
     sm = json.loads(summary.read_text())
     grow, fixed = sm["runs"]["growlength"], sm["runs"]["fixed-long"]
     long = sm["long"]
-    res.figures.update(preset=s.compare_preset, ranks=ctx.ranks, seconds_per_run=per_run, requested_seconds=want,
-                       lengths=list(s.compare_lengths), shares=list(s.compare_shares), tokens_per_step=tps,
-                       target_val_loss=sm["target_val_loss"], report=str(out / "report.md"),
+    reached = grow["to_target_train_s"]  # training clock: step and switch times, evaluations excluded
+    ratio = reached / fixed["train_s"] if reached is not None else None
+    res.figures.update(preset=s.compare_preset, ranks=ctx.ranks, budget_tokens=tokens, epoch_tokens=epoch,
+                       epochs_per_run=tokens / epoch, corpus=corpus, lengths=list(s.compare_lengths),
+                       shares=list(s.compare_shares), tokens_per_step=tps, target_val_loss=sm["target_val_loss"],
+                       time_to_target_ratio=ratio, report=str(out / "report.md"),
+                       can_show="whether GrowLength reaches fixed-length's validation loss sooner on text neither run "
+                                f"has seen twice ({tokens / epoch:.2f} epochs per run), one seed, {tokens:,} tokens",
+                       cannot_show="a converged model, seed-to-seed spread, or loss at Pythia's scale: a smoke test "
+                                   "of the claim, not a measurement of its size",
                        runs={n: {k: r[k] for k in ("steps", "tokens_seen", "elapsed_s", "train_s", "val_loss_long",
                                                     "final_train_loss_mean5", "to_target_train_s", "stopped_by")}
                              for n, r in (("growlength", grow), ("fixed-long", fixed))})
     arrow = " -> ".join(map(str, s.compare_lengths))
-    reached = grow["to_target_train_s"]  # training clock: step and switch times, evaluations excluded
-    res.rows += [(f"{s.compare_preset}, {per_run:g} s per run, {tps:,} tokens/step, {ctx.ranks} rank(s)",
-                  f"report {out / 'report.md'}"),
-                 (f"val loss @ L={long}: GrowLength {arrow}", f"{grow['val_loss_long']:.4f} "
-                  f"({grow['tokens_seen']:,} tokens)"),
+    res.rows += [(f"{s.compare_preset}, {tokens:,} tokens per run = {tokens / epoch:.2f} epochs of",
+                  f"{corpus['source']} ({corpus['tokens']:,} tokens)"),
+                 (f"val loss @ L={long}: GrowLength {arrow}",
+                  f"{grow['val_loss_long']:.4f} in {grow['train_s']:.1f} s of training"),
                  (f"val loss @ L={long}: fixed {long}",
-                  f"{fixed['val_loss_long']:.4f} ({fixed['tokens_seen']:,} tokens)"),
+                  f"{fixed['val_loss_long']:.4f} in {fixed['train_s']:.1f} s of training"),
                  (f"GrowLength's time to fixed-{long}'s final loss",
-                  f"{reached:.1f} s of {grow['train_s']:.1f} s" if reached is not None else "not reached")]
+                  f"{reached:.1f} s = {ratio:.2f}x fixed's" if reached is not None else "not reached"),
+                 ("what this can show", res.figures["can_show"]), ("what it cannot", res.figures["cannot_show"])]
     return res
+
+
+def targets(results: list[Result], dry_run: bool) -> list[dict]:
+    """The speed targets (TARGETS) against the figures of throughput and compare: met / missed / n/a, each with the
+    figure and where it comes from. Reported beside the checks; they do not change the exit code."""
+    by = {r.name: r.figures for r in results}
+    tp, cmp = by.get("throughput", {}), by.get("compare", {})
+    engine = tp.get("engine") or {}
+    longest = max(tp.get("lengths", {"0": {}}), key=int)
+    cells = tp.get("lengths", {}).get(longest, {})
+    ours = max((c["tokens_per_s"] for n, c in cells.items() if n != "hf" and "tokens_per_s" in c), default=None)
+    hf = cells.get("hf", {}).get("tokens_per_s")
+    rows = [("mfu_causal", engine.get("mfu_causal"), f"launcher step, L={engine.get('seq_len')}, {DS_CONFIG}"),
+            ("tokens_per_s_vs_transformers", ours / hf if ours and hf else None,
+             f"best of ours / transformers GPTNeoX at L={longest}"),
+            ("growlength_time_to_target_ratio", cmp.get("time_to_target_ratio"),
+             "GrowLength's training time to fixed-long's final val loss / fixed-long's training time")]
+    out = []
+    for name, value, source in rows:
+        goal = TARGETS[name]
+        met = None if value is None else (value <= goal if name.endswith("ratio") else value >= goal)
+        out.append({"target": name, "goal": ("<= " if name.endswith("ratio") else ">= ") + f"{goal:g}",
+                    "value": value, "met": met, "source": source, "dry_run": dry_run})
+    return out
 
 
 CHECK_FUNCTIONS = {"parity": check_parity, "throughput": check_throughput, "switch": check_switch,
@@ -623,8 +646,26 @@ CHECK_FUNCTIONS = {"parity": check_parity, "throughput": check_throughput, "swit
 
 
 # ---- running, the table, the exit code --------------------------------------------------------------------------
-def run_check(ctx: Context, name: str) -> Result:
-    budget_s = min(ctx.sizes.budgets[name], ctx.left())
+def budget_for(ctx: Context, name: str, remaining: list[str]) -> float:
+    """``name``'s share of the time left, among the checks still to run (``remaining``, ``name`` first): the budgets
+    of the checks add up to --timeout-s, and what one leaves unused goes to the later ones."""
+    shares = ctx.sizes.shares
+    return ctx.left() * shares[name] / sum(shares[n] for n in remaining)
+
+
+def release_memory(ctx: Context, res: Result) -> None:
+    """Free what an in-process check left (the caching allocator keeps its high-water mark otherwise, and the later
+    checks and their subprocesses would see a smaller GPU); record what stays reserved."""
+    import gc
+    import torch
+    gc.collect()
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+        res.figures["gpu_reserved_after_bytes"] = torch.cuda.memory_reserved()
+
+
+def run_check(ctx: Context, name: str, remaining: list[str]) -> Result:
+    budget_s = budget_for(ctx, name, remaining)
     t0 = time.monotonic()
     if budget_s <= 1:
         return Result(name, "skipped", "not started: --timeout-s was used up by the checks before it",
@@ -638,6 +679,7 @@ def run_check(ctx: Context, name: str) -> Result:
         crash.write_text(traceback.format_exc())
         first = (str(e).strip().splitlines() or [""])[0][:300]
         res = Result(name, "error", f"{type(e).__name__}: {first} (traceback in {crash})")
+    release_memory(ctx, res)
     res.seconds, res.budget_s = time.monotonic() - t0, budget_s
     return res
 
@@ -646,7 +688,7 @@ def exit_code(results: list[Result]) -> int:
     return 1 if any(r.status in ("failed", "error") for r in results) else 0
 
 
-def table(results: list[Result], lab: dict, dry_run: bool, total_s: float) -> str:
+def table(results: list[Result], lab: dict, dry_run: bool, total_s: float, goals: list[dict]) -> str:
     title = f"GPU acceptance{' (DRY RUN: CPU, tiny sizes; no figure here is a GPU figure)' if dry_run else ''}"
     w = max([len(f) for r in results for f, _ in r.rows] + [40])
     lines = [title, f"on {label_line(lab)}",
@@ -662,6 +704,12 @@ def table(results: list[Result], lab: dict, dry_run: bool, total_s: float) -> st
     lines.append("-" * (w + 48))
     lines.append(f"{len(results)} checks in {total_s:.0f} s: " + ", ".join(f"{v} {k}" for k, v in counts.items()) +
                  f"; exit {exit_code(results)}")
+    lines.append("targets (one H100/H200, pythia-160m at L=2048, bf16; reported, not part of the exit code"
+                 + ("; a dry run's figures say nothing about them" if dry_run else "") + "):")
+    for g in goals:
+        verdict = "n/a" if g["met"] is None else "met" if g["met"] else "MISSED"
+        value = "-" if g["value"] is None else f"{g['value']:.3g}"
+        lines.append(f"  {g['target']:<32} {g['goal']:<8} {value:>8}  {verdict:<6} ({g['source']})")
     return "\n".join(lines)
 
 
@@ -671,11 +719,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/gpu-acceptance", help="work directory (runs, logs, probe, compare report); "
                    "each invocation uses a new time-stamped directory inside it")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"subset of {','.join(CHECKS)} to run")
-    p.add_argument("--timeout-s", type=float, help="bound on the whole run (default 480 on a GPU, 900 dry)")
+    p.add_argument("--timeout-s", type=float, help="bound on the whole run (default 480 on a GPU, 1500 dry)")
     p.add_argument("--ranks", type=int, help="ranks for the distributed checks (default: every visible GPU; 1 on CPU)")
     p.add_argument("--compare-seconds", type=float, help="training wall-clock per compare run (default 90; dry 3)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU for MFU when the GPU is not in the table")
     p.add_argument("--builtin-dir", help="where the built-in corpus is prepared (default: the launcher's)")
+    p.add_argument("--data-prefix", help="compare's corpus (Megatron .bin/.idx prefix; default: the docstrings of "
+                                         "the installed Python packages, built once under --builtin-dir)")
+    p.add_argument("--tokenizer", help="the tokenizer of --data-prefix (sentencepiece .model or tokenizer.json)")
     p.add_argument("--dry-run", action="store_true", help="every check on the CPU at tiny size, in seconds")
     return p.parse_args(argv)
 
@@ -693,6 +744,12 @@ def check_args(args: argparse.Namespace, cuda: bool) -> list[str]:
         import torch
         if args.ranks > torch.cuda.device_count():
             raise UsageError(f"--ranks {args.ranks}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if bool(args.data_prefix) != bool(args.tokenizer):
+        raise UsageError("--data-prefix and --tokenizer go together: give both (the corpus and the tokenizer that "
+                         "made it) or neither (the installed packages' docstrings)")
+    if args.data_prefix and not Path(args.data_prefix + ".idx").is_file():
+        raise UsageError(f"--data-prefix {args.data_prefix}: no {args.data_prefix}.idx; give the prefix of a "
+                         f"preprocessed corpus (python -m data_pipeline.preprocess)")
     check_dir_writable(Path(args.json).resolve().parent, "--json", args.json, UsageError)
     return checks
 
@@ -721,19 +778,22 @@ def main(argv=None) -> int:
     ctx = Context(sizes=sizes, out=out.resolve(), ranks=ranks, cuda=cuda, dry_run=args.dry_run,
                   deadline=start + (args.timeout_s or sizes.timeout_s),
                   builtin_dir=str(Path(args.builtin_dir).resolve()) if args.builtin_dir else None,
-                  peak_tflops=args.peak_tflops, compare_seconds=args.compare_seconds)
+                  peak_tflops=args.peak_tflops, compare_seconds=args.compare_seconds,
+                  data_prefix=str(Path(args.data_prefix).resolve()) if args.data_prefix else None,
+                  tokenizer=str(Path(args.tokenizer).resolve()) if args.tokenizer else None)
     lab = labels()
     results = []
-    for name in checks:
-        res = run_check(ctx, name)
+    for i, name in enumerate(checks):
+        res = run_check(ctx, name, checks[i:])
         results.append(res)
         print(f"[{name}] {res.status} in {res.seconds:.0f} s{': ' + res.reason if res.reason else ''}", flush=True)
     total = time.monotonic() - start
-    text = table(results, lab, args.dry_run, total)
+    goals = targets(results, args.dry_run)
+    text = table(results, lab, args.dry_run, total, goals)
     print(text)
     report = {"labels": lab, "dry_run": args.dry_run, "ranks": ranks, "work_dir": str(ctx.out), "seconds": total,
               "timeout_s": args.timeout_s or sizes.timeout_s, "exit_code": exit_code(results),
-              "checks": [r.to_dict() for r in results], "table": text}
+              "checks": [r.to_dict() for r in results], "targets": goals, "table": text}
     write_json(Path(args.json), report)
     return exit_code(results)
 

@@ -13,6 +13,7 @@ import numpy as np
 from data_pipeline.errors import DatasetError
 from data_pipeline.atomic import fsync_file, remove_quietly, remove_stale_temps, tmp_name
 from data_pipeline.files import check_output_prefix, make_parent_dir, os_error, renaming
+from data_pipeline.provenance import TokenizerIdentity, sidecar_bytes, sidecar_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -201,19 +202,23 @@ class IndexedDatasetBuilder:
     old ones, if any, unchanged: use it as a context manager, or call `abort()`, to delete the temporary files.
     Temporary files of a killed build (`PREFIX.bin.tmp-PID` of a dead PID) are removed when the next one starts.
     OS errors (read-only place, full disk, a file where a directory should be) raise `DatasetError` naming the file.
+    With `identity` (the tokenizer that made the ids) `PREFIX.tokenizer.json` is written and renamed with them
+    (data_pipeline.provenance); without, an old one is removed, so a sidecar never describes data it did not see.
     """
 
-    def __init__(self, prefix: str, dtype=np.uint16):
+    def __init__(self, prefix: str, dtype=np.uint16, identity: TokenizerIdentity | None = None):
         self.prefix = str(prefix)
         self.dtype = np.dtype(dtype)
+        self.identity = identity
         if self.dtype not in CODE_OF_DTYPE:
             raise DatasetError(f"dtype {self.dtype.name} has no MMIDIDX code; use one of "
                                f"{[np.dtype(v).name for v in DTYPE_CODES.values()]}")
         check_output_prefix(self.prefix, (".bin", ".idx"))
         make_parent_dir(bin_path(self.prefix))
-        for path in (bin_path(self.prefix), idx_path(self.prefix)):
+        for path in _outputs(self.prefix):
             remove_stale_temps(path)
         self._tmp_bin, self._tmp_idx = tmp_name(bin_path(self.prefix)), tmp_name(idx_path(self.prefix))
+        self._tmp_sidecar = tmp_name(sidecar_path(self.prefix))
         try:
             self._bin = open(self._tmp_bin, "wb")
         except OSError as e:
@@ -316,13 +321,24 @@ class IndexedDatasetBuilder:
                 fsync_file(tmp)
         except OSError as e:
             raise os_error(self._tmp_idx, e) from None
-        # both files are complete: only renames are left. .idx is removed first so no reader ever pairs an
-        # old .idx with the new .bin
+        if self.identity is not None:
+            try:
+                with open(self._tmp_sidecar, "wb") as f:
+                    f.write(sidecar_bytes(self.identity, os.path.getsize(self._tmp_bin),
+                                          os.path.getsize(self._tmp_idx)))
+                fsync_file(self._tmp_sidecar)
+            except OSError as e:
+                raise os_error(self._tmp_sidecar, e) from None
+        # every file is complete: only renames are left. .idx (and the old sidecar) go first so no reader ever
+        # pairs an old .idx or sidecar with the new .bin; the new .idx comes last and marks completeness
         try:
             with renaming():
-                if os.path.exists(idx_path(self.prefix)):
-                    os.remove(idx_path(self.prefix))
+                for old in (idx_path(self.prefix), sidecar_path(self.prefix)):
+                    if os.path.exists(old):
+                        os.remove(old)
                 os.replace(self._tmp_bin, bin_path(self.prefix))
+                if self.identity is not None:
+                    os.replace(self._tmp_sidecar, sidecar_path(self.prefix))
                 os.replace(self._tmp_idx, idx_path(self.prefix))
         except OSError as e:
             raise os_error(self.prefix, e, "rename the new .bin/.idx into place") from None
@@ -336,7 +352,7 @@ class IndexedDatasetBuilder:
             self._bin.close()
         except OSError:  # the buffered tail cannot be flushed (full disk): the file is deleted anyway
             pass
-        for path in (self._tmp_bin, self._tmp_idx):
+        for path in (self._tmp_bin, self._tmp_idx, self._tmp_sidecar):
             remove_quietly(path)
 
     def __enter__(self) -> "IndexedDatasetBuilder":
@@ -352,8 +368,12 @@ class IndexedDatasetBuilder:
 def discard_build(prefix: str) -> None:
     """Remove this process's temporary files for PREFIX (for an interrupt that lands before a builder exists
     to abort, e.g. between its creation and the `with` block)."""
-    for path in (bin_path(prefix), idx_path(prefix)):
+    for path in _outputs(prefix):
         remove_quietly(tmp_name(path))
+
+
+def _outputs(prefix: str) -> tuple[str, str, str]:
+    return bin_path(prefix), idx_path(prefix), sidecar_path(prefix)
 
 
 def write_dataset(prefix: str, documents: Iterable, dtype=np.uint16) -> str:

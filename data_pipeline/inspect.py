@@ -1,4 +1,5 @@
-"""Inspect a dataset (header, counts, document lengths, the first document) and check every invariant.
+"""Inspect a dataset (header, counts, the tokenizer that made it, document lengths, the first document) and check
+every invariant, including that --tokenizer-model is the tokenizer recorded in PREFIX.tokenizer.json.
 
     python -m data_pipeline.inspect data/corpus [--tokenizer-model tok.model]
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.indexed_dataset import IndexedDataset, bin_path, check_prefix, idx_path
+from data_pipeline.provenance import check_tokenizer, read_identity, sidecar_path
 
 CHUNK_TOKENS = 1 << 24
 
@@ -49,8 +51,11 @@ def report(ds: IndexedDataset, tokenizer=None, out=None) -> None:
     """Print the summary; the first document is decoded only when all its ids are in the tokenizer's range."""
     out = out if out is not None else sys.stdout
     _, doc_lengths = ds.document_token_bounds()
+    identity = read_identity(ds.prefix)  # raises on a damaged or stale record
     print(f"dataset     {ds.prefix}", file=out)
     print(f"header      MMIDIDX version 1, dtype {ds.dtype.name} ({ds.dtype.itemsize} bytes/token)", file=out)
+    print(f"tokenizer   {identity.describe() if identity else 'not recorded (no ' + sidecar_path(ds.prefix) + ')'}",
+          file=out)
     print(f"documents   {ds.num_documents:,}", file=out)
     print(f"sequences   {len(ds):,}", file=out)
     print(f"tokens      {ds.num_tokens:,}", file=out)
@@ -116,6 +121,12 @@ def _main(argv: list[str] | None) -> int:
         ds = IndexedDataset(args.prefix)  # checks every structural invariant
         vocab = tokenizer.vocab_size if tokenizer is not None else args.vocab_size
         report(ds, tokenizer)
+        if tokenizer is not None:
+            check_tokenizer(args.prefix, tokenizer, "--tokenizer-model")
+        identity = read_identity(args.prefix)
+        if args.vocab_size is not None and identity is not None and identity.vocab_size > args.vocab_size:
+            raise DatasetError(f"--vocab-size {args.vocab_size}: {sidecar_path(args.prefix)} records a tokenizer of "
+                               f"{identity.vocab_size:,} ids, more than this vocabulary")
         if vocab is not None:
             check_token_ids(ds, vocab)
     except DatasetError as e:

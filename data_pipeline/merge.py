@@ -2,11 +2,13 @@
 
     python -m data_pipeline.merge --input shard0 shard1 shard2 --output-prefix data/all
 
-Every input is checked before anything is written; the output is renamed into place when complete.
+Every input is checked before anything is written (datasets of different tokenizers are refused); the output is
+renamed into place when complete, with the inputs' common tokenizer record (data_pipeline.provenance).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -14,6 +16,9 @@ from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.files import (check_output_prefix, dataset_interrupted, report_deferred_signal,
                                  stop_on_signals)
 from data_pipeline.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, discard_build
+from data_pipeline.provenance import TokenizerIdentity, read_identity, sidecar_path
+
+log = logging.getLogger(__name__)
 
 
 def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
@@ -34,19 +39,39 @@ def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
         if out_ids & {_file_id(ds.idx_path), _file_id(ds.bin_path)}:
             raise DatasetError(f"--output-prefix {output_prefix}: is also an input ({ds.prefix}), which it would "
                                f"overwrite; choose a new prefix")
+    identity = common_identity(prefixes)
     dtypes = {ds.dtype.name for ds in datasets}
     if len(dtypes) > 1:
         detail = ", ".join(f"{ds.prefix}: {ds.dtype.name}" for ds in datasets)
         raise DatasetError(f"--input: token dtypes differ ({detail}); preprocess every shard with the same "
                            f"tokenizer")
     try:
-        with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
+        with IndexedDatasetBuilder(output_prefix, datasets[0].dtype, identity) as builder:
             for ds in datasets:
                 builder.add_index(ds.prefix)
     except BaseException:
         discard_build(output_prefix)
         raise
     return IndexedDataset(output_prefix)
+
+
+def common_identity(prefixes: list[str]) -> TokenizerIdentity | None:
+    """The one tokenizer that made every input, or None when some input has no record (warned when others have);
+    inputs made by
+    different tokenizers are refused, naming two of them."""
+    identities = {p: read_identity(p) for p in prefixes}
+    recorded = {p: i for p, i in identities.items() if i is not None}
+    first = next(iter(recorded), None)
+    for p, i in recorded.items():
+        if i != recorded[first]:
+            raise DatasetError(f"--input: {first} and {p} were made by different tokenizers ({recorded[first].describe()}"
+                               f" vs {i.describe()}, from {sidecar_path(first)} and {sidecar_path(p)}); their ids "
+                               f"mean different text: preprocess every input with the same tokenizer")
+    missing = [p for p, i in identities.items() if i is None]
+    if recorded and missing:
+        log.warning("%s: no tokenizer record (made by another tool) while %s has one: the merged dataset gets none",
+                    ", ".join(missing), first)
+    return recorded[first] if recorded and not missing else None
 
 
 def _file_id(path: str) -> tuple[int, int]:

@@ -5,7 +5,8 @@ r"""Tokenize corpora into a Megatron MMIDIDX v1 dataset, PREFIX.bin + PREFIX.idx
 
 Inputs: .jsonl/.json/.txt (optionally .gz/.zst), .parquet/.arrow, `datasets` directories, directories and globs
 of these (docs/data-formats.md). Flags follow Megatron-LM's tools/preprocess_data.py. The output is renamed into
-place when complete and its bytes do not depend on --workers or the input format; errors exit 2 with one line
+place when complete, with OUTPUT_PREFIX.tokenizer.json recording the tokenizer that made it (data_pipeline.provenance),
+and its bytes do not depend on --workers or the input format; errors exit 2 with one line
 naming the file and the fix. Reference: docs/data-pipeline.md.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from data_pipeline.errors import DatasetError, UserError
 from data_pipeline.files import (check_output_prefix, dataset_interrupted, report_deferred_signal,
                                  stop_on_signals)
 from data_pipeline.indexed_dataset import IndexedDatasetBuilder, discard_build, optimal_dtype
+from data_pipeline.provenance import TokenizerIdentity
 from data_pipeline.tokenizer import Tokenizer
 
 BATCH_BYTES = 1 << 20   # text per encode call: large enough to keep the encoder threads busy
@@ -112,7 +114,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_model: str, work
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, smoothing=0.1)
     writer_pool = None
     try:
-        writer_pool = _Writer(IndexedDatasetBuilder(output_prefix, dtype))
+        writer_pool = _Writer(IndexedDatasetBuilder(output_prefix, dtype, TokenizerIdentity.of(tok)))
         reader.start()
         read_bytes = 0
         while (item := batches.get()) is not _DONE:
@@ -204,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input/output (Megatron-LM names)")
     g.add_argument("--input", nargs="+", required=True, help=".jsonl/.json/.txt files (optionally .gz/.zst), "
                    ".parquet/.arrow files, `datasets` directories, or directories/globs of these")
-    g.add_argument("--output-prefix", required=True, help="writes exactly OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
+    g.add_argument("--output-prefix", required=True, help="writes exactly OUTPUT_PREFIX.bin, OUTPUT_PREFIX.idx and "
+                   "OUTPUT_PREFIX.tokenizer.json (the tokenizer that made it)")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON key (Parquet/Arrow: column) holding the text "
                    "(default text)")
     g.add_argument("--tokenizer-model", required=True, help="sentencepiece .model, Hugging Face tokenizer.json or "

@@ -5,6 +5,7 @@ EOD is the tokenizer's own eos, never a constant. `encode` adds no special token
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,7 +26,8 @@ class Tokenizer:
     """One interface over sentencepiece and Hugging Face tokenizers.
 
     Attributes: `path` (as given), `kind` ("sentencepiece" or "huggingface"), `vocab_size` (ids are < it),
-    `eod_id` (= the eos id), `bos_id` and `pad_id` (None when the tokenizer has none)."""
+    `eod_id` (= the eos id), `bos_id` and `pad_id` (None when the tokenizer has none), `file` (the file whose bytes
+    define the ids: the .model, or the tokenizer.json) and `fingerprint` (the sha256 of that file's bytes)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
@@ -45,6 +47,16 @@ class Tokenizer:
         self.eod_id: int = self._impl.eos_id
         self.bos_id: int | None = self._impl.bos_id
         self.pad_id: int | None = self._impl.pad_id
+        self.file = Path(self._impl.file)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer file's bytes: equal for a copy (the run directory's), different for any other
+        tokenizer, also one of the same vocabulary size."""
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(self.file.read_bytes()).hexdigest()
+        return self._fingerprint
 
     @property
     def sp(self):
@@ -143,7 +155,7 @@ class _HuggingFace:
     def __init__(self, json_path: Path, given: str):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.json_path = json_path
+        self.json_path = self.file = json_path
         try:
             self.tok = HFTokenizer.from_file(str(json_path))
         except Exception as e:  # the library raises a bare Exception on malformed files

@@ -29,6 +29,9 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3  # the ids given to sentencepiece's 
 BPE_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "pad_token": "<|padding|>"}
 MAX_SENTENCE_BYTES = 4192  # sentencepiece's own default; longer lines are split into pieces of this size
 MAX_THREADS = 1024         # sentencepiece's limit
+# with --skip-bad-lines, at least this share of the input's lines must be readable: a tokenizer learned from the
+# few lines that happened to parse is not a tokenizer of the corpus (a wrong --json-keys, a binary file)
+MIN_READABLE_FRACTION = 0.5
 
 
 def check_arguments(model_prefix: str, vocab_size: int, json_key: str, input_sentence_size: int,
@@ -52,20 +55,28 @@ def check_arguments(model_prefix: str, vocab_size: int, json_key: str, input_sen
                            f"(default 0.9995)")
 
 
-def _sentences(inputs: list[str], json_key: str, stats: ReadStats, failure: list):
+def check_readable(inputs: list[str], stats: ReadStats) -> None:
+    """After --skip-bad-lines reading: refuse, with the counts, an input that is mostly unreadable lines."""
+    if stats.bad_lines and stats.lines - stats.bad_lines < MIN_READABLE_FRACTION * stats.lines:
+        raise DatasetError(f"--input {' '.join(inputs)}: {stats.bad_lines:,} of {stats.lines:,} lines are unreadable "
+                           f"(e.g. {stats.first_bad[0]}); a tokenizer of the {stats.lines - stats.bad_lines:,} "
+                           f"others would not describe this corpus: fix the input or --json-keys; nothing written")
+
+
+def _sentences(inputs: list[str], json_key: str, stats: ReadStats, failure: list, skip_bad_lines: bool):
     """Training 'sentences' are the non-empty lines of each document (newlines are byte-fallback tokens).
 
     A DatasetError (an unreadable file) or an interrupt is also kept in `failure`: sentencepiece turns it into a
     RuntimeError."""
     try:
-        yield from _lines(inputs, json_key, stats)
+        yield from _lines(inputs, json_key, stats, skip_bad_lines)
     except (DatasetError, KeyboardInterrupt) as e:
         failure.append(e)
         raise
 
 
-def _lines(inputs: list[str], json_key: str, stats: ReadStats):
-    for text in iter_documents(inputs, json_key, skip_bad_lines=True, stats=stats):
+def _lines(inputs: list[str], json_key: str, stats: ReadStats, skip_bad_lines: bool):
+    for text in iter_documents(inputs, json_key, skip_bad_lines=skip_bad_lines, stats=stats):
         for line in text.split("\n"):
             if not line.strip():
                 continue
@@ -77,8 +88,10 @@ def _lines(inputs: list[str], json_key: str, stats: ReadStats):
 
 def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 32000, model_type: str = "bpe",
                     json_key: str = "text", input_sentence_size: int = 1_000_000, num_threads: int | None = None,
-                    seed: int = 0, character_coverage: float = 0.9995, quiet: bool = False) -> str:
-    """Train and write `model_prefix.model` (+ `.vocab`); returns the model path."""
+                    seed: int = 0, character_coverage: float = 0.9995, quiet: bool = False,
+                    skip_bad_lines: bool = False) -> str:
+    """Train and write `model_prefix.model` (+ `.vocab`); returns the model path. An unreadable line is an error
+    naming it, unless `skip_bad_lines` (then at most half of the lines may be unreadable)."""
     sources = check_inputs(list(inputs))
     check_arguments(model_prefix, vocab_size, json_key, input_sentence_size, num_threads, seed, character_coverage)
     stats, failure = ReadStats(), []
@@ -87,7 +100,7 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
     t0 = time.time()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(sources, json_key, stats, failure), model_writer=model,
+            sentence_iterator=_sentences(sources, json_key, stats, failure, skip_bad_lines), model_writer=model,
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -111,6 +124,7 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int = 3200
             raise DatasetError(f"--vocab-size {vocab_size}: too large for this corpus ({msg.strip()}); lower "
                                f"--vocab-size or add text") from None
         raise DatasetError(f"sentencepiece training failed on {list(inputs)}: {msg.strip()}") from None
+    check_readable(inputs, stats)
     if stats.bad_lines and not quiet:
         print(f"train_tokenizer: skipped {stats.bad_lines} unreadable lines, e.g. {stats.first_bad[0]}",
               file=sys.stderr)
@@ -145,7 +159,7 @@ def _write_files(contents: dict[str, bytes]) -> None:
 
 
 def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000, json_key: str = "text",
-                        min_frequency: int = 2, quiet: bool = False) -> str:
+                        min_frequency: int = 2, quiet: bool = False, skip_bad_lines: bool = False) -> str:
     """Train a byte-level BPE with `tokenizers` and write the HF tokenizer directory `out_dir`; returns it.
 
     The library trains in its own thread pool (RAYON_NUM_THREADS, set by the CLI from --workers)."""
@@ -168,7 +182,8 @@ def train_bytelevel_bpe(inputs: list[str], out_dir: str, vocab_size: int = 32000
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=not quiet)
     stats = ReadStats()
     t0 = time.time()
-    tok.train_from_iterator(iter_documents(sources, json_key, skip_bad_lines=True, stats=stats), trainer)
+    tok.train_from_iterator(iter_documents(sources, json_key, skip_bad_lines=skip_bad_lines, stats=stats), trainer)
+    check_readable(inputs, stats)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **BPE_SPECIALS, "add_bos_token": False,
               "add_eos_token": False, "clean_up_tokenization_spaces": False}
     out.mkdir(parents=True, exist_ok=True)
@@ -198,13 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "MODEL_PREFIX.vocab; bpe-bytelevel: the directory MODEL_PREFIX/ (tokenizer.json, ...)")
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size (default 32000)")
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece's algorithm "
-                   "(default bpe)")
+                   "(default bpe; evidence.export_hf cannot export a unigram model to Hugging Face)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON key(s) holding the text (default text)")
     p.add_argument("--input-sentence-size", type=int, default=1_000_000,
                    help="sample this many lines of large inputs for training (default 1,000,000; 0 = all)")
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="training threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the line sampling")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip invalid JSON / missing key / non-UTF-8 lines "
+                   "and count them, instead of failing (at most half of the lines)")
     p.add_argument("--quiet", action="store_true", help="only errors")
     return p
 
@@ -219,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.type == "bpe-bytelevel":
                 os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # the library's pool, created at first use
                 train_bytelevel_bpe(args.input, args.model_prefix, args.vocab_size, args.json_keys[0],
-                                    quiet=args.quiet)
+                                    quiet=args.quiet, skip_bad_lines=args.skip_bad_lines)
                 return 0
             train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type, args.json_keys[0],
-                            args.input_sentence_size, args.workers, args.seed, args.character_coverage, args.quiet)
+                            args.input_sentence_size, args.workers, args.seed, args.character_coverage, args.quiet,
+                            args.skip_bad_lines)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ GPU, against --memory-cap-gb on the CPU). The JSON report feeds `growlength.micr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -190,15 +191,17 @@ def _measure_memory(preset, vocab_size, seq_len, micro_batch, dtype, seed, warmu
         if cuda:
             torch.cuda.synchronize()
 
+    t0 = time.perf_counter()
     try:
         steptime.run_guarded(step, seq_len)
         peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()) - base
     finally:
         del engine, x
+        gc.collect()  # the engine's reference cycles hold the device memory until collected
         if cuda:
             torch.cuda.empty_cache()
     return {"seq_len": seq_len, "micro_batch": micro_batch, "peak_bytes": int(peak),
-            "device": "cuda" if cuda else "cpu", "ranks": world}
+            "device": "cuda" if cuda else "cpu", "ranks": world, "seconds": time.perf_counter() - t0}
 
 
 def _worker(job: dict) -> dict:
@@ -207,6 +210,8 @@ def _worker(job: dict) -> dict:
     try:
         if kind == "memory":
             return measure_memory(**job)
+        if kind == "search":
+            return search_max_batch(**job)
         rounds = time_lengths(**job)
         return {"rounds": [{str(L): t for L, t in r.items()} for r in rounds]}
     except steptime.OutOfMemory as e:
@@ -251,20 +256,58 @@ def _too_big(what: str, oom: dict, device: str) -> EvidenceError:
 
 
 # ---- the largest batch that fits --------------------------------------------------------------------------------
-def max_batch_gpu(preset, vocab_size, seq_len, dtype, fits_mb: int, ds_config: str = None, ranks: int = 1) -> int:
-    """Double the micro-batch from ``fits_mb`` (measured to fit) until CUDA runs out of memory, then bisect; returns
-    the largest micro-batch that ran (each measurement in fresh processes, under the run's DeepSpeed config)."""
-    def fits(mb: int) -> bool:
-        m = _memory_isolated(preset, vocab_size, seq_len, dtype, mb, min(mb, fits_mb), ds_config, ranks)
-        return "oom" not in m
+# the GPU search stops when the bracket [fits, fails) is narrower than this share of the fitting micro-batch
+GPU_RESOLUTION = 0.1
 
-    lo, hi = fits_mb, 2 * fits_mb
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+
+def max_batch_gpu(preset, vocab_size, seq_len, dtype, fits_mb: int, ds_config: str = None, ranks: int = 1) -> dict:
+    """The largest micro-batch that trains on the GPU to GPU_RESOLUTION: :func:`search_max_batch` in one fresh
+    process per rank (the whole search, not one process per try). Returns its result."""
+    return run_isolated(dict(kind="search", preset=preset, vocab_size=vocab_size, seq_len=seq_len, dtype=dtype,
+                             fits_mb=fits_mb, ds_config=ds_config or DEFAULT_DS_CONFIG), ranks)
+
+
+def next_try(lo: int, hi: int | None, resolution: float = GPU_RESOLUTION) -> int | None:
+    """The search's next micro-batch, given the largest that fitted (``lo``) and the smallest that did not (``hi``,
+    None before the first failure): double until one fails, then bisect until the bracket is narrower than
+    ``resolution`` x lo; None when done."""
+    if hi is None:
+        return 2 * lo
+    if hi - lo <= max(1, int(lo * resolution)):
+        return None
+    return (lo + hi) // 2
+
+
+def search_max_batch(preset, vocab_size, seq_len, dtype, fits_mb: int, ds_config: str) -> dict:
+    """In this process: the largest micro-batch whose training steps (:func:`measure_memory`, under ``ds_config``)
+    run without running out of memory, from ``fits_mb`` (known to fit) by :func:`next_try`, with the allocator's
+    cache emptied between tries; every rank of the group must fit. ``{"max_micro_batch", "tries"}``."""
+    import torch
+    import torch.distributed as dist
+    from launcher import distributed
+    from launcher import engine as ds
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        ds.init_distributed()
+    lo, hi, tries = fits_mb, None, []
+    try:
+        while (mb := next_try(lo, hi)) is not None:
+            try:
+                peak = _measure_memory(preset, vocab_size, seq_len, mb, dtype, 0, fits_mb, ds_config)["peak_bytes"]
+            except steptime.OutOfMemory:
+                peak = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            failed = distributed.all_reduce_sum_tensor(torch.tensor([float(peak is None)],
+                                                                    device=distributed.device()))[0]
+            tries.append({"micro_batch": mb, "fits": not failed, "peak_bytes": peak})
+            lo, hi = (mb, hi) if not failed else (lo, mb)
+    finally:
+        if own_group:
+            ds.close()
+    return {"max_micro_batch": lo, "tries": tries}
 
 
 def _memory_isolated(preset, vocab_size, seq_len, dtype, micro_batch, warmup_micro_batch=None, ds_config=None,
@@ -274,36 +317,57 @@ def _memory_isolated(preset, vocab_size, seq_len, dtype, micro_batch, warmup_mic
                              ds_config=ds_config or DEFAULT_DS_CONFIG), ranks)
 
 
+# a CPU answer is verified by measuring it when that measurement's steps cost at most this many model FLOPs (about
+# a minute on 2 cores; counted, not timed, so the decision does not depend on how busy the machine is); a larger one
+# is the fit's prediction, labelled so
+CPU_VERIFY_FLOPS = 1e13
+
+
+def measurement_flops(preset: str, vocab_size: int, seq_len: int, micro_batch: int) -> float:
+    """Model FLOPs of one memory measurement's training steps (STEPS x ACCUMULATION micro-batches)."""
+    import torch
+    from model import CausalLM, ModelConfig
+    with torch.device("meta"):  # the FLOP count reads the config; no weights are made
+        model = CausalLM(ModelConfig.from_preset(preset, vocab_size=vocab_size))
+    return STEPS * ACCUMULATION * micro_batch * seq_len * model.flops_per_token(seq_len)
+
+
 def max_batch_cpu(preset, vocab_size, seq_len, dtype, first: dict, cap_bytes: int,
-                  fixed_bytes: float | None = None, ds_config: str = None,
-                  ranks: int = 1) -> tuple[int, list[dict], float]:
-    """Largest micro-batch whose measured peak stays under ``cap_bytes``: affine fit (peak = fixed + micro_batch x
-    per-micro-batch cost), then verified by measuring the prediction and stepping down while it is over the cap.
+                  fixed_bytes: float | None = None, ds_config: str = None, ranks: int = 1,
+                  verify_flops: float = CPU_VERIFY_FLOPS) -> tuple[int, list[dict], float, str]:
+    """Largest micro-batch whose peak stays under ``cap_bytes``: affine fit (peak = fixed + micro_batch x
+    per-micro-batch cost) from ``first`` and a second point at half its micro-batch, then verified by measuring the
+    prediction and stepping down while it is over the cap, when that measurement costs at most ``verify_flops``
+    (:func:`measurement_flops`); otherwise the prediction stands.
 
     ``fixed_bytes`` (weights, gradients, optimizer state: the same at every length), when another length already
-    measured it, saves the second measurement here. Returns (micro_batch, the measurements made, fixed_bytes)."""
+    measured it, saves the second measurement here. Returns (micro_batch, the measurements made, fixed_bytes, how:
+    "measured" or "predicted")."""
     checks = []
     per_mb = (first["peak_bytes"] - fixed_bytes) / first["micro_batch"] if fixed_bytes is not None else 0.0
-    if per_mb <= 0:  # no shared fit yet (or it does not hold at this length): a second point here
-        second = _memory_isolated(preset, vocab_size, seq_len, dtype, 2 * first["micro_batch"], first["micro_batch"],
+    if per_mb <= 0:  # no shared fit yet (or it does not hold at this length): a second point here, the cheaper side
+        other = first["micro_batch"] // 2 if first["micro_batch"] >= 2 else 2
+        second = _memory_isolated(preset, vocab_size, seq_len, dtype, other, min(other, first["micro_batch"]),
                                   ds_config, ranks)
         if "oom" in second:
-            return first["micro_batch"], [second], first["peak_bytes"]
+            return first["micro_batch"], [second], first["peak_bytes"], "measured"
         checks.append(second)
-        per_mb = max(1.0, (second["peak_bytes"] - first["peak_bytes"]) / first["micro_batch"])
+        per_mb = max(1.0, (second["peak_bytes"] - first["peak_bytes"]) / (other - first["micro_batch"]))
         fixed_bytes = first["peak_bytes"] - per_mb * first["micro_batch"]
     cap_bytes = int(cap_bytes * (1 - CPU_HEADROOM))
     mb = max(0, int((cap_bytes - fixed_bytes) // per_mb))
     for _ in range(4):
         if mb < 1:
-            return 0, checks, fixed_bytes
+            return 0, checks, fixed_bytes, "measured"
+        if measurement_flops(preset, vocab_size, seq_len, mb) > verify_flops:
+            return mb, checks, fixed_bytes, "predicted"
         check = _memory_isolated(preset, vocab_size, seq_len, dtype, mb, min(mb, first["micro_batch"]), ds_config,
                                  ranks)
         checks.append(check)
         if "oom" not in check and check["peak_bytes"] <= cap_bytes:
-            return mb, checks, fixed_bytes
+            return mb, checks, fixed_bytes, "measured"
         mb = int(mb * 0.8) if "oom" in check else int(mb * cap_bytes / check["peak_bytes"] * 0.97)
-    return 0, checks, fixed_bytes  # four measurements over the cap: report nothing rather than an unmeasured guess
+    return 0, checks, fixed_bytes, "measured"  # four over the cap: report nothing rather than an unmeasured guess
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------------------
@@ -370,9 +434,10 @@ def bench(preset: str, lengths: list[int], tokens_per_batch: int, memory_cap_gb:
             raise _too_big(f"micro_batch {mb}", m["oom"], device)
         row.update(peak_bytes=m["peak_bytes"], device=m["device"])
         if cuda:
-            row["max_micro_batch"] = max_batch_gpu(preset, vocab_size, L, dtype, mb, ds_config, ranks)
+            found = max_batch_gpu(preset, vocab_size, L, dtype, mb, ds_config, ranks)
+            row.update(max_micro_batch=found["max_micro_batch"], probe_checks=found["tries"], max_how="measured")
         elif memory_cap_gb:
-            row["max_micro_batch"], row["probe_checks"], fixed = max_batch_cpu(
+            row["max_micro_batch"], row["probe_checks"], fixed, row["max_how"] = max_batch_cpu(
                 preset, vocab_size, L, dtype, m, int(memory_cap_gb * (1 << 30)), fixed, ds_config, ranks)
         if "max_micro_batch" in row:
             row["max_tokens_per_batch"] = row["max_micro_batch"] * L
@@ -406,7 +471,8 @@ def table(report: dict) -> str:
              f"{'peak MiB':>9} {'ratio':>6} {'max tokens':>11} {'ratio':>6}", "-" * 94]
     for r in report["lengths"]:
         mem_ratio = f"{r['memory_ratio']:.2f}" if r.get("memory_ratio") is not None else "n/a"
-        max_tok = f"{r['max_tokens_per_batch']:,}" if r.get("max_tokens_per_batch") is not None else "n/a"
+        max_tok = ("~" if r.get("max_how") == "predicted" else "") + f"{r['max_tokens_per_batch']:,}" \
+            if r.get("max_tokens_per_batch") is not None else "n/a"
         max_ratio = f"{r['max_tokens_ratio']:.2f}" if r.get("max_tokens_ratio") is not None else "n/a"
         spread = f"{r['step_s_spread']:.2f}" + ("!" if r["noisy"] else " ")
         span = f"{r['step_time_ratio_min']:.2f}-{r['step_time_ratio_max']:.2f}"
@@ -415,6 +481,9 @@ def table(report: dict) -> str:
                      f"{r['peak_bytes'] / MiB:>9.1f} {mem_ratio:>6} {max_tok:>11} {max_ratio:>6}")
     lines.append("step s: median of the timed steps; range: the ratio's lowest and highest over rounds"
                  + (f"; ! {NOISY_HINT}" if report["noisy_lengths"] else ""))
+    if any(r.get("max_how") == "predicted" for r in report["lengths"]):
+        lines.append(f"~ max tokens predicted by the memory fit, not measured (its measurement would cost over "
+                     f"{CPU_VERIFY_FLOPS:.0e} model FLOPs)")
     return "\n".join(lines)
 
 

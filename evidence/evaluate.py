@@ -27,7 +27,7 @@ from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.loader import window_batches
 from data_pipeline.samples import WindowStream, data_fingerprint
 from evidence.runs import (EvidenceError, add_device_arguments, check_writable, compute_device, dtype_name,
-                           find_data_prefix, parse_lengths, write_json)
+                           find_data_prefix, find_tokenizer, parse_lengths, write_json)
 from launcher.checkpoint import CheckpointState
 from model import CausalLM
 from model.model import mean_loss
@@ -78,6 +78,36 @@ def load_for_eval(path: str, rope_scaling: str = "none", rope_factor: float = 1.
         scaled.load_state_dict(model.state_dict())  # RoPE tables are not parameters: only the config differs
         model = scaled
     return Loaded(model=model.float().eval(), source=source, state=state)
+
+
+def check_data_fits(prefix: str, loaded: Loaded) -> None:
+    """Refuse data the checkpoint cannot read: made by another tokenizer than the one it trained with (by the data's
+    tokenizer record, where both are known), or holding ids past the model's vocabulary."""
+    from data_pipeline.inspect import check_token_ids
+    from data_pipeline.provenance import check_tokenizer, read_identity
+    from data_pipeline.tokenizer import Tokenizer
+
+    vocab = loaded.model.config.vocab_size
+    identity = read_identity(prefix)
+    if identity is not None:
+        if loaded.state is not None:
+            try:
+                tokenizer_path = find_tokenizer(loaded.state, loaded.source)
+            except EvidenceError:
+                tokenizer_path = None  # only the vocabulary can be checked
+        else:
+            tokenizer_path = loaded.source if (Path(loaded.source) / "tokenizer.json").is_file() else None
+        if tokenizer_path is not None:
+            check_tokenizer(prefix, Tokenizer(tokenizer_path), f"--checkpoint {loaded.source}: its tokenizer")
+        if identity.vocab_size > vocab:
+            raise EvidenceError(f"--data-prefix {prefix}: made by a tokenizer of {identity.vocab_size:,} ids but "
+                                f"{loaded.source} has a vocabulary of {vocab:,}; evaluate on data preprocessed "
+                                f"with the checkpoint's tokenizer")
+        return
+    try:
+        check_token_ids(IndexedDataset(prefix), vocab)
+    except DatasetError as e:
+        raise EvidenceError(f"--checkpoint {loaded.source} has a vocabulary of {vocab:,}: {e}") from None
 
 
 def validation_windows(prefix: str, split: str, valid_fraction: float | None) -> WindowStream:
@@ -140,6 +170,7 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
     prefix = find_data_prefix(state, loaded.source, data_prefix)  # --data-prefix, else the run's recorded data
     if tokens is None:
         tokens = state.config["logging"]["eval_tokens"] if state else DEFAULT_TOKENS
+    check_data_fits(prefix, loaded)
     split, valid_fraction = resolve_split(split, prefix, state, valid_fraction)
     data = validation_windows(prefix, split, valid_fraction)
     results = []

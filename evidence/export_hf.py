@@ -102,6 +102,7 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
         tok = Tokenizer(tokenizer_path) if tokenizer_path else None
     except DatasetError as e:
         raise DatasetError(f"{found}: the tokenizer this run trained with does not open ({e})") from None
+    check_tokenizer_fits(tok, state, found)
     check_dir_writable(out_path.parent, "--out", out, EvidenceError)
     model, state, found = load_trained_model(found)
     model = model.to(device=where, dtype=weights_dtype)
@@ -113,6 +114,25 @@ def export(checkpoint: str, out: str, overwrite: bool = False, tokenizer: str | 
         card.write_text(card.read_text() + training_record(state, run_dir_of(found), found), encoding="utf-8")
     log.info("exported %s (step %d, %s tokens) to %s", found, state.step, f"{state.tokens_seen:,}", out_path)
     return out_path
+
+
+def check_tokenizer_fits(tok: Tokenizer | None, state: ckpt.CheckpointState, found: Path) -> None:
+    """Before any work: refuse shipping a tokenizer whose ids the model has no embedding for (transformers would fail
+    at the first forward) or that has no Hugging Face form (a sentencepiece unigram model)."""
+    if tok is None:
+        return
+    if tok.kind == "sentencepiece":
+        from model.hf import check_exportable_tokenizer
+        try:
+            check_exportable_tokenizer(tok.path)
+        except ValueError as e:
+            raise EvidenceError(f"{e}; nothing exported (train tokenizers meant for export with --model-type "
+                                f"bpe)") from None
+    vocab = int(state.model["vocab_size"])
+    if tok.vocab_size > vocab:
+        raise EvidenceError(f"--tokenizer {tok.path}: {tok.vocab_size:,} ids but the model of {found} has "
+                            f"{vocab:,} (its embedding rows); ship the tokenizer the run trained with (leave "
+                            f"--tokenizer out)")
 
 
 def write_tokenizer(tokenizer: Tokenizer, out: Path) -> None:

@@ -11,7 +11,9 @@ fields is refused in one line naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -25,7 +27,7 @@ import torch
 
 from data_pipeline.atomic import atomic_path, write_text
 from data_pipeline.errors import UserError
-from launcher.schedule import resolve as resolve_schedule
+from launcher import run_identity
 
 if TYPE_CHECKING:
     from launcher.config import RunConfig
@@ -34,12 +36,35 @@ if TYPE_CHECKING:
     from model import ModelConfig
 
 STATE_FILE = "growlength_state.json"
-STATE_VERSION = 1  # tick when a field is added, removed or changes meaning
+STATE_VERSION = 2  # tick when a field is added, removed or changes meaning
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be resumed from; the message says what differs and how to proceed."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that failed on the filesystem (a full disk, a quota, a lost mount); its directory stays incomplete."""
+
+
+# how torch.save reports a failed write (ENOSPC inside its zip writer arrives as a RuntimeError, not an OSError)
+_WRITE_FAILURE = re.compile(r"write|iostream|No space|quota", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def save_errors(path: Path):
+    """Turn a failed write of the checkpoint at ``path`` into one line naming it and the fix (no traceback): the
+    directory has no state file, so it is never resumed from, and the previous checkpoints are untouched."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _WRITE_FAILURE.search(str(e)):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise CheckpointSaveError(f"checkpoint {path} could not be written ({why}); it is incomplete and will not be "
+                                  f"resumed from: free space under {path.parent} (or move run_dir to a larger "
+                                  f"filesystem), then resume with --resume auto from the previous checkpoint") from None
 
 
 @dataclass
@@ -75,8 +100,8 @@ class CheckpointState:
     tokenizer_in_run: str | None  # the run directory's copy, relative to RUN_DIR
     model: dict                   # ModelConfig.to_dict() of the built model
     config: dict                  # RunConfig.to_dict()
-    lr_schedule: dict | None = None  # LRSchedule.describe() of ours; None: the ds_config's scheduler
     files: dict = field(default_factory=dict)  # every file of the save -> bytes, checked before a resume
+    sha256: dict = field(default_factory=dict)  # every file of the save -> SHA-256, checked before a resume
     version: int = STATE_VERSION
 
     def progress(self) -> Progress:
@@ -94,12 +119,7 @@ def run_state(cfg: RunConfig, plan: StagePlan, data: TrainData, model_config: Mo
         world_size=world, seed=cfg.seed, data_fingerprint=data.fingerprint, data_prefix=data.prefix,
         data_prefix_resolved=str(Path(data.prefix).resolve()), tokenizer=data.tokenizer_path,
         tokenizer_resolved=str(Path(data.tokenizer_path).resolve()), tokenizer_in_run=data.tokenizer_in_run,
-        model=model_config.to_dict(), config=cfg.to_dict(), lr_schedule=_schedule_record(cfg, plan))
-
-
-def _schedule_record(cfg: RunConfig, plan: StagePlan) -> dict | None:
-    schedule = resolve_schedule(cfg.schedule, plan)
-    return schedule.describe() if schedule else None
+        model=model_config.to_dict(), config=cfg.to_dict())
 
 
 def tag_for(step: int) -> str:
@@ -120,10 +140,11 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
 
 
 def problem(path: Path, world_size: int | None = None) -> str | None:
-    """Why the checkpoint at ``path`` cannot be loaded, or None. Cheap: reads only the state JSON and file sizes.
+    """Why the checkpoint at ``path`` cannot be loaded, or None. Reads the state JSON, then every file once.
 
-    Catches what a kill, a full disk or a lost file leaves: a state JSON that does not parse, and any file of the
-    save (DeepSpeed's shards, RNG states) missing or of another size than when it was written."""
+    Catches what a kill, a full disk, a lost file or a flipped byte leaves: a state JSON that does not parse, and
+    any file of the save (DeepSpeed's shards, RNG states) missing, of another size, or of another SHA-256 than
+    when it was written."""
     state = _parse_state(path / STATE_FILE)
     if isinstance(state, str):
         return state
@@ -133,6 +154,9 @@ def problem(path: Path, world_size: int | None = None) -> str | None:
             return f"{f} is missing"
         if f.stat().st_size != size:
             return f"{f} has {f.stat().st_size} bytes, {size} when it was saved (truncated or overwritten)"
+    for name, digest in state.sha256.items():
+        if sha256_of(path / name) != digest:
+            return f"{path / name} has another SHA-256 than when it was saved (corrupted)"
     if world_size is not None and state.world_size == world_size:
         missing = [f"rng_rank{r}.pt" for r in range(world_size) if not (path / f"rng_rank{r}.pt").is_file()]
         if missing:
@@ -140,10 +164,24 @@ def problem(path: Path, world_size: int | None = None) -> str | None:
     return None
 
 
+def _saved_files(path: Path) -> list[Path]:
+    return [f for f in sorted(path.rglob("*")) if f.is_file() and f.name != STATE_FILE and not f.name.startswith(".")]
+
+
 def file_sizes(path: Path) -> dict[str, int]:
     """Every file a save wrote (relative name -> bytes), recorded in its state so a resume can check them."""
-    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
-            if f.is_file() and f.name != STATE_FILE and not f.name.startswith(".")}
+    return {str(f.relative_to(path)): f.stat().st_size for f in _saved_files(path)}
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """Every file a save wrote (relative name -> SHA-256), recorded beside the sizes: a file of the right size
+    whose bytes changed is caught before it is loaded."""
+    return {str(f.relative_to(path)): sha256_of(f) for f in _saved_files(path)}
 
 
 def choose(resume: str, run_dir: str | Path, world_size: int | None = None) -> tuple[Path | None, list[str]]:
@@ -263,15 +301,11 @@ def read_state(path: Path) -> CheckpointState:
     return state
 
 
-# ModelConfig fields that change how a run executes, not what the weights mean
-_RUNTIME_MODEL_KEYS = {"attention", "deterministic_attention", "activation_checkpointing", "rope_scaling",
-                       "rope_scaling_factor"}
-
-
 def model_identity(state: CheckpointState) -> dict:
     """What must not change across a resume: the built model's config (but for runtime-only switches) and where
     its initial weights came from."""
-    ident = {k: v for k, v in state.model.items() if k not in _RUNTIME_MODEL_KEYS}
+    runtime = run_identity.runtime_model_fields()
+    ident = {k: v for k, v in state.model.items() if k not in runtime}
     section = state.config.get("model", {})
     ident["preset"] = section.get("preset")
     ident["init_from_hf"] = section.get("init_from_hf")
@@ -298,17 +332,9 @@ def check_compatible(saved: CheckpointState, current: CheckpointState, path: Pat
         diffs.append(f"data: checkpoint was trained on {saved.data_prefix} ({saved.data_fingerprint}), this run uses "
                      f"{current.data_prefix} ({current.data_fingerprint})")
     if saved.seed != current.seed:
-        diffs.append(f"seed: {saved.seed} -> {current.seed} (changes the data order)")
-    for key, why in (("valid_fraction", "changes which documents train"), ("epochs", "changes the data order")):
-        old = saved.config.get("data", {}).get(key)
-        new = current.config.get("data", {}).get(key)
-        if old != new:
-            diffs.append(f"data.{key}: {old!r} -> {new!r} ({why})")
-    old_lr, new_lr = (record.lr_schedule or {"type": "ds_config"} for record in (saved, current))
-    if old_lr != new_lr:
-        changed = sorted(k for k in set(old_lr) | set(new_lr) if old_lr.get(k) != new_lr.get(k))
-        diffs.append("learning-rate schedule: " + ", ".join(f"{k} {old_lr.get(k)!r} -> {new_lr.get(k)!r}"
-                                                            for k in changed) + " (the rate would jump)")
+        diffs.append(f"seed: {saved.seed} -> {current.seed} (changes the data order; to continue this run set "
+                     f"seed={saved.seed})")
+    diffs += run_identity.config_differences(saved.config, current.config, skip={"seed"})  # seed: just above
     old_model, new_model = model_identity(saved), model_identity(current)
     changed = sorted(k for k in set(old_model) | set(new_model) if old_model.get(k) != new_model.get(k))
     if changed:

@@ -18,6 +18,7 @@ from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.loader import StageLoader, window_batches
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
+from data_pipeline.provenance import check_tokenizer
 from data_pipeline.tokenizer import Tokenizer
 from launcher import distributed as dist
 from launcher.config import RunConfig
@@ -121,6 +122,7 @@ def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
                            f"{prefix} (a sentencepiece .model, a tokenizer.json or its directory)")
     tokenizer = Tokenizer(str(tokenizer_path))
     dataset = IndexedDataset(str(prefix))
-    check_vocab(dataset, tokenizer, str(prefix))
+    if not check_tokenizer(str(prefix), tokenizer, "data.tokenizer"):  # no record: the largest-id check
+        check_vocab(dataset, tokenizer, str(prefix))
     return TrainData(cfg=cfg, prefix=str(prefix), tokenizer_path=str(tokenizer_path), tokenizer=tokenizer,
                      fingerprint=data_fingerprint(str(prefix)), rank=rank, world=world)

@@ -117,6 +117,11 @@ def set_accumulation_boundary(engine, is_boundary: bool) -> None:
     engine.set_gradient_accumulation_boundary(is_boundary)
 
 
+def step_applied(engine) -> bool:
+    """Whether the last ``engine.step()`` updated the weights (False when fp16 loss scaling skipped an overflow)."""
+    return engine.was_step_applied()
+
+
 def save_checkpoint(engine, save_dir: str, tag: str) -> None:
     """DeepSpeed's part of a save (model, optimizer, scheduler); the launcher's state is launcher.checkpoint's."""
     engine.save_checkpoint(save_dir, tag=tag, save_latest=False)

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # run as a script (the deepspeed launcher's way): im
 import argparse
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ from model.attention import attention_pairs
 log = logging.getLogger("growlength")
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # a non-finite loss or gradient norm: stopped before the step was logged or saved
+
+
+class TrainingDiverged(RuntimeError):
+    """A step whose loss or gradient norm is not finite; the run stops before logging or saving it."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="run config YAML (presets in launcher/configs/); defaults = tiny CPU demo")
     p.add_argument("--resume", help="'auto' (default), 'none', or a checkpoint / run directory")
     p.add_argument("--resume-force", action="store_true", help="resume even if plan or data differ")
+    p.add_argument("--start-over", action="store_true", help="move the run that run_dir holds aside to "
+                   "RUN_DIR.old-TIMESTAMP and start this one there")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device, for MFU")
     p.add_argument("--run-dir", help="shorthand for run_dir=...")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # added by the deepspeed launcher
@@ -73,6 +81,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"checkpointing.resume={args.resume}")
     if args.resume_force:
         overrides.append("checkpointing.resume_force=true")
+    if args.start_over:
+        overrides.append("checkpointing.start_over=true")
     if args.peak_tflops:
         overrides.append(f"logging.peak_tflops={args.peak_tflops}")
     if args.run_dir:
@@ -178,7 +188,8 @@ class Trainer:
             pairs += attention_pairs(mb.shape[0], stage.seq_len, cu_seqlens)
             mb = mb.to(self.device, non_blocking=True)
             ds.set_accumulation_boundary(self.engine, i == len(micro_batches) - 1)
-            loss = self.engine(mb[:, :-1], labels=mb[:, 1:], cu_seqlens=cu_seqlens)
+            loss = self.faults.poison(self.progress.step + 1,
+                                      self.engine(mb[:, :-1], labels=mb[:, 1:], cu_seqlens=cu_seqlens))
             self.engine.backward(loss)
             losses.append(loss.detach())
         self.engine.step()  # the update: the last micro-batch was marked as the boundary
@@ -192,6 +203,7 @@ class Trainer:
                                             device=self.device).reshape(1),
                             torch.tensor(flags, dtype=torch.float64, device=self.device)])
         loss_sum, norm_sum, signalled, stop, pairs = dist.all_reduce_sum_tensor(packed)
+        self.check_finite(loss_sum / self.world, None if norm is None else norm_sum / self.world)
         dt = self.clock() - t0
         p = self.progress
         p.step += 1
@@ -210,6 +222,20 @@ class Trainer:
         self.last_loss = record["loss"]
         self.faults.after_step(p.step)
         return record, StepFlags(preempted=signalled > 0, out_of_time=stop > 0)
+
+    def check_finite(self, loss: float, grad_norm: float | None) -> None:
+        """Stop at a non-finite loss or gradient norm (the same on every rank: both were all-reduced), before the
+        step is logged or saved: no checkpoint ever holds NaN weights. An fp16 overflow that DeepSpeed's loss
+        scaler skipped is not a divergence."""
+        bad_norm = grad_norm is not None and not math.isfinite(grad_norm) and ds.step_applied(self.engine)
+        if math.isfinite(loss) and not bad_norm:
+            return
+        step = self.progress.step + 1
+        raise TrainingDiverged(
+            f"step {step}: loss {loss}, gradient norm {grad_norm}: training stopped before saving it; the newest "
+            f"checkpoint in {ckpt.checkpoint_root(self.run_dir)} (step {self.progress.step} or earlier) holds the "
+            f"last finite weights: resume from it with a lower learning rate or more warmup, or check the data "
+            f"of step {step}")
 
     def after_step(self, stage, flags: StepFlags) -> str:
         """What is due after this step (validation, a checkpoint), then doing it; returns "continue",
@@ -287,13 +313,16 @@ class Trainer:
         self.progress.elapsed_s, self.start_time = self.elapsed(), self.clock()
         state = ckpt.run_state(self.cfg, self.plan, self.data, self.model.config, self.progress,
                                self.loader.state_dict(), self.world)
-        ds.save_checkpoint(self.engine, str(root), tag)
-        ckpt.save_rng(root / tag, self.rank)
+        with ckpt.save_errors(root / tag):
+            ds.save_checkpoint(self.engine, str(root), tag)
+            ckpt.save_rng(root / tag, self.rank)
         dist.barrier()
         self.faults.in_save(self.progress.step)
         if self.rank == 0:
             state.files = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
-            ckpt.write_state(root / tag, state)
+            state.sha256 = ckpt.file_digests(root / tag)  # and so is a corrupted one of the right size
+            with ckpt.save_errors(root / tag):
+                ckpt.write_state(root / tag, state)
             ckpt.prune(root, self.cfg.checkpointing.keep_last, keep=self.downstream.busy())
         dist.barrier()
         log.info("checkpoint %s saved (%.1fs)", root / tag, self.clock() - t0)
@@ -333,7 +362,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     user_ds_config = load_ds_config(ds_config_path)
     dtype = (torch.bfloat16 if user_ds_config.get("bf16", {}).get("enabled") else
              torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
-    model_config = modeling.run_model_config(cfg.model, data.tokenizer)
+    model_config = modeling.run_model_config(cfg.model, data.tokenizer, saved.model if saved else None)
     compiling.check_compiler(cfg.model.compile, dist.device())  # refused here, before the plan and the model
     modeling.deterministic_kernels(model_config, dist.device())
     plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
@@ -354,7 +383,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
         log.info("%s", lr_schedule.summary())
     if rank == 0:
         data.tokenizer_in_run = rundir.copy_tokenizer(data.tokenizer, run_dir)
-    model = modeling.build_model(cfg, model_config)
+    model = modeling.build_model(cfg, model_config, resuming=saved is not None)
     log.info("model %s: %.2fM parameters, vocab %d (padded %d), attention %s", cfg.model.init_from_hf or
              cfg.model.preset, model.num_params() / 1e6, model_config.vocab_size, model_config.padded_vocab_size,
              model.config.attention)
@@ -390,6 +419,9 @@ def main(argv=None, clock: Callable[[], float] = time.perf_counter) -> int:
     except UserError as e:
         log.error("%s", e if isinstance(e, StartupError) else f"{type(e).__name__}: {e}")
         return EXIT_BAD_INPUT
+    except TrainingDiverged as e:
+        log.error("training diverged at %s", e)
+        return EXIT_DIVERGED
     finally:
         ds.close()
         preemption.restore()

@@ -36,8 +36,8 @@ def dry_run(tmp_path_factory, spawns):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("GROWLENGTH_FAULT", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--json", str(report), "--out", str(tmp / "work"),
-                           "--builtin-dir", str(tmp / "builtin"), "--timeout-s", "600"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "--builtin-dir", str(tmp / "builtin")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert report.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(report.read_text())
     return proc, data, {c["name"]: c for c in data["checks"]}
@@ -61,6 +61,7 @@ def test_dry_run_runs_every_check_and_prints_one_labelled_table(dry_run):
         assert any(line.startswith(f"{name:<11} {c['status']}") for line in out.splitlines()), name
     assert "5 checks in" in out and "1 skipped; exit 0" in out
     assert data["table"] in out
+    assert data["seconds"] <= data["timeout_s"] + 10  # the budgets are shares of --timeout-s
 
 
 def test_dry_run_parity_measures_sdpa_bf16_against_fp32(dry_run):
@@ -70,14 +71,19 @@ def test_dry_run_parity_measures_sdpa_bf16_against_fp32(dry_run):
     assert 0 < f["sdpa_max_abs_err_vs_fp32"] < 0.1 * f["max_abs_logit_fp32"]
 
 
-def test_dry_run_throughput_has_ours_and_transformers_per_length(dry_run):
+def test_dry_run_throughput_reuses_the_model_benchmark_with_a_launcher_cell(dry_run):
     f = dry_run[2]["throughput"]["figures"]
-    assert list(f["lengths"]) == ["32", "64"] and "ours-flash" in f["skipped"]
+    assert list(f["lengths"]) == ["32", "64"] and f["models"] == ["ours", "hf"]  # no flash-attn on a CPU
+    bench = json.loads(Path(f["report"]).read_text())  # benchmarks/bench_model.py's own JSON
+    assert {str(r["seq_len"]): r["models"] for r in bench["lengths"]} == f["lengths"]
     for L, cells in f["lengths"].items():
-        assert set(cells) == {"ours-sdpa", "hf-sdpa"}, L
         for name, c in cells.items():
-            assert c["tokens_per_s"] > 0 and c["mfu"] is None, (L, name)  # no peak is known for a CPU
-            assert c["tokens_per_s"] == pytest.approx(256 / c["step_s"])
+            assert c["tokens_per_s"] == pytest.approx(256 / c["step_s"]), (L, name)
+            assert 0 < c["mfu_causal"] < c["mfu_palm"], (L, name)  # causal counts about half the attention term
+    e = f["engine"]
+    assert (e["ds_config"], e["zero_stage"], e["precision"], e["seq_len"], e["tokens_per_step"]) == \
+        (acc.DS_CONFIG, 1, "bf16", 64, 512)
+    assert e["tokens_per_s"] > 0 and e["steps"] == 1 and math.isfinite(e["loss"])
 
 
 def test_dry_run_switch_changes_accumulation_and_resumes_exactly(dry_run):
@@ -104,17 +110,38 @@ def test_dry_run_probe_then_a_launcher_run_at_the_probed_micro_batch(dry_run):
     assert mb * 64 == max_tokens_per_micro_batch(probe, 64)  # the longest stage runs at exactly its cap
 
 
-def test_dry_run_compare_reports_the_loss_each_reached(dry_run):
+def test_dry_run_compare_trains_at_most_one_epoch_of_the_installed_packages_text(dry_run):
     f = dry_run[2]["compare"]["figures"]
-    assert f["lengths"] == [32, 64] and f["seconds_per_run"] == 3
+    assert f["lengths"] == [32, 64] and "installed Python packages" in f["corpus"]["source"]
+    assert f["corpus"]["tokens"] > 100_000 and f["epochs_per_run"] <= 1
+    assert f["budget_tokens"] <= f["epoch_tokens"] == int(f["corpus"]["tokens"] * (1 - acc.VALID_FRACTION))
     runs = f["runs"]
     for name in ("growlength", "fixed-long"):
-        assert math.isfinite(runs[name]["val_loss_long"]) and runs[name]["steps"] >= 1, name
-        # which ends a 3 s run first, the clock or its plan, depends on the machine's speed that minute; that the
-        # clock stops runs at the budget is decided on a step clock in tests/tools/test_tools.py
-        assert runs[name]["stopped_by"] in ("clock", "plan end"), name
+        assert math.isfinite(runs[name]["val_loss_long"]) and runs[name]["tokens_seen"] == f["budget_tokens"], name
     assert f["target_val_loss"] == runs["fixed-long"]["val_loss_long"]
-    assert "to_target_train_s" in runs["growlength"] and Path(f["report"]).is_file()
+    reached = runs["growlength"]["to_target_train_s"]  # the training clock: evaluations excluded
+    assert f["time_to_target_ratio"] == (None if reached is None else reached / runs["fixed-long"]["train_s"])
+    assert f["can_show"] and f["cannot_show"] and Path(f["report"]).is_file()
+
+
+def test_dry_run_reports_the_targets_without_claiming_them(dry_run):
+    goals = {g["target"]: g for g in dry_run[1]["targets"]}
+    assert set(goals) == set(acc.TARGETS) and all(g["dry_run"] for g in goals.values())
+    assert goals["mfu_causal"]["value"] is None and goals["mfu_causal"]["met"] is None  # no peak for a CPU
+    tp = dry_run[2]["throughput"]["figures"]["lengths"]["64"]
+    assert goals["tokens_per_s_vs_transformers"]["value"] == tp["ours"]["tokens_per_s"] / tp["hf"]["tokens_per_s"]
+    assert "targets (one H100/H200" in dry_run[0].stdout
+
+
+def test_budgets_are_shares_of_the_time_left():
+    import time
+    ctx = acc.Context(sizes=acc.GPU, out=Path("."), ranks=1, cuda=False, dry_run=True,
+                      deadline=time.monotonic() + 1000)
+    assert acc.budget_for(ctx, "parity", list(acc.CHECKS)) == pytest.approx(50, abs=1)
+    assert acc.budget_for(ctx, "switch", ["switch", "compare"]) == pytest.approx(1000 / 3, abs=1)
+    assert acc.budget_for(ctx, "compare", ["compare"]) == pytest.approx(1000, abs=1)  # the last gets what is left
+    for sizes in (acc.GPU, acc.DRY):
+        assert sum(sizes.shares.values()) == pytest.approx(1) and set(sizes.shares) == set(acc.CHECKS)
 
 
 def test_exit_code_is_nonzero_when_a_check_fails():
@@ -128,6 +155,8 @@ def test_exit_code_is_nonzero_when_a_check_fails():
     (["--checks", "parity,speed"], "--checks 'parity,speed': unknown ['speed']; choose from parity,throughput"),
     (["--timeout-s", "0"], "--timeout-s 0: must be positive"),
     (["--json", "{tmp}/afile/a.json"], "--json {tmp}/afile/a.json: {tmp}/afile is a file, not a directory"),
+    (["--data-prefix", "corpus"], "--data-prefix and --tokenizer go together"),
+    (["--data-prefix", "{tmp}/corpus", "--tokenizer", "t.model"], "--data-prefix {tmp}/corpus: no {tmp}/corpus.idx"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")

@@ -167,3 +167,5 @@ def test_deepspeed_mode_starts_the_ranks_on_the_jobs_gpus(slurm_env, run_yaml, t
     node = re.search(r"restart 0 on (\S+) \(1 node", log).group(1)
     assert f"--include {node}:3,5 --no_ssh_check" in log
     assert "Setting CUDA_VISIBLE_DEVICES=3,5" in log  # deepspeed.launcher.launch, for the ranks it starts
+    threads = int(re.search(r"master \S+, (\d+) inductor compile thread\(s\) per rank", log).group(1))
+    assert threads == max(1, int(re.search(r"nproc (\d+)", log).group(1)) // 2)  # the node's CPUs shared by 2 ranks

@@ -294,8 +294,9 @@ def test_preprocess_removes_temp_files_of_killed_runs_only(spawns, tmp_path, sp_
     (["--input-sentence-size", "-5"], r"--input-sentence-size -5: must be >= 0 \(0 = every line\)"),
     (["--character-coverage", "0.5"], r"--character-coverage 0\.5: sentencepiece accepts \[0\.98, 1\.0\]"),
     (["--json-keys", ""], r"--json-keys '': empty"),
-    (["--json-keys", "nope"], r"--input .*corpus\.jsonl: no training text: 45 lines, 45 unreadable \(e\.g\. "
-                              r".*corpus\.jsonl:1: key 'nope' missing .*\); check the files and --json-keys nope"),
+    (["--json-keys", "nope"], r"corpus\.jsonl:1: key 'nope' missing .*choose the key with --json-keys"),
+    (["--json-keys", "nope", "--skip-bad-lines"], r"--input .*corpus\.jsonl: no training text: 45 lines, 45 "
+                              r"unreadable \(e\.g\. .*corpus\.jsonl:1: key 'nope' missing .*\); check the files"),
     (["--model-prefix", ""], r"--model-prefix '': empty"),
     (["--model-prefix", "afile/tok"], r"--model-prefix afile/tok: .*afile is a file, not a directory"),
     (["--model-prefix", "tok.model"], r"--model-prefix tok\.model: ends with \.model"),
@@ -498,3 +499,22 @@ def test_builtin_dataset_rebuilds_damaged_files(tmp_path, sp_model, corpus_jsonl
                                            r"directory \(data\.builtin_dir\)"):
         (tmp_path / "afile").write_text("x")
         prepare_builtin_dataset(str(tmp_path / "afile"), vocab_size=1000)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe-bytelevel"])
+def test_train_tokenizer_refuses_a_mostly_unreadable_input(tmp_path, capsys, kind):
+    """39 of 40 lines unreadable: never a tokenizer of the one good line. Without --skip-bad-lines the first bad line
+    is named; with it, the counts (at most half may be unreadable); nothing is written either way."""
+    from data_pipeline import train_tokenizer as tt
+    good = "The quick brown fox jumps over the lazy dog. " * 40
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(["{broken json"] * 20 + [json.dumps({"text": good})] + ["{broken"] * 19) + "\n")
+    out = tmp_path / "tok"
+    args = ["--input", str(corpus), "--model-prefix", str(out), "--vocab-size", "300", "--type", kind, "--quiet"]
+    assert tt.main(args) == 2
+    err = capsys.readouterr().err
+    assert "c.jsonl:1: " in err and "--skip-bad-lines" in err and len(err.strip().splitlines()) == 1
+    assert tt.main(args + ["--skip-bad-lines"]) == 2
+    err = capsys.readouterr().err
+    assert "39 of 40 lines are unreadable" in err and "nothing written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]

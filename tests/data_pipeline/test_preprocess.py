@@ -48,7 +48,7 @@ def test_cli_summary_empty_docs_txt_gz_and_no_eod(tmp_path, sp_model, capsys):
                     "--append-eod", "--log-interval", "100"]) == 0
     err = capsys.readouterr().err
     assert "4 documents" in err and "skipped 4 empty documents and 0 bad lines" in err
-    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.txt.gz", "out.bin", "out.idx"]  # exactly PREFIX.bin/.idx
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.txt.gz", "out.bin", "out.idx", "out.tokenizer.json"]  # exactly these
     tok, ds = Tokenizer(sp_model), IndexedDataset(out)
     assert [tok.decode(ds.document(d)[:-1]) for d in range(4)] == ["hello world", "bye", "first line doc",
                                                                    "second line doc"]

@@ -53,10 +53,20 @@ def test_corrupt_index(run, tmp_path, tokenized):
     assert_refused(run(prefix=str(bad)), "bad.idx", run.run_dir)
 
 
-def test_tokenizer_that_did_not_make_the_data(run, tmp_path, corpus_jsonl):
-    from data_pipeline.train_tokenizer import train_tokenizer
+def test_tokenizer_that_did_not_make_the_data(run, tmp_path, corpus_jsonl, tokenized):
+    """The data's tokenizer record refuses any other tokenizer, also one of the same vocabulary size whose ids
+    all fit (a byte-level BPE, EOD 0, on sentencepiece data, EOD 2); without a record the largest id decides."""
+    from data_pipeline.train_tokenizer import train_bytelevel_bpe, train_tokenizer
+    bpe = train_bytelevel_bpe([corpus_jsonl], str(tmp_path / "bpe"), vocab_size=1000, quiet=True)
+    before = {ext: open(tokenized + ext, "rb").read() for ext in (".bin", ".idx", ".tokenizer.json")}
+    assert_refused(run(tokenizer=bpe), "data.tokenizer " + bpe + " did not make " + tokenized, run.run_dir)
+    assert {ext: open(tokenized + ext, "rb").read() for ext in before} == before
     small = train_tokenizer([corpus_jsonl], str(tmp_path / "small"), vocab_size=400, num_threads=1, quiet=True)
-    assert_refused(run(tokenizer=small), "the data was made with another tokenizer", run.run_dir)
+    unrecorded = tmp_path / "unrecorded"  # as Megatron's tools leave it: no .tokenizer.json
+    for ext in (".bin", ".idx"):
+        shutil.copy(tokenized + ext, str(unrecorded) + ext)
+    assert_refused(run(prefix=str(unrecorded), tokenizer=small), "the data was made with another tokenizer",
+                   run.run_dir)
 
 
 def test_bad_override_and_missing_tokenizer(run, tmp_path):

@@ -126,7 +126,7 @@ def test_compatibility_covers_the_model_and_the_split(tmp_path):
             ({"config": dict(config, data={"valid_fraction": 0.05, "epochs": "repeat"})},
              "data.valid_fraction: 0.01 -> 0.05"),
             ({"config": dict(config, data={"valid_fraction": 0.01, "epochs": "error"})},
-             "data.epochs: 'repeat' -> 'error' (changes the data order)")]:
+             "data.epochs: 'repeat' -> 'error' (changes the data order; to continue this run set data.epochs=\"repeat\")")]:
         with pytest.raises(ckpt.CheckpointError, match="cannot resume from") as e:
             ckpt.check_compatible(saved, dataclasses.replace(saved, **change), tmp_path, force=False)
         assert expected in str(e.value)
@@ -139,8 +139,21 @@ def _save_like_the_launcher(root, step, world=1):
     for r in range(world):
         (path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"o" * 50)
         ckpt.save_rng(path, r)
-    ckpt.write_state(path, state(step=step, world_size=world, files=ckpt.file_sizes(path)))
+    ckpt.write_state(path, state(step=step, world_size=world, files=ckpt.file_sizes(path),
+                                 sha256=ckpt.file_digests(path)))
     return path
+
+
+def test_a_corrupted_checkpoint_of_the_right_size_is_skipped_for_the_previous_one(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    first, second = (_save_like_the_launcher(root, s, world=2) for s in (4, 8))
+    shard = second / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"o" * 49 + b"X")  # one byte flipped, the size unchanged
+    path, warnings = ckpt.choose("auto", tmp_path, world_size=2)
+    assert path == first and len(warnings) == 1
+    assert f"skipping checkpoint step_00000008: {shard} has another SHA-256 than when it was saved" in warnings[0]
+    with pytest.raises(ckpt.CheckpointError, match="has another SHA-256 .* resume from an earlier checkpoint"):
+        ckpt.choose(str(second), tmp_path, world_size=2)
 
 
 def test_damaged_checkpoints_are_named_and_skipped_for_the_previous_complete_one(tmp_path):
@@ -170,10 +183,10 @@ def test_state_round_trip_and_one_line_refusals(tmp_path):
     f = tmp_path / ckpt.STATE_FILE
     raw = json.loads(f.read_text())
     for broken, message in [
-            ({**raw, "version": 2}, r"growlength_state.json: checkpoint state version 2, this launcher reads version 1"),
+            ({**raw, "version": 1}, r"growlength_state.json: checkpoint state version 1, this launcher reads version 2"),
             ({k: v for k, v in raw.items() if k != "version"}, "checkpoint state version None"),
             ({k: v for k, v in raw.items() if k not in ("seed", "plan")},
-             r"growlength_state.json: not a version 1 checkpoint state \(missing plan, seed; unknown nothing\)"),
+             r"growlength_state.json: not a version 2 checkpoint state \(missing plan, seed; unknown nothing\)"),
             ({**raw, "stage_cursor": 3}, r"\(missing nothing; unknown stage_cursor\)"),
             ([1, 2], "is not a growlength checkpoint state")]:
         f.write_text(json.dumps(broken))

@@ -168,6 +168,45 @@ def test_evaluate_and_export_name_a_damaged_checkpoint(work, tmp_path, caplog):
     assert snapshot(run) == before and not (tmp_path / "hf").exists()
 
 
+# ---- data, tokenizer and model that do not belong together ----------------------------------------------------
+def test_export_refuses_a_tokenizer_larger_than_the_model(work, tmp_path, caplog, corpus_jsonl):
+    from data_pipeline.train_tokenizer import train_tokenizer
+    big = train_tokenizer([corpus_jsonl], str(tmp_path / "big"), vocab_size=1200, num_threads=1, quiet=True)
+    before = snapshot(work / "run")
+    assert export_hf.main(["--checkpoint", str(work / "run"), "--out", str(tmp_path / "hf"), "--tokenizer", big]) == 2
+    assert f"--tokenizer {big}: 1,200 ids but the model of " in caplog.text and "has 1,000 (its embedding" in caplog.text
+    assert snapshot(work / "run") == before and not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_a_unigram_tokenizer_before_consolidating(work, tmp_path, caplog, corpus_jsonl, monkeypatch):
+    from data_pipeline.train_tokenizer import train_tokenizer
+    uni = train_tokenizer([corpus_jsonl], str(tmp_path / "uni"), vocab_size=1000, model_type="unigram",
+                          num_threads=1, quiet=True)
+    monkeypatch.setattr(export_hf, "load_trained_model", lambda *a: pytest.fail("consolidated before the check"))
+    before = snapshot(work / "run")
+    assert export_hf.main(["--checkpoint", str(work / "run"), "--out", str(tmp_path / "hf"), "--tokenizer", uni]) == 2
+    assert f"{uni}: a sentencepiece unigram model has no Hugging Face tokenizer.json" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert snapshot(work / "run") == before and not (tmp_path / "hf").exists()
+
+
+def test_evaluate_refuses_data_of_another_tokenizer_or_past_the_vocabulary(work, tmp_path, caplog, corpus_jsonl):
+    from data_pipeline.indexed_dataset import write_dataset
+    from data_pipeline.preprocess import preprocess
+    from data_pipeline.train_tokenizer import train_bytelevel_bpe
+    bpe = train_bytelevel_bpe([corpus_jsonl], str(tmp_path / "bpe"), vocab_size=1000, quiet=True)
+    other = str(tmp_path / "other")
+    preprocess([corpus_jsonl], other, bpe, quiet=True)  # every id < 1000: only its record tells
+    wide = write_dataset(str(tmp_path / "wide"), [[5, 6, 1500, 2]] * 64)  # no record: its ids tell
+    before = snapshot(tmp_path)
+    assert evaluate.main(["--checkpoint", str(work / "run"), "--data-prefix", other, "--lengths", "32"]) == 2
+    assert "its tokenizer " in caplog.text and f"did not make {other}: " in caplog.text
+    caplog.clear()
+    assert evaluate.main(["--checkpoint", str(work / "run"), "--data-prefix", wide, "--lengths", "32"]) == 2
+    assert "has a vocabulary of 1,000: " in caplog.text and "token id 1500 at token 2" in caplog.text
+    assert "Traceback" not in caplog.text and snapshot(tmp_path) == before
+
+
 # ---- metrics.jsonl: a torn last line never blocks a resume or a plot; a bad middle line is named ----------------
 def test_torn_last_line_is_dropped_by_plot_and_by_resume(work, launch, tmp_path, caplog):
     shutil.copytree(work, tmp_path / "w")
