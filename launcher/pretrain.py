@@ -182,7 +182,7 @@ class Trainer:
         micro_batches = next(batches)  # [(micro_batch_size, seq_len + 1)] * grad_accum
         data_wait = self.clock() - t0
         lr = self.engine.get_lr()[0]  # the rate this step uses: the scheduler advances inside engine.step()
-        losses, pairs = [], 0  # pairs: (query, key) pairs this rank's attention computes (causal, per document)
+        losses, z_terms, pairs = [], [], 0  # pairs: (query, key) pairs this rank's attention computes (causal, per document)
         for i, mb in enumerate(micro_batches):
             mb, cu_seqlens = mb if self.data.document_masking else (mb, None)  # cu_seqlens stays on the CPU
             pairs += attention_pairs(mb.shape[0], stage.seq_len, cu_seqlens)
@@ -192,17 +192,21 @@ class Trainer:
                                       self.engine(mb[:, :-1], labels=mb[:, 1:], cu_seqlens=cu_seqlens))
             self.engine.backward(loss)
             losses.append(loss.detach())
+            if self.model.config.z_loss:  # the penalty inside the loss, logged apart from the cross-entropy
+                z_terms.append(self.model.last_z_loss)
         self.engine.step()  # the update: the last micro-batch was marked as the boundary
         # one collective and one device-to-host copy per step: loss, grad norm (the same on every rank),
         # whether any rank was signalled, and rank 0's clock against the wall-clock budget
         norm = self.engine.get_global_grad_norm()
         self.preemption.poll()
         flags = [float(self.preemption.signal is not None), float(self._past_time_limit()), float(pairs)]
-        packed = torch.cat([torch.stack(losses).double().mean().reshape(1),
+        z_mean = torch.stack(z_terms).double().mean() if z_terms else torch.zeros((), dtype=torch.float64,
+                                                                                  device=self.device)
+        packed = torch.cat([torch.stack(losses).double().mean().reshape(1), z_mean.reshape(1),
                             torch.as_tensor(-1.0 if norm is None else norm, dtype=torch.float64,
                                             device=self.device).reshape(1),
                             torch.tensor(flags, dtype=torch.float64, device=self.device)])
-        loss_sum, norm_sum, signalled, stop, pairs = dist.all_reduce_sum_tensor(packed)
+        loss_sum, z_sum, norm_sum, signalled, stop, pairs = dist.all_reduce_sum_tensor(packed)
         self.check_finite(loss_sum / self.world, None if norm is None else norm_sum / self.world)
         dt = self.clock() - t0
         p = self.progress
@@ -213,7 +217,8 @@ class Trainer:
         record = {"step": p.step, "stage": stage.index, "seq_len": stage.seq_len,
                   "micro_batch_size": stage.micro_batch_size, "grad_accum": stage.grad_accum,
                   "tokens_per_step": self.plan.tokens_per_step, "tokens_seen": p.tokens_seen,
-                  "loss": loss_sum / self.world, "lr": lr,
+                  "loss": (loss_sum - z_sum) / self.world, "lr": lr,
+                  **({"z_loss": z_sum / self.world} if z_terms else {}),
                   "grad_norm": None if norm is None else norm_sum / self.world,
                   **step_throughput(self.model, self.plan.tokens_per_step, stage.seq_len, round(pairs), dt,
                                     self.world, self.peak),

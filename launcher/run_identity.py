@@ -35,7 +35,7 @@ FIELDS: dict[str, tuple[str, str]] = {
         "hidden_size", "num_layers", "num_heads", "family", "num_kv_heads", "intermediate_size", "rotary_pct",
         "rope_base", "rope_scaling", "rope_scaling_factor", "use_parallel_residual", "tie_word_embeddings",
         "layer_norm_eps", "document_masking", "reset_position_ids", "init_std", "output_init_std",
-        "vocab_pad_multiple")},
+        "vocab_pad_multiple", "z_loss")},
     **{f"model.{name}": (RUNTIME, "how the kernels execute, not what they compute") for name in (
         "attention", "deterministic_attention", "activation_checkpointing")},
     **{f"growlength.{name}": (PLAN, "the stage plan") for name in (

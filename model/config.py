@@ -125,6 +125,9 @@ class ModelConfig:
     output_init_std: float | None = knob("std of the two projections that write into the residual stream; null = "
                                          "2/(L*sqrt(d)) (Pythia's wang_init) for gpt-neox, 0.02/sqrt(2L) for llama",
                                          None, gt=0)
+    z_loss: float = knob("weight of the log-partition penalty z_loss * mean(logsumexp(logits)^2) added to the "
+                         "training loss (PaLM, OLMo use 1e-4); 0 = off; validation reports plain cross-entropy", 0.0,
+                         ge=0)
     vocab_pad_multiple: int = knob("the embedding and LM head are padded to a multiple of this (speed); 1 disables "
                                    "padding", 128, ge=1)
 

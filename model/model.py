@@ -85,7 +85,11 @@ class CausalLM(nn.Module):
         logits = self.embed_out(self.final_layer_norm(x))  # (B, T, V)
         if labels is None:
             return logits
-        return cross_entropy_fp32(logits, labels)
+        if not (self.training and self.config.z_loss):
+            return cross_entropy_fp32(logits, labels)
+        ce, z_term = cross_entropy_and_z_fp32(logits, labels, self.config.z_loss)
+        self.last_z_loss = z_term.detach()  # logged apart from the cross-entropy by the trainer
+        return ce + z_term
 
     def blocks(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder stack on embeddings, x: (B, T, d) -> (B, T, d): the attention kernel, the documents of
@@ -192,12 +196,20 @@ def cross_entropy_fp32(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     logits (B, T, V), labels (B, T) -> () fp32. Computed in row chunks so that no fp32 copy of the whole
     (B*T, V) logits, nor of their gradient, is ever materialised (1.6 GB for Pythia's vocabulary at 8k tokens).
     """
+    return cross_entropy_and_z_fp32(logits, labels, 0.0)[0]
+
+
+def cross_entropy_and_z_fp32(logits: torch.Tensor, labels: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, ...]:
+    """``(cross-entropy, z_loss * mean(logsumexp(logits)^2))`` over labels != -100, both () fp32, chunked as
+    :func:`cross_entropy_fp32`; the second is the log-partition penalty of PaLM and OLMo (it keeps the softmax
+    normaliser near 1, so the logits do not drift in bf16)."""
     V = logits.shape[-1]
-    return _ChunkedCrossEntropy.apply(logits.reshape(-1, V), labels.reshape(-1))
+    return _ChunkedCrossEntropy.apply(logits.reshape(-1, V), labels.reshape(-1), z_loss)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """loss = mean_i -log_softmax(z_i)[y_i];  dloss/dz_i = (softmax(z_i) - onehot(y_i)) / n_valid, with the
+    """ce = mean_i (lse_i - z_i[y_i]), zl = c * mean_i lse_i^2 with lse_i = logsumexp(z_i);
+    dce/dz_i = (softmax(z_i) - onehot(y_i)) / n_valid and dzl/dz_i = 2 c lse_i softmax(z_i) / n_valid, with the
     softmax recomputed per chunk in backward instead of saved."""
 
     # fp32 (rows, V) working set per chunk: 5,336 rows at Pythia's padded 50,304 vocabulary, 32,768 at 8,192, so a
@@ -209,27 +221,33 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return max(1, _ChunkedCrossEntropy.CHUNK_BYTES // (4 * vocab))
 
     @staticmethod
-    def forward(ctx, logits, labels):  # logits (N, V) any float dtype, labels (N,) long
+    def forward(ctx, logits, labels, z_loss):  # logits (N, V) any float dtype, labels (N,) long, z_loss float
         N, V = logits.shape
         rows = _ChunkedCrossEntropy.rows_per_chunk(V)
         valid = labels != -100
         safe_labels = torch.where(valid, labels, 0)[:, None]  # (N, 1)
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)  # log-partition per row
         nll = torch.empty(N, dtype=torch.float32, device=logits.device)  # -log p(label) per row
         for s in range(0, N, rows):
-            logp = F.log_softmax(logits[s:s + rows], dim=-1, dtype=torch.float32)  # (rows, V) fp32
-            nll[s:s + rows] = -logp.gather(1, safe_labels[s:s + rows]).squeeze(1)
+            chunk = logits[s:s + rows].float()  # (rows, V) fp32
+            lse[s:s + rows] = torch.logsumexp(chunk, dim=-1)
+            nll[s:s + rows] = lse[s:s + rows] - chunk.gather(1, safe_labels[s:s + rows]).squeeze(1)
         n_valid = valid.sum()
-        ctx.save_for_backward(logits, safe_labels, valid, n_valid)
-        ctx.rows = rows
-        return (nll * valid).sum() / n_valid  # nan when no label is valid, as F.cross_entropy
+        ctx.save_for_backward(logits, safe_labels, valid, n_valid, lse)
+        ctx.rows, ctx.z_loss = rows, z_loss
+        ce = (nll * valid).sum() / n_valid  # nan when no label is valid, as F.cross_entropy
+        return ce, z_loss * (lse.square() * valid).sum() / n_valid
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        logits, safe_labels, valid, n_valid = ctx.saved_tensors
-        row_scale = (valid.float() * (grad_loss / n_valid))[:, None]  # (N, 1)
+    def backward(ctx, grad_ce, grad_z):
+        logits, safe_labels, valid, n_valid, lse = ctx.saved_tensors
+        scale = valid.float() / n_valid  # (N,)
+        onehot_scale = (scale * grad_ce)[:, None]  # (N, 1)
+        softmax_scale = (scale * (grad_ce + 2 * ctx.z_loss * lse * grad_z))[:, None]  # (N, 1)
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], ctx.rows):
             p = torch.softmax(logits[s:s + ctx.rows], dim=-1, dtype=torch.float32)  # recomputed, (rows, V)
-            p.scatter_add_(1, safe_labels[s:s + ctx.rows], torch.full_like(p[:, :1], -1.0))  # - onehot
-            grad[s:s + ctx.rows] = p.mul_(row_scale[s:s + ctx.rows])
-        return grad, None
+            p.mul_(softmax_scale[s:s + ctx.rows])
+            p.scatter_add_(1, safe_labels[s:s + ctx.rows], -onehot_scale[s:s + ctx.rows])  # - onehot
+            grad[s:s + ctx.rows] = p
+        return grad, None, None

@@ -199,3 +199,45 @@ def test_chunked_cross_entropy_matches_torch_loss_and_grad(dtype, rows, monkeypa
     assert logits.grad.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(logits.grad.float(), ref_logits.grad, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("rows", [7, None])
+def test_z_loss_matches_plain_torch_value_and_grad(rows, monkeypatch):
+    """CE + z * mean(logsumexp^2) over the valid labels, written in plain PyTorch, against the chunked function and
+    the model's training forward (which adds the penalty only in training, and keeps it apart for the logs)."""
+    from model.model import _ChunkedCrossEntropy, cross_entropy_and_z_fp32
+
+    if rows:
+        monkeypatch.setattr(_ChunkedCrossEntropy, "CHUNK_BYTES", 4 * 384 * rows)
+    torch.manual_seed(0)
+    z = 1e-2
+    logits = (3 * torch.randn(3, 20, 384) + 5).requires_grad_()  # shifted: logsumexp far from 0
+    labels = torch.randint(0, 384, (3, 20))
+    labels[1, 3:9] = -100
+    ref_logits = logits.detach().clone().requires_grad_()
+    valid = labels.view(-1) != -100
+    lse = torch.logsumexp(ref_logits.view(-1, 384), dim=-1)[valid]
+    ref_ce = torch.nn.functional.cross_entropy(ref_logits.view(-1, 384), labels.view(-1), ignore_index=-100)
+    ref_z = z * (lse ** 2).mean()
+    ce, z_term = cross_entropy_and_z_fp32(logits, labels, z)
+    torch.testing.assert_close((ce, z_term), (ref_ce, ref_z), rtol=1e-6, atol=1e-6)
+    assert z_term > 0.1 * ce  # the penalty is not negligible here, so a wrong gradient shows
+    (3 * ce + 2 * z_term).backward()
+    (3 * ref_ce + 2 * ref_z).backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_model_adds_z_loss_in_training_only():
+    torch.manual_seed(0)
+    model = CausalLM(tiny(z_loss=1e-3))
+    tokens = torch.randint(0, 300, (2, 17))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():
+        logits = model(x).float()
+    lse = torch.logsumexp(logits.reshape(-1, logits.shape[-1]), dim=-1)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    loss = model(x, labels=y)
+    torch.testing.assert_close(loss, ce + 1e-3 * (lse ** 2).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.last_z_loss, 1e-3 * (lse ** 2).mean(), rtol=1e-5, atol=1e-7)
+    model.eval()
+    torch.testing.assert_close(model(x, labels=y), ce, rtol=1e-5, atol=1e-6)
