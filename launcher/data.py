@@ -110,8 +110,27 @@ class TrainData:
                               self.rank, self.world, self.document_masking)
 
 
+def check_sources(cfg: RunConfig) -> Tokenizer:
+    """Every source of data.sources exists and was made by data.tokenizer (its identity sidecar: vocabulary and
+    EOD; without one, its largest token id against the vocabulary). Returns the shared tokenizer."""
+    d = cfg.data
+    if not Path(d.tokenizer).exists():
+        raise DatasetError(f"data.tokenizer {d.tokenizer}: no such file; give the tokenizer that preprocessed every "
+                           f"source of data.sources")
+    tokenizer = Tokenizer(str(d.tokenizer))
+    for name, prefix, _ in d.source_list():
+        data_fingerprint(prefix)  # refuses a missing .bin/.idx with the file named
+        if not check_tokenizer(prefix, tokenizer, f"data.tokenizer (source {name})"):
+            check_vocab(IndexedDataset(prefix), tokenizer, prefix)
+    return tokenizer
+
+
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
     d = cfg.data
+    if d.sources is not None:
+        check_sources(cfg)
+        raise DatasetError("data.sources: the mixture is checked, but training on a mixture is not wired into the "
+                           "run yet; train on one corpus with data.prefix (or merge the sources with growlength-merge)")
     if d.prefix is None:
         dist.wait_for_rank0(lambda: prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size), rank, world)
         tokenizer_path, prefix = prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
