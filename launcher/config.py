@@ -387,6 +387,8 @@ class CheckpointConfig(Section):
                       "auto", expect="auto, none or the path of a checkpoint or run directory")
     resume_force: bool = doc("resume even if the plan or data fingerprint differs (you own the consequences)",
                              False)
+    start_over: bool = doc("move the run that run_dir holds aside to RUN_DIR.old-YYYYmmdd-HHMMSS and start this one "
+                           "there (a run directory belongs to one run)", False)
 
     def problems(self, failed: set[str]) -> list[str]:
         if "resume" not in failed and self.resume not in ("auto", "none") and not Path(self.resume).exists():
