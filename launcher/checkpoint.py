@@ -11,6 +11,7 @@ fields is refused in one line naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,29 @@ _TAG = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be resumed from; the message says what differs and how to proceed."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that failed on the filesystem (a full disk, a quota, a lost mount); its directory stays incomplete."""
+
+
+# how torch.save reports a failed write (ENOSPC inside its zip writer arrives as a RuntimeError, not an OSError)
+_WRITE_FAILURE = re.compile(r"write|iostream|No space|quota", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def save_errors(path: Path):
+    """Turn a failed write of the checkpoint at ``path`` into one line naming it and the fix (no traceback): the
+    directory has no state file, so it is never resumed from, and the previous checkpoints are untouched."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _WRITE_FAILURE.search(str(e)):
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise CheckpointSaveError(f"checkpoint {path} could not be written ({why}); it is incomplete and will not be "
+                                  f"resumed from: free space under {path.parent} (or move run_dir to a larger "
+                                  f"filesystem), then resume with --resume auto from the previous checkpoint") from None
 
 
 @dataclass

@@ -6,6 +6,7 @@ at each stage length with the one measurer, launcher.steptime.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -25,10 +26,10 @@ from model import CausalLM, ModelConfig
 log = logging.getLogger("growlength")
 
 
-def run_model_config(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
+def run_model_config(m: ModelSection, tokenizer: Tokenizer, saved_model: dict | None = None) -> ModelConfig:
     """:func:`model_config_for`, with the model's own checks reported as config errors of the model section."""
     try:
-        return model_config_for(m, tokenizer)
+        return model_config_for(m, tokenizer, saved_model)
     except (ConfigError, DatasetError):
         raise
     except ValueError as e:
@@ -40,9 +41,11 @@ HF_RUNTIME = ("attention", "deterministic_attention", "activation_checkpointing"
               "reset_position_ids")
 
 
-def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
+def model_config_for(m: ModelSection, tokenizer: Tokenizer, saved_model: dict | None = None) -> ModelConfig:
     """The run's ModelConfig: the preset with the section's model fields, or the architecture of model.init_from_hf's
-    config.json (read only; its weights are loaded by build_model) with the section's runtime fields."""
+    config.json (read only; its weights are loaded by build_model) with the section's runtime fields. A resumed
+    init_from_hf run takes the architecture from its checkpoint (`saved_model`, the state's model fields): the
+    checkpoint holds the whole model, so the Hugging Face directory may be gone."""
     settings = m.model_settings()
     if not m.init_from_hf:
         return ModelConfig.from_preset(m.preset, vocab_size=tokenizer.vocab_size, **settings)
@@ -51,8 +54,11 @@ def model_config_for(m: ModelSection, tokenizer: Tokenizer) -> ModelConfig:
     if fixed:
         raise ConfigError(f"model.init_from_hf {m.init_from_hf}: the architecture comes from its config.json; "
                           f"drop model.{', model.'.join(fixed)}")
+    runtime = {k: v for k, v in settings.items() if k in HF_RUNTIME}
+    if saved_model is not None:
+        return dataclasses.replace(ModelConfig(**saved_model), **runtime)
     try:
-        config = read_hf_config(m.init_from_hf, **{k: v for k, v in settings.items() if k in HF_RUNTIME})
+        config = read_hf_config(m.init_from_hf, **runtime)
     except FileNotFoundError:
         raise ConfigError(f"model.init_from_hf {m.init_from_hf}: no config.json there; give a Hugging Face "
                           f"GPT-NeoX or Llama directory (save_pretrained's layout)") from None
@@ -81,11 +87,12 @@ def deterministic_kernels(model_config: ModelConfig, device: torch.device) -> No
              os.environ["CUBLAS_WORKSPACE_CONFIG"])
 
 
-def build_model(cfg: RunConfig, model_config: ModelConfig) -> CausalLM:
-    """The model, seeded by the run's seed: random init, or model.init_from_hf's weights."""
+def build_model(cfg: RunConfig, model_config: ModelConfig, resuming: bool = False) -> CausalLM:
+    """The model, seeded by the run's seed: random init, or model.init_from_hf's weights (not when `resuming`: the
+    checkpoint's weights replace them)."""
     torch.manual_seed(cfg.seed)
     model = CausalLM(model_config)
-    if cfg.model.init_from_hf:
+    if cfg.model.init_from_hf and not resuming:
         from model.hf import load_hf_weights
         try:
             load_hf_weights(model, cfg.model.init_from_hf)

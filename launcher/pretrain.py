@@ -35,6 +35,7 @@ from launcher import modeling, rundir
 from launcher.config import RunConfig, load_config
 from launcher.data import TrainData, prepare_data
 from launcher.ds_config import fill_ds_config, load_ds_config, warmup_steps
+from launcher import schedule as lr_schedules
 from launcher.faults import FaultInjection
 from launcher.metrics import MetricsWriter, eta_seconds, peak_tflops, step_line, step_throughput, summary_lines
 from launcher.optim import describe as describe_groups, param_groups
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="run config YAML (presets in launcher/configs/); defaults = tiny CPU demo")
     p.add_argument("--resume", help="'auto' (default), 'none', or a checkpoint / run directory")
     p.add_argument("--resume-force", action="store_true", help="resume even if plan or data differ")
+    p.add_argument("--start-over", action="store_true", help="move the run that run_dir holds aside to "
+                   "RUN_DIR.old-TIMESTAMP and start this one there")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device, for MFU")
     p.add_argument("--run-dir", help="shorthand for run_dir=...")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # added by the deepspeed launcher
@@ -78,6 +81,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"checkpointing.resume={args.resume}")
     if args.resume_force:
         overrides.append("checkpointing.resume_force=true")
+    if args.start_over:
+        overrides.append("checkpointing.start_over=true")
     if args.peak_tflops:
         overrides.append(f"logging.peak_tflops={args.peak_tflops}")
     if args.run_dir:
@@ -308,14 +313,16 @@ class Trainer:
         self.progress.elapsed_s, self.start_time = self.elapsed(), self.clock()
         state = ckpt.run_state(self.cfg, self.plan, self.data, self.model.config, self.progress,
                                self.loader.state_dict(), self.world)
-        ds.save_checkpoint(self.engine, str(root), tag)
-        ckpt.save_rng(root / tag, self.rank)
+        with ckpt.save_errors(root / tag):
+            ds.save_checkpoint(self.engine, str(root), tag)
+            ckpt.save_rng(root / tag, self.rank)
         dist.barrier()
         self.faults.in_save(self.progress.step)
         if self.rank == 0:
             state.files = ckpt.file_sizes(root / tag)  # checked before a resume: a torn file is skipped
             state.sha256 = ckpt.file_digests(root / tag)  # and so is a corrupted one of the right size
-            ckpt.write_state(root / tag, state)
+            with ckpt.save_errors(root / tag):
+                ckpt.write_state(root / tag, state)
             ckpt.prune(root, self.cfg.checkpointing.keep_last, keep=self.downstream.busy())
         dist.barrier()
         log.info("checkpoint %s saved (%.1fs)", root / tag, self.clock() - t0)
@@ -355,14 +362,16 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     user_ds_config = load_ds_config(ds_config_path)
     dtype = (torch.bfloat16 if user_ds_config.get("bf16", {}).get("enabled") else
              torch.float16 if user_ds_config.get("fp16", {}).get("enabled") else torch.float32)
-    model_config = modeling.run_model_config(cfg.model, data.tokenizer)
+    model_config = modeling.run_model_config(cfg.model, data.tokenizer, saved.model if saved else None)
     compiling.check_compiler(cfg.model.compile, dist.device())  # refused here, before the plan and the model
     modeling.deterministic_kernels(model_config, dist.device())
     plan = plan_from_config(cfg.growlength, world, saved_steps=saved_steps, stage_caps=probed_caps(cfg),
                             step_seconds=lambda stages: modeling.probe_step_times(model_config, rank, stages, dtype))
     ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
-                                            cfg.optimisation.warmup_fraction), source=ds_config_path)
+                                            cfg.optimisation.warmup_fraction), source=ds_config_path,
+                               schedule_type=cfg.schedule.type)
+    lr_schedule = lr_schedules.resolve(cfg.schedule, plan)
     if saved:  # before anything expensive: the checkpoint must fit this run's plan, data, split and model
         current = ckpt.run_state(cfg, plan, data, model_config, ckpt.Progress(), {}, world)
         for diff in ckpt.check_compatible(saved, current, resume_from, cfg.checkpointing.resume_force):
@@ -370,16 +379,18 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     data.build_index(plan)
     check_validation(data, plan, cfg)
     log.info("GrowLength plan (%s):\n%s", plan.fingerprint(), plan.table())
+    if lr_schedule is not None:
+        log.info("%s", lr_schedule.summary())
     if rank == 0:
         data.tokenizer_in_run = rundir.copy_tokenizer(data.tokenizer, run_dir)
-    model = modeling.build_model(cfg, model_config)
+    model = modeling.build_model(cfg, model_config, resuming=saved is not None)
     log.info("model %s: %.2fM parameters, vocab %d (padded %d), attention %s", cfg.model.init_from_hf or
              cfg.model.preset, model.num_params() / 1e6, model_config.vocab_size, model_config.padded_vocab_size,
              model.config.attention)
     groups = param_groups(model)
     log.info("weight decay %s: %s", user_ds_config.get("optimizer", {}).get("params", {}).get("weight_decay"),
              describe_groups(groups))
-    engine = ds.create_engine(model, ds_config, groups)
+    engine = ds.create_engine(model, ds_config, groups, lr_schedule)
     progress = ckpt.Progress()
     if saved:
         progress = resume(cfg, engine, saved, resume_from, rank)

@@ -3,6 +3,7 @@ export, evaluate and resume work from any working directory and after the direct
 """
 from __future__ import annotations
 
+import datetime
 import fcntl
 import os
 import socket
@@ -58,6 +59,24 @@ def has_previous_run(run_dir: Path) -> bool:
     from launcher.metrics import METRICS_FILE
     root = checkpoint_root(run_dir)
     return (run_dir / METRICS_FILE).is_file() or (root.is_dir() and any(root.iterdir()))
+
+
+def move_aside(run_dir: Path, now: datetime.datetime) -> Path:
+    """Rename ``run_dir`` to ``RUN_DIR.old-YYYYmmdd-HHMMSS`` (a free name) and create it again, empty; returns the
+    new name of the old run."""
+    stamp = now.strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+    try:
+        run_dir.rename(aside)
+        run_dir.mkdir()
+    except OSError as e:
+        raise RunDirError(f"run_dir {run_dir} cannot be moved aside to {aside} ({e.strerror}): move it yourself "
+                          f"or choose another run_dir") from e
+    return aside
 
 
 def copy_tokenizer(tokenizer, run_dir: Path) -> str:

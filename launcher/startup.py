@@ -6,9 +6,11 @@ A user error found here is a ``UserError``: ``main`` logs it in one line and exi
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 from data_pipeline.errors import DatasetError, SamplePlanError, UserError
 from launcher import checkpoint as ckpt
@@ -66,17 +68,41 @@ def probed_caps(cfg: RunConfig) -> list[int] | None:
         raise ConfigError(f"growlength.micro_batch_probe {probe}: {e}") from e
 
 
-def claim_run_dir(cfg: RunConfig, run_dir: Path, world: int) -> tuple[rundir.RunLock, Path | None, list[str]]:
-    """Rank 0's part of start-up: lock the run directory and choose the checkpoint to resume from."""
+def claim_run_dir(cfg: RunConfig, run_dir: Path, world: int,
+                  now: Callable[[], datetime.datetime] = datetime.datetime.now
+                  ) -> tuple[rundir.RunLock, Path | None, list[str]]:
+    """Rank 0's part of start-up: lock the run directory and choose the checkpoint to resume from.
+
+    A run directory belongs to one run: a start that would write a second run into it (``--resume none``, another
+    run's checkpoint, or a fresh start where every checkpoint is damaged) is refused, unless
+    ``checkpointing.start_over`` moves the old run aside first."""
     lock = rundir.RunLock(run_dir)
     try:
+        warnings = []
+        if cfg.checkpointing.start_over and rundir.has_previous_run(run_dir):
+            aside = rundir.move_aside(run_dir, now())
+            lock.release()
+            lock = rundir.RunLock(run_dir)
+            warnings.append(f"--start-over: the previous run of {run_dir} was moved aside to {aside}")
         resume = cfg.checkpointing.resume
-        if resume == "none" and rundir.has_previous_run(run_dir):
+        previous = rundir.has_previous_run(run_dir)
+        fix = f"choose another run_dir, or pass --start-over (checkpointing.start_over=true) to move {run_dir} aside"
+        if resume == "none" and previous:
             raise rundir.RunDirError(f"--resume none, but run_dir {run_dir} already holds a run (checkpoints or "
-                                     f"metrics.jsonl) that this one would overwrite: choose a new run_dir, resume "
-                                     f"it (--resume auto), or delete it first")
-        path, warnings = ckpt.choose(resume, run_dir, world)
-        return lock, path, warnings
+                                     f"metrics.jsonl) that this one would overwrite: resume it (--resume auto) or "
+                                     f"{fix}")
+        path, skipped = ckpt.choose(resume, run_dir, world)
+        root = ckpt.checkpoint_root(run_dir).resolve()
+        if path is not None and previous and path.resolve().parent != root:
+            raise rundir.RunDirError(f"--resume {resume} continues another run, but run_dir {run_dir} holds a run of "
+                                     f"its own, whose checkpoints and metrics this one would overwrite: {fix}")
+        if path is None and skipped and previous:
+            newest = ckpt.complete_checkpoints(root)[-1]
+            raise rundir.RunDirError(f"every checkpoint of run_dir {run_dir} is damaged ({len(skipped)}; the newest: "
+                                     f"{ckpt.problem(newest, world)}); starting "
+                                     f"again from step 1 would append a second run to its metrics: {fix}, or "
+                                     f"resume an earlier copy with --resume PATH")
+        return lock, path, warnings + skipped
     except BaseException:
         lock.release()
         raise

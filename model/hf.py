@@ -302,7 +302,18 @@ def read_hf_config(hf_dir: str | os.PathLike, **overrides) -> ModelConfig:
     d = Path(hf_dir)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d}/config.json not found: pass a directory written by save_pretrained")
-    return dataclasses.replace(config_from_hf(json.loads((d / "config.json").read_text())), **overrides)
+    path = d / "config.json"
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+        return dataclasses.replace(config_from_hf(hf), **overrides)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore it from the original checkpoint") from None
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e.args[0]!r}, which a {hf.get('model_type', 'GPT-NeoX or Llama')} config "
+                         f"must give; restore the complete config.json of this checkpoint") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: a field has the wrong type ({e}); restore the complete config.json of this "
+                         f"checkpoint") from None
 
 
 def load_hf_weights(model: CausalLM, hf_dir: str | os.PathLike) -> CausalLM:
@@ -318,13 +329,24 @@ def load_hf(hf_dir: str | os.PathLike, **overrides) -> CausalLM:
     return load_hf_weights(CausalLM(read_hf_config(hf_dir, **overrides)), hf_dir)
 
 
+def _read_weights_file(path: Path, read) -> dict[str, torch.Tensor]:
+    """`read(str(path))`, a truncated or damaged file raised as one ValueError line naming it."""
+    try:
+        return read(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError, torch.load several kinds
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {reason}); the file is truncated or "
+                         f"damaged: download or copy it again") from None
+
+
 def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
     files = sorted(d.glob("*.safetensors"))
     if files:
         from safetensors.torch import load_file
 
-        return {k: v.float() for f in files for k, v in load_file(str(f)).items()}
+        return {k: v.float() for f in files for k, v in _read_weights_file(f, load_file).items()}
     files = sorted(d.glob("pytorch_model*.bin"))
     if files:
-        return {k: v.float() for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+        return {k: v.float() for f in files
+                for k, v in _read_weights_file(f, lambda p: torch.load(p, map_location="cpu", weights_only=True)).items()}
     raise FileNotFoundError(f"{d}: no *.safetensors or pytorch_model*.bin weights found")

@@ -57,12 +57,11 @@ def launch(args: list[str], ranks: int = 1, runner: bool = False, fault: str | N
 
 def run_in_process(args: list[str], **main_kwargs) -> int:
     """``launcher.pretrain.main(args)`` in this process as rank 0 of 1 (gloo on loopback, a free port): its exit
-    code. The process environment is restored afterwards."""
+    code. The process environment is restored afterwards; a ``GROWLENGTH_FAULT`` the test set applies."""
     from launcher import pretrain
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}.items():
             mp.setenv(key, value)
-        mp.delenv("GROWLENGTH_FAULT", raising=False)
         return pretrain.main([str(a) for a in args], **main_kwargs)

@@ -9,7 +9,7 @@ pytest.importorskip("lm_eval")  # in .[dev]
 from launcher.config import ConfigError, load_config  # noqa: E402
 
 
-def test_stage_end_checkpoints_are_evaluated_in_the_background(run, tmp_path, monkeypatch):
+def test_stage_end_checkpoints_are_evaluated_in_the_background(spawns, run, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
@@ -53,7 +53,7 @@ HOLD = ("import os, sys, time\n"
         "sys.exit(0 if os.path.exists(go) else 3)\n")
 
 
-def test_start_returns_while_the_job_runs_and_its_checkpoint_is_kept(tmp_path, monkeypatch, caplog):
+def test_start_returns_while_the_job_runs_and_its_checkpoint_is_kept(spawns, tmp_path, monkeypatch, caplog):
     import logging
     import sys
     from launcher import checkpoint as ckpt

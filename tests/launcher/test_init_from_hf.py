@@ -153,3 +153,49 @@ def test_init_from_hf_refuses_data_of_another_tokenizer(pythia_dir, tokenized, s
                                            r"\(tokenizer\.json\), not the run's .*tok\.model \(sentencepiece, "
                                            r"1,000 ids, EOD 2, .*preprocess the data with the checkpoint's tokenizer"):
         run_model_config(cfg.model, data.tokenizer)
+
+
+def test_a_run_from_init_from_hf_resumes_once_the_hf_directory_is_gone(pythia_dir, prefix, tmp_path, launch):
+    """The checkpoint holds the whole model: a resume reads neither the HF config nor its weights."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(pythia_dir, hf)
+    run_dir = tmp_path / "run"
+    args = pretrain_args(run_dir, prefix, pythia_dir, f"model.init_from_hf={hf}", "logging.eval_tokens=256",
+                         "growlength.tokens_per_step=256", "checkpointing.interval_steps=2",
+                         "growlength.stages=[{seq_len: 32, tokens: 1024}]")
+    proc = launch(args, fault="kill@3")
+    assert proc.returncode != 0 and (run_dir / "checkpoints" / "step_00000002").is_dir(), proc.stdout[-2000:]
+    shutil.rmtree(hf)
+    proc = launch(args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "step_00000002" in out
+    assert (run_dir / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_init_from_hf_names_a_config_without_hidden_size_and_a_truncated_safetensors(pythia_dir, tmp_path):
+    import shutil
+
+    from launcher.config import ConfigError, from_dict
+    from launcher.modeling import build_model, run_model_config
+    from data_pipeline.tokenizer import Tokenizer
+
+    broken = tmp_path / "broken"
+    shutil.copytree(pythia_dir, broken)
+    cfg = from_dict({"run_dir": str(tmp_path / "run"), "model": {"init_from_hf": str(broken)},
+                     "data": {"prefix": "p", "tokenizer": str(pythia_dir)}})
+    tok = Tokenizer(pythia_dir)
+    good = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({k: v for k, v in good.items() if k != "hidden_size"}))
+    with pytest.raises(ConfigError, match=r"model\.init_from_hf .*broken: .*broken/config\.json: no 'hidden_size', "
+                                          r"which a gpt_neox config must give; restore the complete config\.json"):
+        run_model_config(cfg.model, tok)
+    (broken / "config.json").write_text(json.dumps(good))
+    model_config = run_model_config(cfg.model, tok)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"model\.init_from_hf: .*broken/model\.safetensors: cannot be read "
+                                          r"\(.*\); the file is truncated or damaged: download or copy it again"):
+        build_model(cfg, model_config)

@@ -126,9 +126,9 @@ def test_missing_wandb_names_the_extra(monkeypatch):
     load_config(None, ["logging.wandb={mode: disabled}"])  # disabled needs neither the package nor a project
 
 
-def test_two_ranks_log_from_rank_0_only(tmp_path, tokenized, sp_model):
+def test_two_ranks_log_from_rank_0_only(train, tmp_path, tokenized, sp_model):
     """`deepspeed --num_gpus 2` on CPU ranks: one offline W&B run, with every step once."""
-    from runner import ok, train
+    from runner import ok
     run_dir = tmp_path / "run"
     ok(train(run_dir, tokenized, sp_model, "logging.wandb={project: growlength-test, mode: offline}",
              "growlength.stages=[{seq_len: 32, tokens: 4096}]", "checkpointing.interval_steps=100"))
