@@ -36,6 +36,36 @@ TESTED_ZERO_STAGES = (1, 2)    # what this launcher ships (ds_configs/) and test
 _SECTIONS = ("zero_optimization", "optimizer", "scheduler", "fp16", "bf16")
 
 
+# keys whose values DeepSpeed uses as numbers or booleans (a string there ends in a traceback deep inside it)
+_NUMBERS = {None: ("gradient_clipping", "steps_per_print"),
+            "optimizer.params": ("lr", "weight_decay", "eps", "momentum"),
+            "scheduler.params": ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps",
+                                 "cos_min_ratio", "warmup_min_ratio"),
+            "fp16": ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale"),
+            "zero_optimization": ("reduce_bucket_size", "allgather_bucket_size")}
+_BOOLS = {None: ("prescale_gradients", "wall_clock_breakdown"), "fp16": ("enabled",), "bf16": ("enabled",),
+          "zero_optimization": ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions")}
+
+
+def _type_errors(cfg: dict) -> list[str]:
+    """``KEY is "abc": DeepSpeed needs a number here`` for every typed key of the wrong JSON type."""
+    def section(where):
+        node = cfg
+        for key in (where or "").split(".") if where else ():
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else {}
+    errors = []
+    for table, kind, ok in ((_NUMBERS, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+                            (_BOOLS, "true or false", lambda v: isinstance(v, bool))):
+        for where, keys in table.items():
+            node = section(where)
+            for key in keys:
+                if key in node and node[key] is not None and not ok(node[key]):
+                    name = f"{where}.{key}" if where else key
+                    errors.append(f"{name} is {json.dumps(node[key])}: DeepSpeed needs {kind} here")
+    return errors
+
+
 def load_ds_config(path: str) -> dict:
     """The user's DeepSpeed JSON, checked by :func:`check_ds_config`; raises :class:`DSConfigError`."""
     p = Path(path)
@@ -96,6 +126,7 @@ def check_ds_config(cfg: dict, source: str = "ds_config") -> None:
                           f"{', '.join(DEEPSPEED_SCHEDULERS)} (the launcher fills the step counts of "
                           f"{', '.join(_SCHEDULER_STEP_KEYS)}), a torch.optim.lr_scheduler class name, or remove "
                           f"the section for a constant learning rate")
+    errors += _type_errors(cfg)
     if all(isinstance(cfg.get(k), dict) and cfg[k].get("enabled") for k in ("fp16", "bf16")):
         errors.append("fp16.enabled and bf16.enabled are both true; enable one")
     if errors:
@@ -109,11 +140,18 @@ def warmup_steps(total_steps: int, warmup_steps: int | None, warmup_fraction: fl
     return max(1, n)
 
 
-def fill_ds_config(cfg: dict, plan: StagePlan, warmup: int, source: str = "ds_config") -> dict:
+def fill_ds_config(cfg: dict, plan: StagePlan, warmup: int, source: str = "ds_config",
+                   schedule_type: str = "ds_config") -> dict:
     """A copy of ``cfg`` with the batch keys (for the first stage) and scheduler step counts filled in.
 
-    Keys the user already set must equal the launcher's values; ``"auto"`` means "fill it".
+    Keys the user already set must equal the launcher's values; ``"auto"`` means "fill it". With one of our
+    schedules (``schedule_type`` other than ``ds_config``) the JSON must not have its own scheduler: two schedulers
+    would both set the rate.
     """
+    if schedule_type != "ds_config" and "scheduler" in cfg:
+        raise DSConfigError(f"{source} has a \"scheduler\" section ({(cfg['scheduler'] or {}).get('type')}) and the "
+                            f"run config sets schedule.type: {schedule_type}; both would set the learning rate: "
+                            f"remove the scheduler section from the JSON, or set schedule.type: ds_config")
     first = plan.stages[0]
     want = {
         "train_micro_batch_size_per_gpu": first.micro_batch_size,
