@@ -24,7 +24,7 @@ from pathlib import Path
 
 from launcher import steptime
 from data_pipeline.errors import UserError
-from evidence.runs import EvidenceError, parse_lengths, write_json
+from evidence.runs import EvidenceError, check_writable, parse_lengths, write_json
 
 log = logging.getLogger("growlength")
 
@@ -516,6 +516,8 @@ def main(argv=None) -> int:
         if args.ranks < 1 or (gpus is not None and args.ranks > gpus):
             raise EvidenceError(f"--ranks {args.ranks}: must be at least 1" + (f" and at most the {gpus} visible GPUs"
                                 if gpus is not None else "") + " (one process per rank, as in the run)")
+        if args.json:  # before the measurement: a report that cannot be saved is refused, not lost
+            check_writable(args.json, "--json")
         from launcher.ds_config import load_ds_config
         load_ds_config(args.ds_config)
         report = bench(args.preset, parse_lengths(args.lengths), args.tokens_per_batch, args.memory_cap_gb,
@@ -525,7 +527,11 @@ def main(argv=None) -> int:
         return 2
     print(table(report))
     if args.json:
-        log.info("wrote %s", write_json(args.json, report))
+        try:
+            log.info("wrote %s", write_json(args.json, report, "--json"))
+        except EvidenceError as e:
+            log.error("%s (the table above is the report)", e)
+            return 2
     return 0
 
 

@@ -108,6 +108,8 @@ def check_setup(s: Setup) -> None:
     if not 0 < s.valid_fraction < 1:
         raise EvidenceError(f"--valid-fraction {s.valid_fraction}: must be between 0 and 1 (exclusive); every run "
                             f"is validated at the longest length on held-out documents")
+    if s.points < 1:
+        raise EvidenceError(f"--points {s.points}: must be at least 1 (validation points per run)")
     if s.calibration_rounds < 1:
         raise EvidenceError(f"--calibration-rounds {s.calibration_rounds}: must be at least 1")
     if s.calibration_steps < 1:

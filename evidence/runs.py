@@ -155,18 +155,19 @@ def check_writable(path: str | Path, flag: str = "--out") -> Path:
     return check_dir_writable(out.parent, flag, path, EvidenceError)
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (a temporary name beside it, then a rename), creating its directory."""
+def write_text(path: str | Path, text: str, flag: str = "--out") -> Path:
+    """Write a text file atomically (a temporary name beside it, then a rename), creating its directory; an OS error
+    is one line naming the path and ``flag``, the option that chose it."""
     try:
         atomic.write_text(path, text)
     except OSError as e:
-        raise EvidenceError(f"{path}: cannot write it ({e.strerror}); choose another --out") from None
+        raise EvidenceError(f"{path}: cannot write it ({e.strerror}); choose another {flag}") from None
     return Path(path)
 
 
-def write_json(path: str | Path, obj) -> Path:
+def write_json(path: str | Path, obj, flag: str = "--out") -> Path:
     """Write a report as JSON, atomically (a temporary name, then a rename), creating its directory."""
-    return write_text(path, json.dumps(obj, indent=1))
+    return write_text(path, json.dumps(obj, indent=1), flag)
 
 
 # ---- a run stands on its own: where its tokenizer and data are -------------------------------------------------
