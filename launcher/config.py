@@ -309,6 +309,23 @@ class OptimConfig(Section):
 
 
 @dataclass
+class ScheduleConfig(Section):
+    SECTION = "schedule"
+    type: str = doc("learning-rate schedule: ds_config (the ds_config's scheduler section, step counts from "
+                    "optimisation.warmup_*), or ours, counted in tokens: constant, cosine or wsd "
+                    "(warmup-stable-decay); ours needs a ds_config without a scheduler section (docs/training.md)",
+                    "ds_config", choices=("ds_config", "constant", "cosine", "wsd"))
+    warmup: float = doc("linear warmup as a share of the run's tokens (ours)", 0.01, ge=0, lt=1)
+    decay: float = doc("wsd: the decay's share of the run's tokens, at its end (ignored with decay_from_stage)", 0.2,
+                       ge=0, le=1)
+    decay_from_stage: int | None = doc("wsd: start the decay at the first step of this stage (0-based); null = "
+                                       "use decay", None, ge=0)
+    decay_shape: str = doc("wsd: linear, cosine or 1-sqrt, from the peak to min_lr_ratio * peak", "linear",
+                           choices=("linear", "cosine", "1-sqrt"))
+    min_lr_ratio: float = doc("the rate at the end of the decay, as a share of the peak (ours)", 0.0, ge=0, le=1)
+
+
+@dataclass
 class CheckpointConfig(Section):
     SECTION = "checkpointing"
     interval_steps: int = doc("save every N optimizer steps (0 = only at stage ends, on signals and at the end)", 1000,
@@ -370,18 +387,25 @@ class RunConfig(Section):
     growlength: GrowLengthConfig = doc("stage plan section", factory=GrowLengthConfig)
     optimisation: OptimConfig = doc("optimisation section (optimizer and scheduler types live in ds_config)",
                                     factory=OptimConfig)
+    schedule: ScheduleConfig = doc("learning-rate schedule section (ds_config's, or ours: constant, cosine, wsd)",
+                                   factory=ScheduleConfig)
     checkpointing: CheckpointConfig = doc("checkpoint section", factory=CheckpointConfig)
     logging: LoggingConfig = doc("logging section", factory=LoggingConfig)
 
     def problems(self, failed: set[str]) -> list[str]:
+        problems = []
+        if self.schedule.type != "ds_config" and self.optimisation.warmup_steps is not None:
+            problems.append(f"optimisation.warmup_steps is {self.optimisation.warmup_steps} but schedule.type "
+                            f"{self.schedule.type} takes its warmup from schedule.warmup (a share of the tokens); "
+                            f"set optimisation.warmup_steps: null")
         if "run_dir" in failed:
-            return []
+            return problems
         run_dir = Path(self.run_dir)
         blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
         if blocker is not None and not blocker.is_dir():
-            return [f"run_dir {self.run_dir}: {blocker} is a file, not a directory; choose another run_dir "
-                    f"(or move the file away)"]
-        return []
+            problems.append(f"run_dir {self.run_dir}: {blocker} is a file, not a directory; choose another run_dir "
+                            f"(or move the file away)")
+        return problems
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -140,11 +140,18 @@ def warmup_steps(total_steps: int, warmup_steps: int | None, warmup_fraction: fl
     return max(1, n)
 
 
-def fill_ds_config(cfg: dict, plan: StagePlan, warmup: int, source: str = "ds_config") -> dict:
+def fill_ds_config(cfg: dict, plan: StagePlan, warmup: int, source: str = "ds_config",
+                   schedule_type: str = "ds_config") -> dict:
     """A copy of ``cfg`` with the batch keys (for the first stage) and scheduler step counts filled in.
 
-    Keys the user already set must equal the launcher's values; ``"auto"`` means "fill it".
+    Keys the user already set must equal the launcher's values; ``"auto"`` means "fill it". With one of our
+    schedules (``schedule_type`` other than ``ds_config``) the JSON must not have its own scheduler: two schedulers
+    would both set the rate.
     """
+    if schedule_type != "ds_config" and "scheduler" in cfg:
+        raise DSConfigError(f"{source} has a \"scheduler\" section ({(cfg['scheduler'] or {}).get('type')}) and the "
+                            f"run config sets schedule.type: {schedule_type}; both would set the learning rate: "
+                            f"remove the scheduler section from the JSON, or set schedule.type: ds_config")
     first = plan.stages[0]
     want = {
         "train_micro_batch_size_per_gpu": first.micro_batch_size,

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from launcher import distributed  # noqa: E402
 from launcher.checkpoint import CheckpointError  # noqa: E402
 from launcher.distributed import DIST_TIMEOUT, RANK0_TIMEOUT  # noqa: E402
+from launcher.schedule import LRSchedule, ScheduledLR  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,18 @@ def init_distributed() -> tuple[int, int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 
-def create_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict] | None = None):
+def create_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict] | None = None,
+                  lr_schedule: LRSchedule | None = None):
     """One ZeRO engine for the whole run; stages change its batch sizes, never the engine.
 
     ``param_groups`` (torch optimizer groups) go to the optimizer DeepSpeed builds from the JSON; a group without
-    its own ``weight_decay`` takes the JSON's value."""
+    its own ``weight_decay`` takes the JSON's value. ``lr_schedule`` (ours) becomes the engine's scheduler, which it
+    steps after each update and checkpoints; None leaves the JSON's scheduler section (if any) in charge."""
     params = param_groups if param_groups is not None else model.parameters()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=cpu_adam_or_fallback(ds_config))
+    # a factory, not an object: DeepSpeed hands it the optimizer it built from the JSON
+    scheduler = (lambda optimizer: ScheduledLR(optimizer, lr_schedule)) if lr_schedule is not None else None
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=cpu_adam_or_fallback(ds_config),
+                                           lr_scheduler=scheduler)
     log.info("optimizer %s%s", type(engine.basic_optimizer).__name__,
              " (ZeRO-Offload: the update runs on the CPU)" if engine.zero_cpu_offload() else "")
     return engine
@@ -125,6 +131,8 @@ def load_checkpoint(engine, load_dir: str, tag: str) -> None:
     path, _ = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:
         raise CheckpointError(f"{load_dir}/{tag}: DeepSpeed found no checkpoint there; resume from another one")
+    if isinstance(engine.lr_scheduler, ScheduledLR):  # ours decides the rate, not the optimizer's restored groups
+        engine.lr_scheduler.apply()
 
 
 def close() -> None:

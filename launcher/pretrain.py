@@ -35,6 +35,7 @@ from launcher import modeling, rundir
 from launcher.config import RunConfig, load_config
 from launcher.data import TrainData, prepare_data
 from launcher.ds_config import fill_ds_config, load_ds_config, warmup_steps
+from launcher import schedule as lr_schedules
 from launcher.faults import FaultInjection
 from launcher.metrics import MetricsWriter, eta_seconds, peak_tflops, step_line, step_throughput, summary_lines
 from launcher.optim import describe as describe_groups, param_groups
@@ -368,7 +369,9 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
                             step_seconds=lambda stages: modeling.probe_step_times(model_config, rank, stages, dtype))
     ds_config = fill_ds_config(user_ds_config, plan,
                                warmup_steps(plan.total_steps, cfg.optimisation.warmup_steps,
-                                            cfg.optimisation.warmup_fraction), source=ds_config_path)
+                                            cfg.optimisation.warmup_fraction), source=ds_config_path,
+                               schedule_type=cfg.schedule.type)
+    lr_schedule = lr_schedules.resolve(cfg.schedule, plan)
     if saved:  # before anything expensive: the checkpoint must fit this run's plan, data, split and model
         current = ckpt.run_state(cfg, plan, data, model_config, ckpt.Progress(), {}, world)
         for diff in ckpt.check_compatible(saved, current, resume_from, cfg.checkpointing.resume_force):
@@ -376,6 +379,8 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     data.build_index(plan)
     check_validation(data, plan, cfg)
     log.info("GrowLength plan (%s):\n%s", plan.fingerprint(), plan.table())
+    if lr_schedule is not None:
+        log.info("%s", lr_schedule.summary())
     if rank == 0:
         data.tokenizer_in_run = rundir.copy_tokenizer(data.tokenizer, run_dir)
     model = modeling.build_model(cfg, model_config, resuming=saved is not None)
@@ -385,7 +390,7 @@ def _run(cfg: RunConfig, ds_config_path: str, rank: int, world: int, preemption:
     groups = param_groups(model)
     log.info("weight decay %s: %s", user_ds_config.get("optimizer", {}).get("params", {}).get("weight_decay"),
              describe_groups(groups))
-    engine = ds.create_engine(model, ds_config, groups)
+    engine = ds.create_engine(model, ds_config, groups, lr_schedule)
     progress = ckpt.Progress()
     if saved:
         progress = resume(cfg, engine, saved, resume_from, rank)

@@ -44,6 +44,8 @@ FIELDS: dict[str, tuple[str, str]] = {
     "growlength.max_time_s": (RUNTIME, "a wall-clock budget may be extended"),
     "optimisation.warmup_fraction": (RUN, "moves the learning rate mid-run"),
     "optimisation.warmup_steps": (RUN, "moves the learning rate mid-run"),
+    **{f"schedule.{name}": (RUN, "moves the learning rate mid-run") for name in (
+        "type", "warmup", "decay", "decay_from_stage", "decay_shape", "min_lr_ratio")},
     **{f"checkpointing.{name}": (RUNTIME, "when and how checkpoints are saved and chosen") for name in (
         "interval_steps", "keep_last", "at_stage_end", "resume", "resume_force", "start_over")},
     **{f"logging.{name}": (RUNTIME, "what is measured and reported, not what trains") for name in (
