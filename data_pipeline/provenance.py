@@ -117,3 +117,66 @@ def check_checkpoint_tokenizer(directory: str, tokenizer, flag: str) -> None:
                        f"not the run's {tokenizer.path} ({TokenizerIdentity.of(tokenizer).describe()}): its ids mean "
                        f"other text; preprocess the data with the checkpoint's tokenizer (--tokenizer-model "
                        f"{directory}) and set data.tokenizer to it")
+
+
+class DataFiles:
+    """The size, inode and modification time of a dataset's `.bin`/`.idx` when a run opened them: `check` says, in
+    one line naming the file, that one was rewritten or replaced under the run (which memory-maps them: reads past a
+    truncation end the process with SIGBUS). Cheap (two stat calls): run it at start, at stage switches and before
+    each checkpoint, so no checkpoint is saved of steps that read changed data."""
+
+    def __init__(self, prefix: str):
+        self.paths = (f"{prefix}.bin", f"{prefix}.idx")
+        self.stamps = {p: _stamp(p) for p in self.paths}
+
+    def name_on_sigbus(self) -> None:
+        """From now on a SIGBUS (a read of a memory-mapped file that shrank under the process) prints one line
+        naming these files and exits 135, instead of a bare "Bus error". Process-wide; the last call wins."""
+        name_files_on_sigbus(self.paths)
+
+    def check(self, when: str) -> None:
+        for path, then in self.stamps.items():
+            now = _stamp(path)
+            if now != then:
+                what = ("removed" if now is None else f"replaced by another file of {now[0]:,} bytes"
+                        if now[1] != then[1] else f"rewritten in place ({then[0]:,} -> {now[0]:,} bytes)")
+                raise DatasetError(f"{path}: {what} while this run reads it (found {when}); the steps since may "
+                                   f"have read other data, so nothing more is saved: restore the data the run "
+                                   f"started with and resume from the last checkpoint, or start a new run_dir on "
+                                   f"the new data")
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_ino, st.st_mtime_ns
+
+
+_sigbus: dict = {}  # the installed C callback (kept alive) and its message
+
+
+def name_files_on_sigbus(paths) -> None:
+    """Install a SIGBUS handler that writes one line naming `paths` to stderr and exits 128 + SIGBUS. A Python
+    `signal.signal` handler cannot do this: the faulting read would repeat forever before Python code runs; this
+    one is a C-level handler (ctypes) that ends the process from inside the fault."""
+    import ctypes
+    import signal
+
+    message = (f"error: Bus error (SIGBUS) reading memory-mapped data ({', '.join(paths)}): a file was truncated or "
+               f"rewritten under this run; restore the data the run started with and resume from the last "
+               f"checkpoint\n").encode()
+    if "callback" not in _sigbus:
+        handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+
+        def on_sigbus(signum):
+            os.write(2, _sigbus["message"])
+            os._exit(128 + signum)
+
+        libc = ctypes.CDLL(None)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, handler_type]
+        _sigbus["callback"] = handler_type(on_sigbus)
+        libc.signal(signal.SIGBUS, _sigbus["callback"])
+    _sigbus["message"] = message

@@ -408,6 +408,8 @@ def bench(preset: str, lengths: list[int], tokens_per_batch: int, memory_cap_gb:
     import torch
 
     check_args(preset, lengths, tokens_per_batch, memory_cap_gb, steps, repeats)
+    if vocab_size is not None and vocab_size < 1:
+        raise EvidenceError(f"--vocab-size {vocab_size}: must be at least 1 (omit it for the preset's vocabulary)")
     vocab_size = vocab_size or DEFAULT_VOCAB.get(preset, PYTHIA_VOCAB)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -87,6 +87,10 @@ def check_setup(s: Setup) -> None:
     if [s.budget_seconds, s.budget_tokens, s.budget_calibrated].count(None) != 2:
         raise EvidenceError("give exactly one budget: --budget-seconds S (equal wall-clock), "
                             "--budget-calibrated-seconds C (equal calibrated time) or --budget-tokens N")
+    for flag, value in (("--ranks", s.ranks), ("--tokens-per-step", s.tokens_per_step),
+                        ("--eval-tokens", s.eval_tokens)):
+        if value < 1:
+            raise EvidenceError(f"{flag} {value}: must be at least 1")
     if s.budget_seconds is not None and s.budget_seconds <= 0:
         raise EvidenceError(f"--budget-seconds {s.budget_seconds}: must be positive")
     if s.budget_calibrated is not None and s.budget_calibrated <= 0:

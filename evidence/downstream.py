@@ -104,6 +104,11 @@ def report_paths(out: str | None, found: Path | None, state: ckpt.CheckpointStat
 def run(checkpoint: str, tasks: str, limit: float | None = None, out: str | None = None, batch_size: int = 8,
         device: str = "cpu", bootstrap_iters: int = 100000, log_samples: bool = False) -> tuple[Path, Path, dict]:
     """Export (if needed), evaluate and write the JSON and markdown reports; returns their paths and the results."""
+    if limit is not None and limit <= 0:
+        raise EvidenceError(f"--limit {limit}: must be positive (documents per task, a fraction when < 1)")
+    if batch_size < 1 or bootstrap_iters < 0:
+        raise EvidenceError(f"--batch-size {batch_size} --bootstrap-iters {bootstrap_iters}: the batch size must be at "
+                            f"least 1 and the bootstrap resamples at least 0")
     names, include = parse_tasks(tasks)
     with tempfile.TemporaryDirectory(prefix="growlength-downstream-") as tmp:
         hf_dir, state, found = resolve_model(checkpoint, Path(tmp))

@@ -159,6 +159,8 @@ def evaluate(checkpoint: str, data_prefix: str | None = None, lengths: list[int]
         raise EvidenceError(f"lengths {lengths}: every length must be a positive number of tokens")
     if tokens is not None and tokens <= 0:
         raise EvidenceError(f"--tokens {tokens}: must be a positive number of tokens per length")
+    if tokens_per_batch <= 0:
+        raise EvidenceError(f"--tokens-per-batch {tokens_per_batch}: must be a positive number of tokens")
     if split not in ("auto", "run", "all"):
         raise EvidenceError(f"--split {split!r}: choose auto, run or all")
     where, compute_dtype = compute_device(device, dtype)

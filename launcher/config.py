@@ -175,12 +175,79 @@ class DataConfig(Section):
                                 ge=0, lt=1)
     epochs: str = doc("when the plan needs more tokens than the data has: 'repeat' (reshuffled epochs) or 'error'",
                       "repeat", choices=("repeat", "error"))
+    sources: object = doc("a mixture instead of prefix: [{name: web, prefix: data/web, weight: 0.7}, "
+                                     "...] or Megatron's \"0.7 data/web 0.3 data/books\" (names = the prefixes' "
+                                     "file names); all made by data.tokenizer", None)
 
     def problems(self, failed: set[str]) -> list[str]:
-        if not failed & {"prefix", "tokenizer"} and (self.prefix is None) != (self.tokenizer is None):
+        if failed & {"prefix", "tokenizer"}:
+            return []
+        if self.sources is not None:
+            if self.prefix is not None:
+                return ["data.prefix and data.sources exclude each other: give one corpus as prefix, or a mixture "
+                        "as sources"]
+            if self.tokenizer is None:
+                return ["data.sources needs data.tokenizer: the one tokenizer that made every source"]
+            try:
+                self.source_list()
+            except ConfigError as e:
+                return [str(e)]
+            return []
+        if (self.prefix is None) != (self.tokenizer is None):
             return ["data.prefix and data.tokenizer go together: set both (your corpus and the "
                     "sentencepiece model that made it) or neither (the built-in corpus)"]
         return []
+
+    def source_list(self) -> list[tuple[str, str, float]]:
+        """The mixture as [(name, prefix, weight)] in the given order (weights as given); [] without sources."""
+        return parse_sources(self.sources) if self.sources is not None else []
+
+
+def parse_sources(sources: list | str) -> list[tuple[str, str, float]]:
+    """data.sources in either form, checked: unique names, positive finite weights. Raises ConfigError."""
+    if isinstance(sources, str):
+        sources = _megatron_data_path(sources)
+    if not isinstance(sources, list) or not sources:
+        raise ConfigError("data.sources must be a non-empty list of {name, prefix, weight} or a string "
+                          "\"0.7 data/web 0.3 data/books\"")
+    out = []
+    for i, entry in enumerate(sources):
+        where = f"data.sources[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"name", "prefix", "weight"}:
+            raise ConfigError(f"{where} must be a mapping with exactly name, prefix and weight, got {entry!r}")
+        name, prefix, weight = entry["name"], entry["prefix"], entry["weight"]
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name) or "/" in name:
+            raise ConfigError(f"{where}.name must be a non-empty word without spaces or '/', got {name!r}")
+        if not isinstance(prefix, str) or not prefix:
+            raise ConfigError(f"{where}.prefix must be a .bin/.idx prefix (a path without the extension), "
+                              f"got {prefix!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ConfigError(f"{where}.weight must be a positive number, got {weight!r}")
+        out.append((name, prefix, float(weight)))
+    names = [n for n, _, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"data.sources: names {dup} appear more than once; give each source its own name")
+    return out
+
+
+def _megatron_data_path(text: str) -> list[dict]:
+    """Megatron's --data-path "W1 PREFIX1 W2 PREFIX2 ..." as sources named by each prefix's file name."""
+    words = text.split()
+    weights, prefixes = words[0::2], words[1::2]
+    bad = next((w for w in weights if not _is_number(w)), None)
+    if not words or len(words) % 2 or bad is not None:
+        raise ConfigError(f"data.sources {text!r}: expected weight/prefix pairs like \"0.7 data/web 0.3 "
+                          f"data/books\"" + (f"; {bad!r} is not a weight" if bad is not None else ""))
+    return [{"name": Path(p).name, "prefix": p, "weight": float(w)} for w, p in zip(weights, prefixes)]
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+        return True
+    except ValueError:
+        return False
 
 
 class _ModelRules(Section):
@@ -232,7 +299,8 @@ ModelSection = _model_section()
 
 # the keys of one growlength.stages entry: (type, bounds), checked like the fields
 STAGE_KEYS = {"seq_len": (int, {"ge": 1}), "tokens": (int, {"ge": 1}), "share": (float, {"gt": 0, "le": 1}),
-              "time_share": (float, {"gt": 0, "le": 1}), "max_tokens_per_micro_batch": (int, {"ge": 1})}
+              "time_share": (float, {"gt": 0, "le": 1}), "max_tokens_per_micro_batch": (int, {"ge": 1}),
+              "mixture": (dict, {})}
 BUDGET_KEYS = ("tokens", "share", "time_share")
 
 
@@ -269,7 +337,7 @@ class GrowLengthConfig(Section):
             extra = set(s) - set(STAGE_KEYS)
             if extra:
                 problems.append(f"{where} has unknown keys {sorted(extra)}; valid: seq_len, one of tokens, "
-                                f"share, time_share, and optionally max_tokens_per_micro_batch")
+                                f"share, time_share, and optionally max_tokens_per_micro_batch, mixture")
             given = [k for k in BUDGET_KEYS if k in s]
             if len(given) != 1:
                 problems.append(f"{where} must give exactly one budget (tokens, share or time_share), "
@@ -393,7 +461,7 @@ class RunConfig(Section):
     logging: LoggingConfig = doc("logging section", factory=LoggingConfig)
 
     def problems(self, failed: set[str]) -> list[str]:
-        problems = []
+        problems = self.mixture_problems()
         if self.schedule.type != "ds_config" and self.optimisation.warmup_steps is not None:
             problems.append(f"optimisation.warmup_steps is {self.optimisation.warmup_steps} but schedule.type "
                             f"{self.schedule.type} takes its warmup from schedule.warmup (a share of the tokens); "
@@ -403,9 +471,39 @@ class RunConfig(Section):
         run_dir = Path(self.run_dir)
         blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
         if blocker is not None and not blocker.is_dir():
-            problems.append(f"run_dir {self.run_dir}: {blocker} is a file, not a directory; choose another run_dir "
-                            f"(or move the file away)")
+            problems.append(f"run_dir {self.run_dir}: {blocker} is a file, not a directory; choose another "
+                            f"run_dir (or move the file away)")
         return problems
+
+    def mixture_problems(self) -> list[str]:
+        """Each stage's mixture names sources of data.sources, with non-negative weights not all zero."""
+        names = [n for n, _, _ in self.data.source_list()]
+        problems = []
+        for i, stage in enumerate(self.growlength.stages):
+            mix = stage.get("mixture") if isinstance(stage, dict) else None
+            if mix is None:
+                continue
+            where = f"growlength.stages[{i}].mixture"
+            if not names:
+                problems.append(f"{where} needs data.sources (a mixture of named sources), not data.prefix")
+                continue
+            unknown = sorted(set(mix) - set(names))
+            if unknown:
+                problems.append(f"{where} names {unknown}, not in data.sources {names}")
+            weights = list(mix.values())
+            if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")
+                   for w in weights) or not sum(weights) > 0:
+                problems.append(f"{where} weights must be non-negative numbers, not all zero, got {mix!r}")
+        return problems
+
+    def stage_mixtures(self) -> list[dict[str, float]]:
+        """Each stage's weights by source name: its own mixture (unnamed sources weigh 0), else data.sources'."""
+        base = {n: w for n, _, w in self.data.source_list()}
+        out = []
+        for stage in self.growlength.stages:
+            mix = stage.get("mixture")
+            out.append({n: float(mix.get(n, 0.0)) for n in base} if mix is not None else dict(base))
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,7 +18,7 @@ from data_pipeline.errors import DatasetError
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.loader import StageLoader, window_batches
 from data_pipeline.samples import GrowLengthSamples, data_fingerprint
-from data_pipeline.provenance import check_tokenizer
+from data_pipeline.provenance import DataFiles, check_tokenizer
 from data_pipeline.tokenizer import Tokenizer
 from launcher import distributed as dist
 from launcher.config import RunConfig
@@ -59,6 +59,12 @@ class TrainData:
     samples: GrowLengthSamples | None = None
     plan: StagePlan | None = None
     tokenizer_in_run: str | None = None  # the run directory's copy of the tokenizer (relative to RUN_DIR)
+    files: DataFiles | None = None  # the .bin/.idx as opened: checked at stage switches and before each save
+
+    def check_files(self, when: str) -> None:
+        """Refuse to go on with data rewritten under the run (one line naming the file)."""
+        if self.files is not None:
+            self.files.check(when)
 
     @property
     def has_validation(self) -> bool:
@@ -110,8 +116,27 @@ class TrainData:
                               self.rank, self.world, self.document_masking)
 
 
+def check_sources(cfg: RunConfig) -> Tokenizer:
+    """Every source of data.sources exists and was made by data.tokenizer (its identity sidecar: vocabulary and
+    EOD; without one, its largest token id against the vocabulary). Returns the shared tokenizer."""
+    d = cfg.data
+    if not Path(d.tokenizer).exists():
+        raise DatasetError(f"data.tokenizer {d.tokenizer}: no such file; give the tokenizer that preprocessed every "
+                           f"source of data.sources")
+    tokenizer = Tokenizer(str(d.tokenizer))
+    for name, prefix, _ in d.source_list():
+        data_fingerprint(prefix)  # refuses a missing .bin/.idx with the file named
+        if not check_tokenizer(prefix, tokenizer, f"data.tokenizer (source {name})"):
+            check_vocab(IndexedDataset(prefix), tokenizer, prefix)
+    return tokenizer
+
+
 def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
     d = cfg.data
+    if d.sources is not None:
+        check_sources(cfg)
+        raise DatasetError("data.sources: the mixture is checked, but training on a mixture is not wired into the "
+                           "run yet; train on one corpus with data.prefix (or merge the sources with growlength-merge)")
     if d.prefix is None:
         dist.wait_for_rank0(lambda: prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size), rank, world)
         tokenizer_path, prefix = prepare_builtin_dataset(d.builtin_dir, vocab_size=d.builtin_vocab_size)
@@ -121,8 +146,10 @@ def prepare_data(cfg: RunConfig, rank: int, world: int) -> TrainData:
         raise DatasetError(f"data.tokenizer {tokenizer_path}: no such file; give the tokenizer that preprocessed "
                            f"{prefix} (a sentencepiece .model, a tokenizer.json or its directory)")
     tokenizer = Tokenizer(str(tokenizer_path))
+    files = DataFiles(str(prefix))
+    files.name_on_sigbus()
     dataset = IndexedDataset(str(prefix))
     if not check_tokenizer(str(prefix), tokenizer, "data.tokenizer"):  # no record: the largest-id check
         check_vocab(dataset, tokenizer, str(prefix))
     return TrainData(cfg=cfg, prefix=str(prefix), tokenizer_path=str(tokenizer_path), tokenizer=tokenizer,
-                     fingerprint=data_fingerprint(str(prefix)), rank=rank, world=world)
+                     fingerprint=data_fingerprint(str(prefix)), rank=rank, world=world, files=files)

@@ -136,6 +136,7 @@ class Trainer:
                 t_switch = self.clock()
                 # ---- GrowLength stage switch: same engine, new micro-batch, next slice of the stream ----
                 previous, stage = stage, plan.stage_at(p.step)
+                self.data.check_files(f"at the switch to stage {stage.index}")
                 ds.set_stage_batch(self.engine, stage.micro_batch_size, stage.grad_accum, self.world)
                 if self.loader is not None:
                     self.loader.close()  # the finished stage's prefetch thread
@@ -312,6 +313,7 @@ class Trainer:
     def save(self) -> None:
         root = ckpt.checkpoint_root(self.run_dir)
         tag = ckpt.tag_for(self.progress.step)
+        self.data.check_files(f"before the checkpoint of step {self.progress.step}")
         t0 = self.clock()
         ckpt.prepare_dir(root, tag, self.rank)
         dist.barrier()

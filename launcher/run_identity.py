@@ -28,6 +28,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "data.cache_dir": (RUNTIME, "where sample indices are cached"),
     "data.valid_fraction": (RUN, "changes which documents train"),
     "data.epochs": (RUN, "changes the data order"),
+    "data.sources": (DATA, "the training corpora of a mixture and their weights"),
     "model.preset": (MODEL, "the architecture"),
     "model.compile": (RUNTIME, "how the blocks execute"),
     "model.init_from_hf": (MODEL, "where the initial weights came from"),

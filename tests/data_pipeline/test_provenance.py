@@ -118,3 +118,41 @@ def test_inspect_reports_and_checks_the_record(tokenized, sp_model, bpe_dir, tmp
         shutil.copy(tokenized + ext, plain + ext)
     assert insp.main([plain]) == 0
     assert "tokenizer   not recorded (no " in capsys.readouterr().out
+
+
+def test_data_files_changed_under_a_reader(tmp_path, tokenized):
+    from data_pipeline.provenance import DataFiles
+    p = str(tmp_path / "p")
+    for ext in EXTS:
+        shutil.copy(tokenized + ext, p + ext)
+    files = DataFiles(p)
+    files.check("at start")  # unchanged: nothing to say
+    size = os.path.getsize(p + ".bin")
+    with open(p + ".bin", "r+b") as f:
+        f.truncate(size - 2)
+    with pytest.raises(DatasetError, match=rf"p\.bin: rewritten in place \({size:,} -> {size - 2:,} bytes\) while "
+                                           r"this run reads it \(found before the checkpoint of step 2\)"):
+        files.check("before the checkpoint of step 2")
+    files = DataFiles(p)
+    os.remove(p + ".idx")
+    with pytest.raises(DatasetError, match=r"p\.idx: removed while this run reads it \(found now\)"):
+        files.check("now")
+
+
+@pytest.mark.slow
+def test_a_bus_error_names_the_mapped_data(tmp_path, tokenized):
+    """A read past a truncation (SIGBUS from the memory map) ends the process with one line naming the files."""
+    import subprocess
+    import sys
+    p = str(tmp_path / "p")
+    for ext in (".bin", ".idx"):
+        shutil.copy(tokenized + ext, p + ext)
+    code = (f"import os, numpy as np\nfrom data_pipeline.indexed_dataset import IndexedDataset\n"
+            f"from data_pipeline.provenance import DataFiles\nDataFiles({p!r}).name_on_sigbus()\n"
+            f"ds = IndexedDataset({p!r})\nos.truncate({p + '.bin'!r}, 0)\nprint(int(np.asarray(ds.tokens).sum()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 135, proc.stderr
+    assert proc.stderr.strip() == (f"error: Bus error (SIGBUS) reading memory-mapped data ({p}.bin, {p}.idx): a file "
+                                   f"was truncated or rewritten under this run; restore the data the run started "
+                                   f"with and resume from the last checkpoint")

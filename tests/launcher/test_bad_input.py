@@ -81,3 +81,24 @@ def test_memory_probe_file(run, tmp_path):
     probe.write_text(json.dumps({"lengths": [{"seq_len": 16, "max_tokens_per_batch": 4096}]}))
     assert_refused(run("growlength.grad_accum=null", f"growlength.micro_batch_probe={probe}"),
                    "seq_len 32 is longer than every length in the probe", run.run_dir)
+
+
+def test_data_rewritten_under_the_run_stops_it_before_the_next_checkpoint(run, tmp_path, tokenized, monkeypatch):
+    """A .bin rewritten in place after step 1: the save of step 2 is refused, naming the file; no checkpoint of
+    steps that read changed data."""
+    from launcher import faults
+
+    data = tmp_path / "data"
+    for ext in (".bin", ".idx", ".tokenizer.json"):
+        shutil.copy(tokenized + ext, str(data) + ext)
+
+    def rewrite(self, step):
+        if step == 1:
+            with open(str(data) + ".bin", "r+b") as f:  # same inode, same size: only the contents change
+                f.write(b"\x01\x00" * 8)
+
+    monkeypatch.setattr(faults.FaultInjection, "after_step", rewrite)
+    code, out = run("checkpointing.interval_steps=2", prefix=str(data))
+    assert code == 2, out
+    assert f"{data}.bin: rewritten in place (" in out and "found before the checkpoint of step 2" in out
+    assert not (run.run_dir / "checkpoints" / "step_00000002").exists()

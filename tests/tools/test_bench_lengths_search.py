@@ -57,3 +57,22 @@ def test_cpu_fit_too_costly_to_measure_is_a_labelled_prediction(memory):
     assert how == "predicted" and memory == [16]  # the half point only: no measurement at ~12k sequences
     assert bl.measurement_flops("pythia-70m", 8192, 128, mb) > bl.CPU_VERIFY_FLOPS
     assert mb == int(((12 << 30) * (1 - bl.CPU_HEADROOM) - 100 * MiB) // MiB)
+
+
+def test_gpu_search_runs_in_one_process_over_the_process_group(monkeypatch):
+    """search_max_batch itself (what each rank's process runs on a GPU), on a process group of one: the tries
+    in order, each agreed over the group, with a measurement that runs out of memory above 300 sequences."""
+    from launcher import steptime
+
+    def fake(preset, vocab_size, seq_len, micro_batch, dtype, seed, warmup_micro_batch, ds_config):
+        if micro_batch > 300:
+            raise steptime.OutOfMemory(seq_len, "CUDA out of memory (stand-in)")
+        return {"peak_bytes": micro_batch * MiB}
+
+    monkeypatch.setattr(bl, "_measure_memory", fake)
+    found = bl.search_max_batch("tiny", 1000, 64, "bf16", 32, bl.DEFAULT_DS_CONFIG)
+    assert found["max_micro_batch"] == 288
+    assert [(t["micro_batch"], t["fits"]) for t in found["tries"]] == [
+        (64, True), (128, True), (256, True), (512, False), (384, False), (320, False), (288, True), (304, False)]
+    import torch.distributed as dist
+    assert not dist.is_initialized()  # the group it started is closed

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from evidence import bench_lengths, compare
+from evidence import bench_lengths, compare, downstream, evaluate
+from evidence.runs import EvidenceError
 
 
 def files(root: Path) -> dict:
@@ -42,3 +43,23 @@ def test_compare_refuses_zero_points_before_any_run(tmp_path, caplog):
                        "--shares", "0.5,0.5", "--tokens-per-step", "512", "--points", "0"])
     assert rc == 2 and "--points 0: must be at least 1" in caplog.text
     assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--ranks", "0"), ("--tokens-per-step", "0"), ("--eval-tokens", "0")])
+def test_compare_refuses_a_zero_count_before_any_run(tmp_path, caplog, flag, value):
+    rc = compare.main(["--budget-tokens", "4096", "--out", str(tmp_path / "cmp"), "--lengths", "32,64",
+                       "--shares", "0.5,0.5", "--tokens-per-step", "512", flag, value])
+    assert rc == 2 and f"{flag} {value}: must be at least 1" in caplog.text
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_the_other_tools_refuse_zero_counts_before_loading_anything(tmp_path):
+    missing = str(tmp_path / "no-run")  # never opened: the numbers are checked first
+    with pytest.raises(EvidenceError, match="^--tokens-per-batch 0: must be a positive number"):
+        evaluate.evaluate(missing, lengths=[32], tokens_per_batch=0, device="cpu")
+    with pytest.raises(EvidenceError, match="^--batch-size 0 --bootstrap-iters 100000: the batch size must be"):
+        downstream.run(missing, "hellaswag", batch_size=0)
+    with pytest.raises(EvidenceError, match="^--limit 0.0: must be positive"):
+        downstream.run(missing, "hellaswag", limit=0.0)
+    with pytest.raises(EvidenceError, match="^--vocab-size 0: must be at least 1"):
+        bench_lengths.bench("tiny", [32], 256, vocab_size=0)
