@@ -96,7 +96,10 @@ def check_data_fits(prefix: str, loaded: Loaded) -> None:
             except EvidenceError:
                 tokenizer_path = None  # only the vocabulary can be checked
         else:
-            tokenizer_path = loaded.source if (Path(loaded.source) / "tokenizer.json").is_file() else None
+            # an export keeps the sentencepiece model it converted (tokenizer.model): that file made the data
+            src = Path(loaded.source)
+            tokenizer_path = (str(src / "tokenizer.model") if (src / "tokenizer.model").is_file() else
+                              loaded.source if (src / "tokenizer.json").is_file() else None)
         if tokenizer_path is not None:
             check_tokenizer(prefix, Tokenizer(tokenizer_path), f"--checkpoint {loaded.source}: its tokenizer")
         if identity.vocab_size > vocab:

@@ -8,7 +8,7 @@ from runner import assert_refused
 
 
 def test_unknown_preset(run):
-    assert_refused(run("model.preset=pythia-7b"), "model.preset must be 'tiny' or 'pythia-70m' or",
+    assert_refused(run("model.preset=pythia-7b"), "model.preset must be 'tiny' or 'narrow-4x128' or 'pythia-70m' or",
                    run.run_dir)
 
 

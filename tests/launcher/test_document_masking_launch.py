@@ -41,7 +41,7 @@ def test_masked_run_loss_flops_validation_evaluate_and_export(run, fp32_ds_confi
     code, out = run(*MASKING, STAGES, "logging.eval_tokens=1024", "logging.log_interval=1",
                     ds_config=fp32_ds_config)
     assert code == 0, out
-    assert "attention torch SDPA(block-causal mask within documents), positions reset per document" in out
+    assert "attention torch SDPA(dense block-causal mask within documents, CPU), positions reset per document" in out
     records = [r for r in read_metrics(run.run_dir) if "kind" not in r]
     assert [r["seq_len"] for r in records] == [32, 32, 64, 64]
     # step 1 independently: the initial weights, the stage's first 32 windows, boundaries from their EODs

@@ -61,7 +61,7 @@ def test_family_defaults_and_preset_implies_family():
 
 @pytest.mark.parametrize("name, kwargs, match", [
     ("tiny-llama", dict(family="gpt-neox"), r"family='gpt-neox' disagrees with preset 'tiny-llama', a llama model: "
-                                            r"drop the family setting .* or choose a gpt-neox preset: tiny, pythia"),
+                                            r"drop the family setting .* or choose a gpt-neox preset: tiny, narrow-4x128, pythia"),
     ("tiny", dict(family="llama"), r"family='llama' disagrees with preset 'tiny', a gpt-neox model.*tiny-llama, "
                                    r"smollm2-135m"),
 ])

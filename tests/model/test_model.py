@@ -66,7 +66,7 @@ def test_ntk_needs_more_than_two_rotary_dims():
 
 
 def test_unknown_preset_and_unknown_override():
-    with pytest.raises(ValueError, match=r"unknown model preset 'pythia-7b': choose one of tiny, pythia-70m"):
+    with pytest.raises(ValueError, match=r"unknown model preset 'pythia-7b': choose one of tiny, narrow-4x128, pythia-70m"):
         ModelConfig.from_preset("pythia-7b", vocab_size=300)
     with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['n_layer'\]: valid fields are"):
         ModelConfig.from_preset("tiny", vocab_size=300, n_layer=3)
