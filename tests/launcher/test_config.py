@@ -138,6 +138,7 @@ MODEL_VALUES = {
     "activation_checkpointing": ("tiny", True), "document_masking": ("tiny", True),
     "reset_position_ids": ("tiny", True), "init_std": ("tiny", 0.01), "output_init_std": ("tiny", 0.003),
     "vocab_pad_multiple": ("tiny", 64), "deterministic_attention": ("tiny", True),
+    "z_loss": ("tiny", 1e-4),
 }
 
 

@@ -14,9 +14,9 @@ marks = {}
 _build = modeling.build_model
 
 
-def build_model(cfg, model_config):
+def build_model(cfg, model_config, **kwargs):
     marks["base"] = reset_peak_rss()
-    return _build(cfg, model_config)
+    return _build(cfg, model_config, **kwargs)
 
 
 modeling.build_model = build_model
